@@ -1,0 +1,1 @@
+"""diffusion-trak: per-step data attribution for diffusers models."""
