@@ -1,0 +1,25 @@
+"""Pictures and HTML pages of per-step attributions.
+
+Inputs are plain tensors / arrays (images in ``[-1, 1]``), independent of the
+rest of the pipeline.
+"""
+from .html import png_data_uri, write_html
+from .plots import (
+    check_attribution_inputs,
+    format_score,
+    image_grid_png,
+    plot_attribution,
+    plot_lines,
+    to_uint8,
+)
+
+__all__ = [
+    "plot_attribution",
+    "write_html",
+    "image_grid_png",
+    "plot_lines",
+    "to_uint8",
+    "format_score",
+    "png_data_uri",
+    "check_attribution_inputs",
+]

@@ -1,0 +1,658 @@
+"""Image datasets for training-data attribution.
+
+Every dataset is loaded fully into memory as a float32 tensor ``(N, C, H, W)``
+scaled to ``[-1, 1]`` (the range diffusers' UNets are trained on), together
+with optional integer labels and a *stable index* per example.  The stable
+index is the position of the example in the original source ordering (before
+``classes``/``limit`` filtering), so attribution scores stored on disk keep
+referring to the same training images however the dataset was filtered.
+
+Supported sources (``DataArgs.name``):
+
+``digits``
+    scikit-learn's 8x8 handwritten digits (1797 images, bundled with
+    scikit-learn, no download).  A fixed-seed permutation splits it into 1500
+    ``train`` and 297 ``test`` images.
+``fmnist``
+    Fashion-MNIST (28x28, 60000 train / 10000 test), read from the IDX files of
+    Debian's ``dataset-fashion-mnist`` package, from ``path``, or downloaded by
+    torchvision as a last resort.
+``folder``
+    A directory of image files (png/jpg/jpeg/bmp/webp); first-level
+    subfolders, if every image sits in one, are the classes.
+``npz``
+    A NumPy ``.npz`` archive with an ``images`` array and optional ``labels``,
+    ``class_names``, ``indices`` and ``value_range`` arrays (see
+    :func:`save_npz`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DataArgs",
+    "DataError",
+    "ImageDataset",
+    "load_dataset",
+    "save_npz",
+    "DATASET_NAMES",
+    "FMNIST_CLASSES",
+    "FMNIST_DEBIAN_DIR",
+    "IMAGE_EXTENSIONS",
+]
+
+DATASET_NAMES = ("digits", "fmnist", "folder", "npz")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FMNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_CACHE_DIR = os.path.join("~", ".cache", "diffusion_trak")
+
+DIGITS_SEED = 0
+DIGITS_NUM_TRAIN = 1500
+DIGITS_NUM_TEST = 297
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+class DataError(ValueError):
+    """A user-fixable problem with the data; the message is one line naming the fix."""
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class DataArgs:
+    """Which images to load and how to preprocess them.
+
+    Attributes:
+        name: Data source, one of ``"digits"`` (scikit-learn 8x8 digits),
+            ``"fmnist"`` (Fashion-MNIST 28x28), ``"folder"`` (a directory of
+            image files) or ``"npz"`` (a NumPy archive, see :func:`save_npz`).
+        path: For ``folder``: the directory holding the images.  For ``npz``:
+            the ``.npz`` file.  For ``fmnist``: an optional directory holding
+            the IDX files (or a torchvision download root); when omitted the
+            Debian package directory ``/usr/share/datasets/fashion-mnist`` is
+            used, then ``~/.cache/diffusion_trak`` for a torchvision download.
+            Unused for ``digits``.
+        split: ``"train"`` or ``"test"``.  For ``digits`` a fixed-seed
+            permutation of the 1797 images gives 1500 ``train`` and 297
+            ``test`` images; for ``fmnist`` the official split.  ``folder`` and
+            ``npz`` have a single split and ignore it.
+        image_size: Resize every image to ``image_size x image_size`` with
+            bilinear, antialiased interpolation.  ``None`` keeps the native size.
+        classes: Keep only examples whose integer label is in this list
+            (requires a labelled dataset).  ``None`` keeps all classes.
+        limit: Keep only the first ``limit`` examples after class filtering,
+            in the stable source order.  ``None`` keeps all.
+        channels: Force 1 (grayscale) or 3 (RGB) channels.  ``None`` keeps the
+            native channel count (for ``folder``: the majority mode of the files).
+    """
+
+    name: str = "digits"
+    path: Optional[str] = None
+    split: str = "train"
+    image_size: Optional[int] = None
+    classes: Optional[List[int]] = None
+    limit: Optional[int] = None
+    channels: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise DataError(
+                f"unknown dataset {self.name!r}; choose one of {', '.join(DATASET_NAMES)}"
+            )
+        if self.split not in SPLITS:
+            raise DataError(f"unknown split {self.split!r}; use 'train' or 'test'")
+        if self.path is not None:
+            self.path = str(self.path)
+        if self.image_size is not None:
+            self.image_size = int(self.image_size)
+            if self.image_size <= 0:
+                raise DataError(f"--image-size must be positive, got {self.image_size}")
+        if self.classes is not None:
+            self.classes = [int(c) for c in self.classes]
+        if self.limit is not None:
+            self.limit = int(self.limit)
+            if self.limit <= 0:
+                raise DataError(f"--limit must be positive, got {self.limit}")
+        if self.channels is not None:
+            self.channels = int(self.channels)
+            if self.channels not in (1, 3):
+                raise DataError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.name in ("folder", "npz") and not self.path:
+            raise DataError(f"dataset {self.name!r} needs a path; pass --data-path")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-serialisable dict of the fields."""
+        d = dataclasses.asdict(self)
+        if d["classes"] is not None:
+            d["classes"] = list(d["classes"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DataArgs":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+
+# --------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """In-memory image dataset with stable example ids.
+
+    Attributes:
+        images: float32 tensor ``(N, C, H, W)`` with values in ``[-1, 1]``.
+        labels: int64 tensor ``(N,)`` or ``None`` for unlabelled data.
+        indices: int64 tensor ``(N,)``: the index of each example in the
+            original source ordering (before filtering/limit).
+        class_names: names of the label values (``class_names[label]``) or ``None``.
+        name: short name of the source (e.g. ``"digits"``).
+
+    ``dataset[i]`` returns ``{"pixel_values": (C,H,W) tensor, "index": int,
+    "label": int}`` (``label`` is -1 when unlabelled), which the default
+    DataLoader collate function batches.
+    """
+
+    caption_template = "a photo of a {}"
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        indices: Optional[torch.Tensor] = None,
+        class_names: Optional[Sequence[str]] = None,
+        name: str = "dataset",
+    ) -> None:
+        images = torch.as_tensor(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        self.images = images.to(torch.float32).contiguous()
+        n = self.images.shape[0]
+        if labels is not None:
+            labels = torch.as_tensor(labels).to(torch.long).reshape(-1)
+            if labels.shape[0] != n:
+                raise ValueError(f"{labels.shape[0]} labels for {n} images")
+        self.labels = labels
+        if indices is None:
+            indices = torch.arange(n, dtype=torch.long)
+        indices = torch.as_tensor(indices).to(torch.long).reshape(-1)
+        if indices.shape[0] != n:
+            raise ValueError(f"{indices.shape[0]} indices for {n} images")
+        self.indices = indices
+        self.class_names = list(class_names) if class_names is not None else None
+        self.name = name
+
+    # -- torch Dataset protocol -------------------------------------------
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {
+            "pixel_values": self.images[i],
+            "index": int(self.indices[i]),
+            "label": int(self.labels[i]) if self.labels is not None else -1,
+        }
+
+    def __repr__(self) -> str:
+        c, h, w = self.image_shape
+        lab = "labelled" if self.labels is not None else "unlabelled"
+        return f"ImageDataset(name={self.name!r}, n={len(self)}, shape=({c},{h},{w}), {lab})"
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple:
+        """``(C, H, W)``."""
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        """Image height (images are square for all built-in loaders with ``image_size``)."""
+        return int(self.images.shape[2])
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.class_names is not None:
+            return len(self.class_names)
+        if self.labels is not None and len(self.labels):
+            return int(self.labels.max()) + 1
+        return None
+
+    # -- helpers --------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Short sha256 hex digest of the image bytes, shape and stable indices."""
+        h = hashlib.sha256()
+        h.update(repr(tuple(self.images.shape)).encode())
+        h.update(self.images.detach().cpu().contiguous().numpy().tobytes())
+        h.update(self.indices.detach().cpu().numpy().astype("<i8").tobytes())
+        return h.hexdigest()[:16]
+
+    def subset(self, positions: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "ImageDataset":
+        """New dataset with the examples at ``positions`` (positions, not stable indices)."""
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long).reshape(-1)
+        return ImageDataset(
+            self.images[pos].clone(),
+            self.labels[pos].clone() if self.labels is not None else None,
+            self.indices[pos].clone(),
+            self.class_names,
+            self.name,
+        )
+
+    def positions_of(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """Positions of the given stable indices (raises ``KeyError`` for unknown ids)."""
+        lookup = {int(v): p for p, v in enumerate(self.indices.tolist())}
+        out = []
+        for v in torch.as_tensor(np.asarray(indices)).reshape(-1).tolist():
+            if int(v) not in lookup:
+                raise KeyError(f"index {v} is not in dataset {self.name!r}")
+            out.append(lookup[int(v)])
+        return torch.tensor(out, dtype=torch.long)
+
+    def class_name(self, i: int) -> Optional[str]:
+        """Class name of the example at position ``i`` (``None`` if unknown)."""
+        if self.labels is None:
+            return None
+        lab = int(self.labels[i])
+        if self.class_names is not None and 0 <= lab < len(self.class_names):
+            return self.class_names[lab]
+        return str(lab)
+
+    def caption(self, i: int) -> str:
+        """Text prompt for example ``i``: ``"a photo of a {class name}"``, or ``""`` if unlabelled."""
+        cname = self.class_name(i)
+        if cname is None:
+            return ""
+        return self.caption_template.format(cname)
+
+
+# --------------------------------------------------------------------------
+# Conversion helpers
+# --------------------------------------------------------------------------
+
+
+def _to_unit_range(arr: np.ndarray, value_range: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Map uint8 / float images to float32 in [-1, 1]."""
+    if value_range is not None:
+        lo, hi = float(value_range[0]), float(value_range[1])
+        if hi <= lo:
+            raise DataError(f"invalid value_range {value_range!r} in data; expected (low, high)")
+        a = arr.astype(np.float32)
+        return ((a - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
+    if arr.dtype == np.uint8:
+        return (arr.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32) * 2.0 - 1.0
+    a = arr.astype(np.float32)
+    if a.size == 0:
+        return a
+    if not np.isfinite(a).all():
+        raise DataError("images contain NaN or inf values; clean the data before loading")
+    lo, hi = float(a.min()), float(a.max())
+    eps = 1e-3
+    if lo >= -eps and hi <= 1 + eps:  # [0, 1]
+        return np.clip(a * 2.0 - 1.0, -1.0, 1.0)
+    if lo >= -1 - eps and hi <= 1 + eps:  # [-1, 1]
+        return np.clip(a, -1.0, 1.0)
+    if lo >= -eps and hi <= 255 + eps:  # 0..255 stored as float
+        return np.clip(a / 127.5 - 1.0, -1.0, 1.0)
+    raise DataError(
+        f"image values span [{lo:g}, {hi:g}]; provide uint8 0..255 or floats in [0,1] or [-1,1]"
+    )
+
+
+def _convert_channels(images: torch.Tensor, channels: Optional[int]) -> torch.Tensor:
+    c = images.shape[1]
+    if c == 4:  # drop alpha
+        images = images[:, :3]
+        c = 3
+    if c == 2:  # gray + alpha
+        images = images[:, :1]
+        c = 1
+    if channels is None or channels == c:
+        return images
+    if channels == 3 and c == 1:
+        return images.repeat(1, 3, 1, 1)
+    if channels == 1 and c == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype).view(1, 3, 1, 1)
+        return (images * w).sum(dim=1, keepdim=True)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels; use --channels 1 or 3")
+
+
+def _resize(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    if size is None or (images.shape[-2] == size and images.shape[-1] == size):
+        return images
+    out = []
+    for chunk in torch.split(images, 4096):
+        out.append(
+            F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        )
+    return torch.cat(out).clamp_(-1.0, 1.0)
+
+
+def _select(
+    labels: Optional[np.ndarray], n: int, args: DataArgs, source: str
+) -> np.ndarray:
+    """Positions kept by ``classes`` then ``limit`` (stable order)."""
+    keep = np.arange(n)
+    if args.classes is not None:
+        if labels is None:
+            raise DataError(f"--classes needs labels but {source} is unlabelled; drop --classes")
+        keep = keep[np.isin(labels, np.asarray(args.classes, dtype=np.int64))]
+    if args.limit is not None:
+        keep = keep[: args.limit]
+    if keep.size == 0:
+        raise DataError(
+            f"dataset is empty after filtering ({source}, classes={args.classes}, "
+            f"limit={args.limit}); check --classes/--limit"
+        )
+    return keep
+
+
+def _finish(
+    images: np.ndarray,
+    labels: Optional[np.ndarray],
+    indices: np.ndarray,
+    class_names: Optional[Sequence[str]],
+    args: DataArgs,
+    value_range: Optional[Sequence[float]] = None,
+) -> ImageDataset:
+    """uint8/float (N,C,H,W) -> scaled, channel-converted, resized dataset."""
+    t = torch.from_numpy(np.ascontiguousarray(_to_unit_range(images, value_range)))
+    t = _convert_channels(t, args.channels)
+    t = _resize(t, args.image_size)
+    lab = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    return ImageDataset(t, lab, torch.from_numpy(indices.astype(np.int64)), class_names, args.name)
+
+
+# --------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------
+
+
+def _load_digits(args: DataArgs) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.asarray(d.images, dtype=np.float32)  # (1797, 8, 8) in 0..16
+    targets = np.asarray(d.target, dtype=np.int64)
+    perm = np.random.RandomState(DIGITS_SEED).permutation(len(imgs))
+    assert len(perm) == DIGITS_NUM_TRAIN + DIGITS_NUM_TEST
+    split = perm[:DIGITS_NUM_TRAIN] if args.split == "train" else perm[DIGITS_NUM_TRAIN:]
+    imgs, targets = imgs[split], targets[split]
+    keep = _select(targets, len(imgs), args, "digits")
+    x = imgs[keep][:, None] / 16.0  # [0, 1]
+    return _finish(x, targets[keep], keep, [str(i) for i in range(10)], args, value_range=(0.0, 1.0))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzip-compressed) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file; reinstall dataset-fashion-mnist or delete it")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in dtypes:
+        raise DataError(f"{path}: unsupported IDX type code {code:#x}")
+    dims = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dt = np.dtype(dtypes[code])
+    count = int(np.prod(dims)) if dims else 0
+    offset = 4 + 4 * ndim
+    if len(data) < offset + count * dt.itemsize:
+        raise DataError(f"{path} is truncated; reinstall dataset-fashion-mnist or delete it")
+    arr = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(dims)
+    return arr.astype(dt.newbyteorder("="), copy=False)
+
+
+def _find_idx_pair(root: Path, prefix: str) -> Optional[tuple]:
+    for d in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        for ext in (".gz", ""):
+            img = d / f"{prefix}-images-idx3-ubyte{ext}"
+            lab = d / f"{prefix}-labels-idx1-ubyte{ext}"
+            if img.is_file() and lab.is_file():
+                return img, lab
+    return None
+
+
+def _load_fmnist(args: DataArgs) -> ImageDataset:
+    prefix = "train" if args.split == "train" else "t10k"
+    roots = []
+    if args.path:
+        roots.append(Path(args.path).expanduser())
+    roots.append(Path(FMNIST_DEBIAN_DIR))
+    pair = None
+    for r in roots:
+        pair = _find_idx_pair(r, prefix)
+        if pair is not None:
+            break
+    if pair is not None:
+        images = _read_idx(pair[0])
+        labels = _read_idx(pair[1]).astype(np.int64)
+    else:
+        root = os.path.expanduser(args.path or FMNIST_CACHE_DIR)
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            ds = FashionMNIST(root=root, train=(args.split == "train"), download=True)
+            images = ds.data.numpy()
+            labels = ds.targets.numpy().astype(np.int64)
+        except Exception as e:  # noqa: BLE001 - any failure means "no data"
+            raise DataError(
+                "Fashion-MNIST not found: install Debian's dataset-fashion-mnist "
+                "(apt-get install -y dataset-fashion-mnist) or let torchvision download "
+                f"Fashion-MNIST to {root} (needs internet; error: {type(e).__name__}: {e})".replace("\n", " ")
+            ) from None
+    if images.ndim != 3 or images.shape[0] != labels.shape[0]:
+        raise DataError(f"Fashion-MNIST files look corrupt (images {images.shape}, labels {labels.shape})")
+    keep = _select(labels, len(images), args, "fmnist")
+    return _finish(images[keep][:, None], labels[keep], keep, FMNIST_CLASSES, args)
+
+
+def _list_images(root: Path) -> List[Path]:
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(
+            part.startswith(".") for part in p.relative_to(root).parts
+        )
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _load_folder(args: DataArgs) -> ImageDataset:
+    from PIL import Image
+
+    root = Path(args.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist; check --data-path")
+    files = _list_images(root)
+    if not files:
+        raise DataError(
+            f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {root}; check --data-path"
+        )
+    rel = [f.relative_to(root) for f in files]
+    labels = None
+    class_names = None
+    if all(len(r.parts) >= 2 for r in rel):
+        class_names = sorted({r.parts[0] for r in rel})
+        cid = {c: i for i, c in enumerate(class_names)}
+        labels = np.array([cid[r.parts[0]] for r in rel], dtype=np.int64)
+    keep = _select(labels, len(files), args, f"folder {root}")
+
+    if args.channels is not None:
+        mode = "L" if args.channels == 1 else "RGB"
+    else:
+        modes = Counter()
+        for i in keep:
+            try:
+                with Image.open(files[i]) as im:
+                    modes["L" if im.mode in _GRAY_MODES else "RGB"] += 1
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"cannot read image {files[i]} ({e}); remove or fix it") from None
+        mode = "L" if modes["L"] > modes["RGB"] else "RGB"
+
+    tensors = []
+    for i in keep:
+        try:
+            with Image.open(files[i]) as im:
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
+                    a = np.asarray(im, dtype=np.float32)
+                    hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                    a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+                else:
+                    a = np.asarray(im.convert(mode), dtype=np.uint8)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot read image {files[i]} ({e}); remove or fix it") from None
+        if a.ndim == 2:
+            a = a[:, :, None]
+        t = torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None]
+        tensors.append(_resize(t, args.image_size)[0])
+    sizes = Counter(tuple(t.shape[1:]) for t in tensors)
+    if len(sizes) > 1:
+        (common, _), *_ = sizes.most_common()
+        odd = next(files[i] for i, t in zip(keep, tensors) if tuple(t.shape[1:]) != common)
+        raise DataError(
+            f"images under {root} have different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}, "
+            f"e.g. {odd.name}); pass --image-size to resize them all"
+        )
+    images = torch.stack(tensors)
+    ds_args = dataclasses.replace(args, image_size=None)  # already resized
+    x = images.numpy()
+    return _finish(x, labels[keep] if labels is not None else None, keep, class_names, ds_args,
+                   value_range=(-1.0, 1.0))
+
+
+def _load_npz(args: DataArgs) -> ImageDataset:
+    path = Path(args.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"npz file {path} does not exist; check --data-path")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read {path} as .npz ({e}); check --data-path") from None
+    with z:
+        if "images" not in z.files:
+            raise DataError(f"{path} has no 'images' array (found: {', '.join(z.files) or 'none'}); "
+                            "save images under the key 'images'")
+        images = np.asarray(z["images"])
+        labels = np.asarray(z["labels"]).astype(np.int64).reshape(-1) if "labels" in z.files else None
+        class_names = [str(s) for s in np.asarray(z["class_names"]).reshape(-1)] if "class_names" in z.files else None
+        src_idx = np.asarray(z["indices"]).astype(np.int64).reshape(-1) if "indices" in z.files else None
+        value_range = np.asarray(z["value_range"], dtype=np.float64).reshape(-1) if "value_range" in z.files else None
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        if images.shape[-1] in (1, 2, 3, 4) and images.shape[1] not in (1, 2, 3, 4):
+            images = images.transpose(0, 3, 1, 2)
+        elif images.shape[1] not in (1, 2, 3, 4):
+            raise DataError(f"{path}: cannot find the channel axis of images {images.shape}; "
+                            "save as (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1..4")
+    else:
+        raise DataError(f"{path}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+    n = images.shape[0]
+    if labels is not None and labels.shape[0] != n:
+        raise DataError(f"{path}: {labels.shape[0]} labels for {n} images; fix the 'labels' array")
+    if src_idx is not None and src_idx.shape[0] != n:
+        raise DataError(f"{path}: {src_idx.shape[0]} indices for {n} images; fix the 'indices' array")
+    if value_range is not None and value_range.shape[0] != 2:
+        raise DataError(f"{path}: value_range must hold 2 numbers (low, high)")
+    keep = _select(labels, n, args, f"npz {path}")
+    indices = src_idx[keep] if src_idx is not None else keep
+    return _finish(images[keep], labels[keep] if labels is not None else None, indices, class_names,
+                   args, value_range=value_range)
+
+
+_LOADERS = {
+    "digits": _load_digits,
+    "fmnist": _load_fmnist,
+    "folder": _load_folder,
+    "npz": _load_npz,
+}
+
+
+def load_dataset(args: Union[DataArgs, Dict[str, Any], None] = None, **overrides: Any) -> ImageDataset:
+    """Load the dataset described by ``args`` (a :class:`DataArgs` or dict).
+
+    Keyword ``overrides`` replace fields of ``args`` (``load_dataset(name="digits", limit=10)``).
+    Raises :class:`DataError` with a one-line, actionable message on user errors.
+    """
+    if args is None:
+        args = DataArgs(**overrides)
+    else:
+        if isinstance(args, dict):
+            args = DataArgs.from_dict(args)
+        if overrides:
+            args = dataclasses.replace(args, **overrides)
+    return _LOADERS[args.name](args)
+
+
+def save_npz(dataset: ImageDataset, path: Union[str, os.PathLike], dtype: str = "float32") -> str:
+    """Export ``dataset`` to a ``.npz`` readable by ``DataArgs(name="npz", path=...)``.
+
+    Keys: ``images`` (N,C,H,W), ``indices`` (stable ids), ``labels`` and
+    ``class_names`` when present, and ``value_range``.  ``dtype="float32"``
+    stores the exact [-1, 1] values (``value_range=[-1, 1]``); ``dtype="uint8"``
+    stores 0..255 (smaller, quantised; ``value_range=[0, 255]``).
+    Returns the path written.
+    """
+    path = str(path)
+    if not path.endswith(".npz"):
+        path += ".npz"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    x = dataset.images.detach().cpu().numpy()
+    if dtype == "uint8":
+        images = np.round((np.clip(x, -1, 1) + 1.0) * 127.5).astype(np.uint8)
+        value_range = np.array([0.0, 255.0])
+    elif dtype == "float32":
+        images = x.astype(np.float32)
+        value_range = np.array([-1.0, 1.0])
+    else:
+        raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
+    arrays: Dict[str, np.ndarray] = {
+        "images": images,
+        "indices": dataset.indices.cpu().numpy().astype(np.int64),
+        "value_range": value_range,
+    }
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels.cpu().numpy().astype(np.int64)
+    if dataset.class_names is not None:
+        arrays["class_names"] = np.array([str(c) for c in dataset.class_names])
+    np.savez_compressed(path, **arrays)
+    return path
