@@ -1,0 +1,196 @@
+"""The Python API: the same steps as the CLI, for models and data already in memory.
+
+Flow: ``train`` → ``featurize`` → ``generate`` (trajectory) → ``score`` (per step) → ``plot``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .config import FeaturizeArgs, ScoreArgs, asdict
+from .featurize.featurizer import Featurizer, model_fingerprint
+from .score import TRAKScorer, top_k
+from .store import Store, StoreError, write_json_atomic
+from .targets import target_features, trajectory_target_features
+
+Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
+
+
+def as_checkpoints(checkpoints, device="cpu") -> List[Checkpoint]:
+    """Accept checkpoint folders or ``(unet, scheduler)`` pairs."""
+    from .train import load_checkpoint
+
+    out = []
+    for c in checkpoints:
+        out.append(load_checkpoint(c, device) if isinstance(c, (str, os.PathLike)) else c)
+    if not out:
+        raise ValueError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
+    return out
+
+
+def check_compatible(unet, scheduler, dataset) -> None:
+    """One-line errors for a model that cannot take this dataset."""
+    cfg = unet.config
+    C, H, W = dataset.image_shape
+    if cfg.in_channels != C:
+        raise ValueError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
+                         f"use --channels {cfg.in_channels}")
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    if size is not None and size != H:
+        raise ValueError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+
+
+@dataclass
+class FeatureSet:
+    """Training features of every checkpoint: a store with one (N, k) array per checkpoint."""
+
+    store: Store
+    names: List[str]
+
+    @property
+    def arrays(self):
+        return [self.store.get(n).read() for n in self.names]
+
+    @classmethod
+    def open(cls, path: str) -> "FeatureSet":
+        store = Store.open_existing(path)
+        return cls(store, [n for n in store.names()])
+
+
+def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArgs(), out: str = "features",
+              overwrite: bool = False, device="cpu", progress: bool = True, cond_fn=None,
+              rows: Optional[Sequence[int]] = None) -> FeatureSet:
+    """Featurize ``dataset`` with every checkpoint into the store at ``out`` (resumable).
+
+    ``rows`` restricts the work to some dataset positions (a shard); the store stays shared."""
+    ckpts = as_checkpoints(checkpoints, device)
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty; check --classes/--limit")
+    for unet, sched in ckpts:
+        check_compatible(unet, sched, dataset)
+    featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
+    settings = {
+        "featurize": asdict(args),
+        "projector": featurizers[0].projector.name,
+        "num_params": featurizers[0].num_params,
+        "dataset": {"fingerprint": dataset.fingerprint(), "size": len(dataset), "name": getattr(dataset, "name", "")},
+        "checkpoints": [model_fingerprint(u) for u, _ in ckpts],
+        "num_train_timesteps": [int(s.config.num_train_timesteps) for _, s in ckpts],
+    }
+    store = Store(out, settings, overwrite=overwrite)
+    names = []
+    for c, f in enumerate(featurizers):
+        name = f"features_{c:02d}"
+        arr = store.array(name, (len(dataset), args.proj_dim))
+        f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress, rows=rows,
+                            desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
+        names.append(name)
+    return FeatureSet(store, names)
+
+
+@dataclass
+class Scores:
+    """Scores of every training example for every (step, target).
+
+    ``values[s, b, i]``: score of training row ``i`` (stable index ``train_indices[i]``) for target
+    ``b`` at step ``steps[s]`` (scheduler timestep ``timesteps[s]``)."""
+
+    values: np.ndarray
+    steps: List[int]
+    timesteps: List[int]
+    train_indices: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def top(self, k: int = 8):
+        """``(top_idx, top_val, bottom_idx, bottom_val)`` as stable dataset indices, each (S, B, k)."""
+        ti, tv, bi, bv = top_k(self.values, k)
+        return self.train_indices[ti], tv, self.train_indices[bi], bv
+
+    def save(self, out: str, k: int = 8) -> str:
+        os.makedirs(out, exist_ok=True)
+        np.save(os.path.join(out, "scores.npy"), np.asarray(self.values, dtype=np.float32))
+        ti, tv, bi, bv = self.top(k)
+        summary = {"steps": self.steps, "timesteps": self.timesteps, "train_indices": self.train_indices.tolist(),
+                   "meta": self.meta, "shape": list(self.values.shape),
+                   "top": [[{"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[s, b], tv[s, b])],
+                             "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[s, b], bv[s, b])]}
+                            for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
+        write_json_atomic(os.path.join(out, "scores.json"), summary)
+        return out
+
+    @classmethod
+    def load(cls, out: str) -> "Scores":
+        with open(os.path.join(out, "scores.json")) as f:
+            s = json.load(f)
+        return cls(np.load(os.path.join(out, "scores.npy"), mmap_mode="r"), s["steps"], s["timesteps"],
+                   np.asarray(s["train_indices"]), s.get("meta", {}))
+
+
+def _target_key(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+
+
+def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: ScoreArgs = ScoreArgs(),
+          trajectory=None, steps: Optional[Sequence[int]] = None, images: Optional[torch.Tensor] = None,
+          image_timesteps: Sequence[int] = (10,), out: Optional[str] = None, overwrite: bool = False,
+          device="cpu", progress: bool = True, cond: Optional[dict] = None) -> Scores:
+    """TRAK scores for every step of a trajectory (``trajectory`` + ``steps``), or for real ``images``
+    at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store."""
+    ckpts = as_checkpoints(checkpoints, device)
+    fset = features.store.settings
+    if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
+        raise StoreError("these checkpoints are not the ones the features were computed with; "
+                         "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
+    fargs = FeaturizeArgs(**fset["featurize"])
+    featurizers = [Featurizer(u, s, fargs, device) for u, s in ckpts]
+    output = args.target_output or fargs.output
+    if trajectory is not None:
+        steps = list(trajectory.step_indices) if steps is None else list(steps)
+        for s in steps:
+            trajectory.step_of(s)  # fails early, naming the recorded steps
+        timesteps = [int(trajectory.timesteps[s]) for s in steps]
+        key = _target_key(trajectory.final)
+        make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
+    elif images is not None:
+        steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
+        key = _target_key(images)
+        make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)
+                                      for t in timesteps])
+    else:
+        raise ValueError("give a trajectory or images to score")
+    per_ckpt = [make(f).numpy() for f in featurizers]  # each (S, B, k)
+    S, B, k = per_ckpt[0].shape
+    flat = [p.reshape(S * B, k) for p in per_ckpt]
+    scorer = TRAKScorer(features.arrays, args.ridge, args.block_size)
+    n = scorer.n
+    meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
+    if out is not None:
+        store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
+                                                   "steps": steps, "timesteps": timesteps}, overwrite=overwrite)
+        arr = store.array("scores", (S * B, n))
+        scorer.score_into(flat, arr, progress=progress)
+        values = np.asarray(arr.read()).reshape(S, B, n)
+    else:
+        values = scorer.score(flat).reshape(S, B, n)
+    result = Scores(values, steps, timesteps, np.asarray(train_indices), meta)
+    if out is not None:
+        result.save(out, args.top_k)
+    return result
+
+
+def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,
+                          args: ScoreArgs = ScoreArgs(), device="cpu", seed: int = 0) -> Tuple[float, np.ndarray]:
+    """Score ``num`` training images as targets at a low-noise ``timestep``; return how often each
+    image's own index ranks first among all training examples, and the positions used."""
+    g = np.random.default_rng(seed)
+    pos = np.sort(g.choice(len(dataset), size=min(num, len(dataset)), replace=False))
+    sc = score(features, checkpoints, dataset.indices.numpy(), args, images=dataset.images[pos],
+               image_timesteps=[timestep], device=device, progress=False)
+    best = sc.values[0].argmax(axis=1)
+    return float((best == pos).mean()), pos

@@ -1,0 +1,131 @@
+"""Typed, documented settings for every step of the flow.
+
+Each dataclass is saved next to the results it produced (``settings.json`` inside a
+store) and compared on rerun: a rerun with the same settings resumes, a rerun with
+different settings refuses unless ``overwrite=True`` (``--overwrite``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
+
+
+def asdict(obj) -> dict:
+    """JSON-friendly dict of a settings dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def from_dict(cls, d: dict):
+    """Build a settings dataclass from a dict, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type).lower():
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+@dataclass
+class TrainArgs:
+    """How to train a DDPM (``UNet2DModel`` + ``DDPMScheduler``).
+
+    Attributes:
+        block_out_channels: UNet channel widths, one per resolution level.
+        layers_per_block: ResNet layers per UNet block.
+        attention_levels: indices of levels that get self-attention (``AttnDownBlock2D``).
+        norm_num_groups: GroupNorm groups (must divide every width).
+        num_train_timesteps: diffusion steps of the scheduler.
+        beta_schedule: ``DDPMScheduler`` beta schedule.
+        epochs: passes over the training set.
+        batch_size: images per optimiser step.
+        learning_rate: AdamW learning rate (cosine decay to 10%, 50 warm-up steps).
+        num_checkpoints: checkpoints saved, evenly spaced over the last half of training;
+            the featurizer ensembles over them.
+        seed: seeds initialisation, shuffling and noise; epoch ``e`` uses ``(seed, e)`` so a
+            resumed run is identical to an uninterrupted one.
+        class_conditional: condition the UNet on the dataset's labels (``class_labels``).
+        mixed_precision: passed to ``accelerate`` ("no", "fp16", "bf16").
+    """
+
+    block_out_channels: tuple = (32, 64)
+    layers_per_block: int = 1
+    attention_levels: tuple = (1,)
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    epochs: int = 100
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    num_checkpoints: int = 3
+    seed: int = 0
+    class_conditional: bool = False
+    mixed_precision: str = "no"
+
+
+@dataclass
+class FeaturizeArgs:
+    """How training examples become TRAK features.
+
+    For example ``i`` the feature is ``P · g_i`` with
+    ``g_i = (1/T) Σ_j ∇_θ f(θ; x0_i, t_ij, ε_ij)``: the *mean* over ``T`` (timestep, noise)
+    pairs of the gradient of the output function ``f`` (default: the DDPM loss), projected to
+    ``proj_dim`` dimensions by a seeded JL projector ``P``. We average rather than sum so that
+    the scale of the features (and so the meaning of the ridge ``λ``) does not change with ``T``;
+    a sum would only rescale ``λ`` by ``T²``.
+
+    Attributes:
+        num_timesteps: T, the (timestep, noise) pairs per example.
+        timestep_strategy: ``uniform`` (i.i.d. uniform over the training timesteps, journey-TRAK),
+            ``evenly_spaced`` (the same T evenly spaced timesteps for every example, D-TRAK) or
+            ``stratified`` (one uniform draw in each of T equal bins).
+        proj_dim: k, the projected dimension.
+        projector: ``auto`` (fast_jl when installed and CUDA is used, else ``torch``), ``torch``
+            (dense Rademacher, seeded, generated in blocks) or ``fast_jl`` (error if unusable).
+        output: output function name, see :mod:`diffusion_trak.outputs`.
+        seed: seeds the projection and every example's timesteps and noises. The draws of
+            example ``i`` depend only on ``(seed, i)``, never on batch or shard.
+        batch_size: examples per vmap batch (memory ≈ batch_size × T activations + batch_size × p).
+        method: ``vmap`` (per-sample gradients with ``torch.func``).
+    """
+
+    num_timesteps: int = 10
+    timestep_strategy: str = "uniform"
+    proj_dim: int = 2048
+    projector: str = "auto"
+    output: str = "loss"
+    seed: int = 0
+    batch_size: int = 16
+    method: str = "vmap"
+
+    def __post_init__(self):
+        if self.timestep_strategy not in TIMESTEP_STRATEGIES:
+            raise ValueError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
+        if self.num_timesteps < 1 or self.proj_dim < 1:
+            raise ValueError("num_timesteps and proj_dim must be positive")
+
+
+@dataclass
+class ScoreArgs:
+    """How targets are scored.
+
+    Attributes:
+        num_noises: R, fresh noises per target step; the target output at step t is the mean
+            over R noises of the output function of x̂0_t at timestep t.
+        ridge: relative ridge; the absolute ``λ = ridge · tr(ΦᵀΦ)/k`` per checkpoint, a rule fixed
+            in advance that is invariant to the scale of the features.
+        target_output: output function for targets (default: same as featurization).
+        seed: seeds the target noises.
+        block_size: training rows per block when streaming scores.
+        top_k: proponents/opponents saved per step.
+    """
+
+    num_noises: int = 20
+    ridge: float = 1e-2
+    target_output: Optional[str] = None
+    seed: int = 1
+    block_size: int = 4096
+    top_k: int = 8

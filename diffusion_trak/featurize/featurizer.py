@@ -1,0 +1,106 @@
+"""Timestep-aware TRAK features: projected per-example gradients of an output function."""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import FeaturizeArgs
+from .gradients import num_parameters, per_sample_gradients, use_vmap_friendly_attention
+from .projectors import make_projector
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers (``numpy.random.SeedSequence``); the same parts give the same seed."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def sample_timesteps(strategy: str, T: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """T training timesteps by ``uniform`` (i.i.d.), ``evenly_spaced`` or ``stratified`` sampling."""
+    n = num_train_timesteps
+    if strategy == "uniform":
+        return torch.randint(0, n, (T,), generator=generator)
+    if strategy == "evenly_spaced":
+        return torch.linspace(0, n - 1, T).round().long() if T > 1 else torch.tensor([n // 2])
+    if strategy == "stratified":
+        edges = torch.linspace(0, n, T + 1)
+        u = torch.rand(T, generator=generator)
+        return (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(0, n - 1)
+    raise ValueError(f"unknown timestep strategy {strategy!r}")
+
+
+def example_draws(index: int, args: FeaturizeArgs, num_train_timesteps: int, shape: Sequence[int]):
+    """The (timesteps, noises) of training example ``index``: a function of ``(args.seed, index)`` only."""
+    g = torch.Generator().manual_seed(seed_for(args.seed, index, 7))
+    t = sample_timesteps(args.timestep_strategy, args.num_timesteps, num_train_timesteps, g)
+    noise = torch.randn(args.num_timesteps, *shape, generator=g)
+    return t, noise
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Featurizer:
+    """Projected gradients of one model (one checkpoint).
+
+    ``features(x0, timesteps, noises)`` returns ``P · (1/T) Σ_j ∇_θ f(θ; x0, t_j, ε_j)`` for each
+    example; the same call serves training examples (sampled timesteps) and targets (a fixed
+    timestep repeated with R fresh noises).
+    """
+
+    def __init__(self, model: torch.nn.Module, scheduler, args: FeaturizeArgs = FeaturizeArgs(), device="cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        use_vmap_friendly_attention(self.model)
+        self.scheduler, self.args = scheduler, args
+        self.num_params = num_parameters(self.model)
+        self.projector = make_projector(args.projector, self.num_params, args.proj_dim, args.seed, self.device)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def gradients(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False):
+        return per_sample_gradients(self.model, self.scheduler, x0.to(self.device), timesteps.to(self.device),
+                                    noises.to(self.device), output or self.args.output,
+                                    {k: v.to(self.device) for k, v in (cond or {}).items()}, cond_per_timestep)
+
+    def features(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False) -> torch.Tensor:
+        out = []
+        bs = self.args.batch_size
+        for i in range(0, x0.shape[0], bs):
+            c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
+            g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
+            if not torch.isfinite(g).all():
+                raise FloatingPointError("NaN/Inf in per-example gradients; check the inputs and the checkpoint for NaN")
+            out.append(self.projector(g).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.args.proj_dim)
+
+    def featurize_dataset(self, dataset, stored, cond_fn=None, progress: bool = True, rows=None, desc="featurize"):
+        """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (N, k)) row by row,
+        skipping rows already done. Row ``r`` is dataset position ``r``; its draws use the example's
+        stable index ``dataset.indices[r]``."""
+        todo = stored.pending(rows)
+        bs = self.args.batch_size
+        shape = dataset.images.shape[1:]
+        bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not progress)
+        for i in range(0, len(todo), bs):
+            rows_b = todo[i:i + bs]
+            draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in rows_b]
+            ts = torch.stack([d[0] for d in draws])
+            ns = torch.stack([d[1] for d in draws])
+            x0 = dataset.images[torch.as_tensor(rows_b)]
+            cond = cond_fn(rows_b) if cond_fn else None
+            feats = self.features(x0, ts, ns, cond)
+            stored.write(rows_b, feats.numpy())
+            bar.update(len(rows_b))
+        bar.close()
+        return stored

@@ -1,0 +1,71 @@
+"""Per-example gradients of an output function, with ``torch.func`` (``vmap(grad(...))``).
+
+For example ``i`` with T (timestep, noise) pairs, :func:`per_sample_gradients` returns the
+flattened gradient of ``(1/T) Σ_j f(θ; x0_i, t_ij, ε_ij)`` with respect to every trainable
+parameter of the UNet. Inside the vmap each example runs one forward over its T noised copies.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..outputs import output_value
+
+
+def use_vmap_friendly_attention(model: torch.nn.Module) -> None:
+    """Switch diffusers ``Attention`` modules to the classic ``AttnProcessor``: SDPA falls back to a
+    slow path under vmap. Results are the same up to float error."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor())
+
+
+def trainable_parameters(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def per_sample_gradients(model, scheduler, x0: torch.Tensor, timesteps: torch.Tensor, noises: torch.Tensor,
+                         output: str = "loss", cond: Optional[dict] = None,
+                         cond_per_timestep: bool = False) -> torch.Tensor:
+    """Flattened per-example gradients, shape ``(B, p)``.
+
+    Args:
+        x0: ``(B, C, H, W)`` clean inputs (pixels, or latents for latent diffusion).
+        timesteps: ``(B, T)`` integer training timesteps.
+        noises: ``(B, T, C, H, W)`` noises.
+        cond: optional dict of conditioning tensors with leading dim B (``class_labels`` ``(B,)``,
+            ``encoder_hidden_states`` ``(B, L, D)``); with ``cond_per_timestep`` they are
+            ``(B, T, ...)``: one conditioning per (example, timestep), e.g. a caption drawn per timestep.
+    """
+    params = trainable_parameters(model)
+    rest = {n: b.detach() for n, b in model.named_buffers()}
+    rest.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+    cond = cond or {}
+    T = timesteps.shape[1]
+
+    def loss_one(params, x0_i, t_i, eps_i, cond_i):
+        xs = x0_i.unsqueeze(0).expand(T, *x0_i.shape)
+        c = {k: v if cond_per_timestep else v.unsqueeze(0).expand(T, *v.shape) for k, v in cond_i.items()}
+        bound = _Bound(model, {**params, **rest})
+        return output_value(bound, scheduler, xs, t_i, eps_i, output, c).mean()
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x0, timesteps, noises, cond)
+    return torch.cat([g[n].reshape(x0.shape[0], -1) for n in params], dim=1)
+
+
+class _Bound:
+    """Calls ``model`` with the given parameter/buffer dict (``torch.func.functional_call``)."""
+
+    def __init__(self, model, tensors):
+        self.model, self.tensors = model, tensors
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.model, self.tensors, args, kwargs)

@@ -1,0 +1,144 @@
+"""Seeded Johnson–Lindenstrauss projectors ``R^p → R^k``.
+
+All projectors scale so that ``E[<Px, Py>] = <x, y>``: a Rademacher matrix with entries
+``±1/sqrt(k)``. For any fixed pair, the projected inner product has standard deviation
+about ``sqrt((|x|²|y|² + <x,y>²)/k)``; norms are kept within ``1 ± ε`` for
+``k ≳ 8 log(n)/ε²`` (the JL bound that ``tests/featurize/test_projectors.py`` checks).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+class ProjectorError(RuntimeError):
+    """A projector was asked for but cannot be used (one line, names the fix)."""
+
+
+class Projector:
+    """Maps ``(B, p)`` gradients to ``(B, k)`` features."""
+
+    name = "base"
+
+    def __init__(self, p: int, k: int, seed: int = 0):
+        self.p, self.k, self.seed = int(p), int(k), int(seed)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[-1] != self.p:
+            raise ValueError(f"projector built for p={self.p} got gradients with {grads.shape[-1]} coordinates")
+        return self.project(grads)
+
+
+class TorchProjector(Projector):
+    """Dense Rademacher projection generated in row blocks from the seed.
+
+    Block ``j`` (rows ``j·block_rows … (j+1)·block_rows`` of the ``p × k`` matrix) is drawn from a
+    CPU ``torch.Generator`` seeded with ``(seed, j)``, so the matrix is identical on every device
+    and never needs to exist whole: memory is ``block_rows × k`` unless the full matrix fits in
+    ``cache_bytes``, in which case it is kept on the device after the first call.
+    """
+
+    name = "torch"
+
+    def __init__(self, p: int, k: int, seed: int = 0, device="cpu", dtype=torch.float32,
+                 block_rows: int = 16384, cache_bytes: int = 2 * 1024 ** 3):
+        super().__init__(p, k, seed)
+        self.device, self.dtype = torch.device(device), dtype
+        self.block_rows = int(block_rows)
+        self.cache = p * k * torch.finfo(dtype).bits // 8 <= cache_bytes
+        self._blocks: Optional[list] = None
+
+    def _block(self, j: int) -> torch.Tensor:
+        lo = j * self.block_rows
+        rows = min(self.block_rows, self.p - lo)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        signs = torch.randint(0, 2, (rows, self.k), generator=g, dtype=torch.int8)
+        return (signs.to(device=self.device, dtype=self.dtype) * 2 - 1) / math.sqrt(self.k)
+
+    def _iter_blocks(self):
+        nblocks = math.ceil(self.p / self.block_rows)
+        if self.cache:
+            if self._blocks is None:
+                self._blocks = [self._block(j) for j in range(nblocks)]
+            yield from enumerate(self._blocks)
+        else:
+            for j in range(nblocks):
+                yield j, self._block(j)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        grads = grads.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros(grads.shape[0], self.k, device=self.device, dtype=self.dtype)
+        for j, block in self._iter_blocks():
+            lo = j * self.block_rows
+            out.addmm_(grads[:, lo:lo + block.shape[0]], block)
+        return out
+
+
+class FastJLProjector(Projector):
+    """fast_jl (CUDA) Rademacher projection, checked on first use.
+
+    fast_jl has been seen to return all-zero projections on some CUDA versions, so the
+    constructor projects a random batch and raises :class:`ProjectorError` if the result is
+    zero or does not preserve norms.
+    """
+
+    name = "fast_jl"
+
+    def __init__(self, p: int, k: int, seed: int = 0, device="cuda", max_batch: int = 32):
+        super().__init__(p, k, seed)
+        try:
+            import fast_jl  # noqa: F401
+        except ImportError as e:
+            raise ProjectorError("fast_jl is not installed; pip install --no-build-isolation fast_jl, "
+                                 "or use --projector torch") from e
+        if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+            raise ProjectorError("fast_jl needs a CUDA device; use --projector torch on CPU")
+        import fast_jl
+        self._fn = fast_jl.project_rademacher_8
+        self.device, self.max_batch = torch.device(device), max_batch
+        self._check()
+
+    def _raw(self, grads: torch.Tensor) -> torch.Tensor:
+        b = grads.shape[0]
+        pad = (-b) % 8
+        g = torch.nn.functional.pad(grads, (0, 0, 0, pad)).to(self.device, torch.float16)
+        out = self._fn(g.contiguous(), self.k, self.seed, 1)
+        return out[:b].float() / math.sqrt(self.k)
+
+    def _check(self):
+        gen = torch.Generator().manual_seed(12345)
+        x = torch.randn(8, self.p, generator=gen).to(self.device)
+        y = self._raw(x)
+        if not torch.isfinite(y).all() or y.abs().max() == 0:
+            raise ProjectorError("fast_jl returned all-zero or non-finite projections on this CUDA setup; "
+                                 "reinstall fast_jl for your CUDA version or use --projector torch")
+        ratio = (y.norm(dim=1) / x.norm(dim=1)).mean().item()
+        if not 0.5 < ratio < 2.0:
+            raise ProjectorError(f"fast_jl projections do not preserve norms (ratio {ratio:.3f}); use --projector torch")
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._raw(grads[i:i + self.max_batch]) for i in range(0, grads.shape[0], self.max_batch)])
+
+
+def make_projector(name: str, p: int, k: int, seed: int, device="cpu") -> Projector:
+    """``auto`` uses fast_jl when it is installed and ``device`` is CUDA, else the torch projector.
+    Asking for ``fast_jl`` explicitly raises :class:`ProjectorError` if it cannot be used."""
+    device = torch.device(device)
+    if name == "torch":
+        return TorchProjector(p, k, seed, device=device)
+    if name == "fast_jl":
+        return FastJLProjector(p, k, seed, device=device)
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                import fast_jl  # noqa: F401
+            except ImportError:
+                return TorchProjector(p, k, seed, device=device)
+            return FastJLProjector(p, k, seed, device=device)
+        return TorchProjector(p, k, seed, device=device)
+    raise ValueError(f"unknown projector {name!r}; choose auto, torch or fast_jl")
