@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import FeaturizeArgs, ScoreArgs, asdict
+from .errors import InputError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, write_json_atomic
@@ -30,7 +31,7 @@ def as_checkpoints(checkpoints, device="cpu") -> List[Checkpoint]:
     for c in checkpoints:
         out.append(load_checkpoint(c, device) if isinstance(c, (str, os.PathLike)) else c)
     if not out:
-        raise ValueError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
+        raise InputError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
     return out
 
 
@@ -39,11 +40,11 @@ def check_compatible(unet, scheduler, dataset) -> None:
     cfg = unet.config
     C, H, W = dataset.image_shape
     if cfg.in_channels != C:
-        raise ValueError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
+        raise InputError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
                          f"use --channels {cfg.in_channels}")
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     if size is not None and size != H:
-        raise ValueError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+        raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
 
 
 @dataclass
@@ -71,7 +72,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     ``rows`` restricts the work to some dataset positions (a shard); the store stays shared."""
     ckpts = as_checkpoints(checkpoints, device)
     if len(dataset) == 0:
-        raise ValueError("dataset is empty; check --classes/--limit")
+        raise InputError("dataset is empty; check --classes/--limit")
     for unet, sched in ckpts:
         check_compatible(unet, sched, dataset)
     featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
@@ -151,7 +152,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     featurizers = [Featurizer(u, s, fargs, device) for u, s in ckpts]
     output = args.target_output or fargs.output
     if trajectory is not None:
-        steps = list(trajectory.step_indices) if steps is None else list(steps)
+        steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]
         for s in steps:
             trajectory.step_of(s)  # fails early, naming the recorded steps
         timesteps = [int(trajectory.timesteps[s]) for s in steps]

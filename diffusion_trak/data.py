@@ -27,6 +27,8 @@ Supported sources (``DataArgs.name``):
 """
 from __future__ import annotations
 
+from .errors import UserError
+
 import dataclasses
 import gzip
 import hashlib
@@ -78,7 +80,7 @@ DIGITS_NUM_TEST = 297
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-fixable problem with the data; the message is one line naming the fix."""
 
 

@@ -15,6 +15,8 @@ clear message instead of in the middle of a write.
 """
 from __future__ import annotations
 
+from .errors import UserError
+
 import errno
 import json
 import os
@@ -26,7 +28,7 @@ import numpy as np
 FORMAT = "diffusion-trak-store/1"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A store cannot be used as asked (one line, names the fix)."""
 
 

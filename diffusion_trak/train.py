@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainArgs, asdict
+from .errors import InputError
 from .featurize.featurizer import seed_for
 from .outputs import output_value
 from .store import write_json_atomic
@@ -65,14 +66,19 @@ def load_checkpoint(path: str, device="cpu"):
     return unet, scheduler
 
 
-def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None) -> List[str]:
+def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
+               overwrite: bool = False) -> List[str]:
     """Train on ``dataset`` (an :class:`~diffusion_trak.data.ImageDataset`) and return checkpoint folders.
 
-    Rerunning with the same ``run_dir`` resumes from the last finished checkpoint."""
+    Rerunning with the same ``run_dir`` resumes from the last finished checkpoint; other settings
+    or data refuse unless ``overwrite``."""
     from accelerate import Accelerator
 
     if len(dataset) == 0:
-        raise ValueError("cannot train on an empty dataset")
+        raise InputError("cannot train on an empty dataset; check --classes/--limit")
+    if overwrite and os.path.isdir(run_dir):
+        import shutil
+        shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     args_path = os.path.join(run_dir, "train_args.json")
     meta = {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
@@ -80,7 +86,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
         with open(args_path) as f:
             old = json.load(f)
         if old != meta:
-            raise ValueError(f"{run_dir} holds a training run with other settings or data; "
+            raise InputError(f"{run_dir} holds a training run with other settings or data; "
                              "use --overwrite or another --out")
     write_json_atomic(args_path, meta)
 
@@ -89,7 +95,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     num_classes = None
     if args.class_conditional:
         if dataset.labels is None:
-            raise ValueError("class_conditional training needs a dataset with labels")
+            raise InputError("class_conditional training needs a dataset with labels")
         num_classes = int(dataset.labels.max()) + 1
     unet = build_unet(args, dataset.image_shape, num_classes)
     scheduler = build_scheduler(args)

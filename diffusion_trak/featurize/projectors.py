@@ -7,13 +7,15 @@ about ``sqrt((|x|²|y|² + <x,y>²)/k)``; norms are kept within ``1 ± ε`` for
 """
 from __future__ import annotations
 
+from ..errors import UserError
+
 import math
 from typing import Optional
 
 import torch
 
 
-class ProjectorError(RuntimeError):
+class ProjectorError(UserError, RuntimeError):
     """A projector was asked for but cannot be used (one line, names the fix)."""
 
 

@@ -3,6 +3,7 @@
 Inputs are plain tensors / arrays (images in ``[-1, 1]``), independent of the
 rest of the pipeline.
 """
+from .attribution import plot_from_scores
 from .html import png_data_uri, write_html
 from .plots import (
     check_attribution_inputs,
@@ -14,6 +15,7 @@ from .plots import (
 )
 
 __all__ = [
+    "plot_from_scores",
     "plot_attribution",
     "write_html",
     "image_grid_png",

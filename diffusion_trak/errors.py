@@ -1,0 +1,9 @@
+"""User-fixable errors: the CLI prints their one-line message (no traceback) and exits with 2."""
+
+
+class UserError(Exception):
+    """An error the user can fix; its message names the fix."""
+
+
+class InputError(UserError, ValueError):
+    """Inputs that do not fit the model or the store (shapes, channels, steps, empty data)."""
