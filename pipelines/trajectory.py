@@ -219,12 +219,8 @@ class Trajectory:
             "has_class_labels": self.class_labels is not None,
         }
 
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write the trajectory to a single ``.safetensors`` file (see the class docstring)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors :meth:`save` writes (subclasses add theirs)."""
         tensors = {
             "timesteps": self.timesteps,
             "step_indices": self.step_indices,
@@ -236,7 +232,15 @@ class Trajectory:
         }
         if self.class_labels is not None:
             tensors["class_labels"] = torch.as_tensor(self.class_labels)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return tensors
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the trajectory to a single ``.safetensors`` file (see the class docstring)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
         save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(self._metadata())})
         return path
 
@@ -256,6 +260,11 @@ class Trajectory:
                 f"{path} has trajectory format version {meta['version']}; this code reads up to "
                 f"{TRAJECTORY_FORMAT_VERSION}"
             )
+        return cls._from_saved(tensors, meta)
+
+    @classmethod
+    def _from_saved(cls, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> "Trajectory":
+        """Build from the tensors and metadata of a saved file (subclasses read their extra fields)."""
         return cls(
             timesteps=tensors["timesteps"],
             step_indices=tensors["step_indices"],
