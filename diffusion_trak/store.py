@@ -86,6 +86,14 @@ class StoredArray:
 
     def _open(self, path, shape, dtype):
         try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                hshape, _, hdtype = read_header(f)
+                offset = f.tell()
+            expected = offset + int(np.prod(hshape)) * np.dtype(hdtype).itemsize
+            if os.path.getsize(path) < expected:
+                raise ValueError(f"{os.path.getsize(path)} bytes, expected {expected}")
             mm = np.lib.format.open_memmap(path, mode="r+")
         except (ValueError, OSError) as e:
             raise StoreError(f"{path} is truncated or corrupted ({e}); delete the store or rerun with --overwrite") from None

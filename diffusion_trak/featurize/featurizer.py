@@ -92,15 +92,18 @@ class Featurizer:
         bs = self.args.batch_size
         shape = dataset.images.shape[1:]
         bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not progress)
-        for i in range(0, len(todo), bs):
-            rows_b = todo[i:i + bs]
-            draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in rows_b]
+        # Batches are aligned blocks of ``batch_size`` rows, computed whole, so a row's features never
+        # depend on which other rows were pending: resumed and sharded runs are bit-identical.
+        for block in np.unique(todo // bs):
+            block_rows = np.arange(block * bs, min((block + 1) * bs, len(dataset)))
+            draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in block_rows]
             ts = torch.stack([d[0] for d in draws])
             ns = torch.stack([d[1] for d in draws])
-            x0 = dataset.images[torch.as_tensor(rows_b)]
-            cond = cond_fn(rows_b) if cond_fn else None
-            feats = self.features(x0, ts, ns, cond)
-            stored.write(rows_b, feats.numpy())
-            bar.update(len(rows_b))
+            x0 = dataset.images[torch.as_tensor(block_rows)]
+            cond = cond_fn(block_rows) if cond_fn else None
+            feats = self.features(x0, ts, ns, cond).numpy()
+            keep = np.isin(block_rows, todo)
+            stored.write(block_rows[keep], feats[keep])
+            bar.update(int(keep.sum()))
         bar.close()
         return stored

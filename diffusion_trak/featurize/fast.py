@@ -1,0 +1,302 @@
+"""Fast featurization: per-layer per-example gradients from hooks, sketched one layer at a time.
+
+The reference path (:func:`~diffusion_trak.featurize.gradients.per_sample_gradients` + a dense JL
+matrix) writes a ``B × p`` buffer of per-example gradients and multiplies it by a ``p × k`` matrix.
+This path never forms the ``p``-dimensional gradient:
+
+1. All ``B × T`` (example, timestep) pairs go through ONE batched forward of the UNet and ONE backward
+   of ``Σ_i (1/T) Σ_j f(θ; x0_i, t_ij, ε_ij)``. Parameters are frozen during that pass, so autograd
+   computes only gradients with respect to activations; since the pairs do not interact (GroupNorm and
+   attention act within a sample; the model is in ``eval`` mode), the gradient reaching a layer's output
+   at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term.
+2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
+   the output gradient during the backward. From the two it forms that layer's exact per-example
+   gradient, summed over the T rows of each example (so the result is the gradient of the mean over T,
+   exactly what the reference differentiates):
+
+   - ``Linear``: ``Σ_{rows} g ⊗ a`` (rows = timesteps × sequence positions), bias ``Σ g``;
+   - ``Conv2d``: the same with ``a`` the unfolded input patches (``F.unfold``), positions as rows;
+   - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
+   - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
+3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
+   projection (:class:`~diffusion_trak.featurize.sketch.CountSketchProjector`) over the coordinates the
+   layer occupies in the flattened parameter vector (``model.named_parameters()`` order, as in the
+   reference), and freed. Peak extra memory: one layer's ``B × p_layer`` block and its unfolded input.
+
+So the features are ``S · g_i`` with ``g_i`` exactly the reference gradient and ``S`` a CountSketch:
+an unbiased JL projection with the same inner-product variance as the dense Rademacher one (see
+:mod:`~diffusion_trak.featurize.sketch`). ``FastGradientSketch.projector`` applied to the reference
+``per_sample_gradients`` gives the same features up to float rounding (tested).
+
+At construction every trainable parameter must belong to a supported module, otherwise
+:class:`FastPathError` names the parameters that are not covered. On the first batch the sum of the
+per-example sketches is compared with the sketch of one plain batched gradient (by linearity they
+must agree); a mismatch, e.g. a weight used outside its module's ``forward``, raises instead of
+returning wrong features.
+
+Precision: ``fp32`` (default; TF32 disabled on CUDA), ``tf32`` (CUDA only) or ``bf16`` (autocast;
+per-example gradients formed in bf16, accumulated and sketched in fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..outputs import output_value
+from .sketch import CountSketchProjector
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+class FastPathError(RuntimeError):
+    """The fast path cannot featurize this model or setting (one line, names the fix)."""
+
+
+class _Layer:
+    """A module with trainable parameters and the coordinates they occupy in the flat gradient."""
+
+    def __init__(self, name: str, module: nn.Module, slots: Dict[str, tuple]):
+        self.name, self.module, self.slots = name, module, slots  # slots: 'weight'/'bias' -> (lo, n)
+
+
+class FastGradientSketch:
+    """Sketched per-example gradients of the mean over T of an output function.
+
+    Args:
+        model: a diffusers UNet (any module whose trainable parameters all live in ``Linear``, ``Conv2d``,
+            ``GroupNorm``, ``LayerNorm`` or ``Embedding`` modules).
+        scheduler: the noise scheduler.
+        k: sketch dimension.
+        seed: seeds the sketch.
+        device: where to compute.
+        precision: ``fp32``, ``tf32`` or ``bf16``.
+        nnz: nonzeros per coordinate of the sparse JL (1 = CountSketch).
+        self_check: compare the first batch against a plain batched gradient.
+    """
+
+    def __init__(self, model: nn.Module, scheduler, k: int, seed: int = 0, device="cpu", precision: str = "fp32",
+                 nnz: int = 1, self_check: bool = True):
+        if precision not in PRECISIONS:
+            raise FastPathError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.device = torch.device(device)
+        if precision == "tf32" and self.device.type != "cuda":
+            raise FastPathError("tf32 needs a CUDA device; use method=fast (fp32) on CPU")
+        self.model, self.scheduler, self.precision = model, scheduler, precision
+        offsets, p = {}, 0
+        for name, prm in model.named_parameters():
+            if prm.requires_grad:
+                offsets[id(prm)] = (name, p, prm.numel())
+                p += prm.numel()
+        if p == 0:
+            raise FastPathError("the model has no trainable parameters")
+        self.p = p
+        self.layers: List[_Layer] = []
+        covered = set()
+        for mname, mod in model.named_modules():
+            own = {n: prm for n, prm in mod.named_parameters(recurse=False) if prm.requires_grad}
+            if not own:
+                continue
+            if not isinstance(mod, SUPPORTED):
+                continue  # reported below as uncovered
+            _check_module(mname, mod)
+            slots = {}
+            for n, prm in own.items():
+                if n not in ("weight", "bias"):
+                    continue
+                slots[n] = offsets[id(prm)][1:]
+                covered.add(id(prm))
+            self.layers.append(_Layer(mname, mod, slots))
+        missing = [offsets[i][0] for i in offsets if i not in covered]
+        if missing:
+            raise FastPathError(f"method=fast cannot cover {len(missing)} trainable parameters "
+                                f"({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''}): they are not the weight/bias "
+                                f"of a {'/'.join(c.__name__ for c in SUPPORTED)}; use method=vmap for this model")
+        assert covered == set(offsets), "fast path must cover exactly the trainable parameters"
+        self.projector = CountSketchProjector(p, k, seed, self.device, nnz)
+        self.k = k
+        self._checked = not self_check
+        self._slices = {}
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _cache(self, lo, n):
+        key = (lo, n)
+        if key not in self._slices:
+            self._slices[key] = self.projector.slice(lo, n)
+        return self._slices[key]
+
+    def _add(self, lo, n, values):
+        self.projector.add_(self._out, lo, values, self._cache(lo, n))
+
+    def _forward_hook(self, layer: _Layer, module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise FastPathError(f"module {layer.name} returned {type(output).__name__}; method=fast needs tensors")
+        replaced = None
+        if not output.requires_grad:
+            # nothing upstream needs a gradient (parameters are frozen): make the output a leaf
+            replaced = output = output.detach().requires_grad_()
+        x = inputs[0].detach()
+        output.register_hook(functools.partial(self._grad_hook, layer, x))
+        return replaced
+
+    def _grad_hook(self, layer: _Layer, x, g):
+        B, T = self._BT
+        mod = layer.module
+        if g.shape[0] != B * T:
+            raise FastPathError(f"module {layer.name} saw {g.shape[0]} rows, expected {B * T} (batch × timesteps); "
+                                "use method=vmap for this model")
+        if isinstance(mod, nn.Linear):
+            gw = g.reshape(B, -1, g.shape[-1])
+            if "weight" in layer.slots:
+                a = x.reshape(B, -1, x.shape[-1]).to(g.dtype)
+                self._add(*layer.slots["weight"], torch.bmm(gw.transpose(1, 2), a))
+            if "bias" in layer.slots:
+                self._add(*layer.slots["bias"], gw.sum(1, dtype=torch.float32))
+        elif isinstance(mod, nn.Conv2d):
+            self._conv(layer, x, g, B, T)
+        elif isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+            x = x.float()
+            if isinstance(mod, nn.GroupNorm):
+                xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)
+                C = x.shape[1]
+                gf = g.float().reshape(B, T, C, -1).transpose(1, 2).reshape(B, C, -1)
+                xf = xhat.reshape(B, T, C, -1).transpose(1, 2).reshape(B, C, -1)
+            else:
+                shape = mod.normalized_shape
+                xhat = F.layer_norm(x, shape, eps=mod.eps)
+                gf = g.float().reshape(B, -1, *shape)
+                xf = xhat.reshape(B, -1, *shape)
+            if "weight" in layer.slots:
+                self._add(*layer.slots["weight"], (gf * xf).sum(1 if isinstance(mod, nn.LayerNorm) else -1))
+            if "bias" in layer.slots:
+                self._add(*layer.slots["bias"], gf.sum(1 if isinstance(mod, nn.LayerNorm) else -1))
+        elif isinstance(mod, nn.Embedding):
+            lo, n = layer.slots["weight"]
+            D = mod.embedding_dim
+            idx = x.reshape(B, -1)
+            gv = g.float().reshape(B, idx.shape[1], D)
+            if mod.padding_idx is not None:
+                gv = gv * (idx != mod.padding_idx).unsqueeze(-1)
+            coords = lo + idx.unsqueeze(-1) * D + torch.arange(D, device=idx.device)
+            self.projector.add_scattered_(self._out, coords, gv)
+        return None
+
+    def _conv(self, layer: _Layer, x, g, B, T):
+        mod = layer.module
+        N, O = g.shape[:2]
+        L = g.shape[2] * g.shape[3]
+        if "weight" in layer.slots:
+            if mod.padding_mode != "zeros":
+                x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+                padding = 0
+            else:
+                padding = 0 if mod.padding == "valid" else mod.padding
+            kh, kw = mod.kernel_size
+            if (kh, kw) == (1, 1) and mod.stride == (1, 1) and padding in ((0, 0), 0):
+                a = x.reshape(N, x.shape[1], -1)
+            else:
+                a = F.unfold(x, (kh, kw), dilation=mod.dilation, padding=padding, stride=mod.stride)
+            a = a.to(g.dtype)
+            G = mod.groups
+            Ik = a.shape[1] // G
+            # (B, T, G, ., L) -> (B·G, ., T·L): one batched matmul over examples (and groups)
+            gg = g.reshape(B, T, G, O // G, L).permute(0, 2, 3, 1, 4).reshape(B * G, O // G, T * L)
+            aa = a.reshape(B, T, G, Ik, L).permute(0, 2, 1, 4, 3).reshape(B * G, T * L, Ik)
+            self._add(*layer.slots["weight"], torch.bmm(gg, aa))
+        if "bias" in layer.slots:
+            self._add(*layer.slots["bias"], g.reshape(B, T, O, L).sum((1, 3), dtype=torch.float32))
+
+    # -- main ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _precision(self):
+        if self.device.type != "cuda":
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+            with ctx:
+                yield
+            return
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        tf32 = self.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+            with ctx:
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+    @staticmethod
+    def _pairs(x0, timesteps, noises, cond, cond_per_timestep):
+        B, T = timesteps.shape
+        xs = x0.unsqueeze(1).expand(B, T, *x0.shape[1:]).reshape(B * T, *x0.shape[1:])
+        ts = timesteps.reshape(B * T)
+        ns = noises.reshape(B * T, *noises.shape[2:])
+        c = {}
+        for key, v in (cond or {}).items():
+            if cond_per_timestep:
+                c[key] = v.reshape(B * T, *v.shape[2:])
+            else:
+                c[key] = v.unsqueeze(1).expand(B, T, *v.shape[1:]).reshape(B * T, *v.shape[1:])
+        return xs, ts, ns, c
+
+    def features(self, x0, timesteps, noises, output: str = "loss", cond: Optional[dict] = None,
+                 cond_per_timestep: bool = False) -> torch.Tensor:
+        """``S · (1/T) Σ_j ∇_θ f(θ; x0_i, t_ij, ε_ij)`` for each example: (B, k) float32 on ``device``.
+
+        Same arguments as :func:`~diffusion_trak.featurize.gradients.per_sample_gradients`."""
+        dev = self.device
+        B, T = timesteps.shape
+        cond = {key: v.to(dev) for key, v in (cond or {}).items()}
+        xs, ts, ns, c = self._pairs(x0.to(dev), timesteps.to(dev), noises.to(dev), cond, cond_per_timestep)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
+        self._BT = (B, T)
+        handles = [l.module.register_forward_hook(functools.partial(self._forward_hook, l)) for l in self.layers]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            with torch.enable_grad(), self._precision():
+                total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
+            if not torch.isfinite(total):
+                raise FloatingPointError("NaN/Inf in the model output; check the inputs and the checkpoint for NaN")
+            total.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p in params:
+                p.requires_grad_(True)
+        out, self._out = self._out, None
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("NaN/Inf in per-example gradients; check the inputs and the checkpoint for NaN")
+        if not self._checked:
+            self._self_check(out, xs, ts, ns, c, T, output)
+        return out
+
+    def _self_check(self, out, xs, ts, ns, c, T, output):
+        """Σ_i S g_i must equal S (Σ_i g_i), the latter from one plain batched backward."""
+        self.model.zero_grad(set_to_none=True)
+        with torch.enable_grad(), self._precision():
+            total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
+        total.backward()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(1, -1).float()
+                          for p in self.model.parameters() if p.requires_grad], 1)
+        self.model.zero_grad(set_to_none=True)
+        want = self.projector(flat)[0]
+        got = out.sum(0)
+        err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        tol = 5e-2 if self.precision == "bf16" else 1e-3
+        if err > tol:
+            raise FastPathError(f"method=fast self-check failed (relative error {err:.2e}): some parameter is used outside "
+                                "its module's forward; use method=vmap for this model")
+        self._checked = True
+
+
+def _check_module(name: str, mod: nn.Module) -> None:
+    if isinstance(mod, nn.Conv2d) and isinstance(mod.padding, str) and mod.padding != "valid":
+        raise FastPathError(f"{name}: Conv2d padding={mod.padding!r} is not supported by method=fast; use method=vmap")
+    if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse):
+        raise FastPathError(f"{name}: Embedding with max_norm/sparse is not supported by method=fast; use method=vmap")
