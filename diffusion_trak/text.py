@@ -44,6 +44,8 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .errors import UserError
+
 __all__ = ["CaptionSet", "CaptionError", "WordTokenizer", "TinyTextEncoder", "TextConditioner",
            "default_text_model", "caption_conditioning", "CAPTION_MODES", "DEFAULT_TEMPLATES"]
 
@@ -51,7 +53,7 @@ CAPTION_MODES = ("random", "mean", "first")
 DEFAULT_TEMPLATES = ("a photo of a {}",)
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError, ValueError):
     """A user-fixable problem with captions (one line naming the fix)."""
 
 
