@@ -1,0 +1,178 @@
+"""Named benchmark configurations for :mod:`evaluations.run`.
+
+A config fixes everything a run depends on (data, the training recipe shared by the attributed
+model and every retrained model, featurization and scoring settings, the harness sizes), so two runs
+of the same config give the same numbers. ``config.json`` is saved in the run folder and compared on
+rerun: the same config resumes, a different one refuses unless ``--overwrite``.
+
+The featurization and scoring settings are spelled out explicitly here (rather than taken from the
+library defaults, which may be retuned) so that a benchmark's meaning does not change silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs, asdict, from_dict
+from diffusion_trak.data import DataArgs
+from diffusion_trak.errors import UserError
+
+from .groundtruth import OUTPUT_KINDS
+
+class ConfigError(UserError, ValueError):
+    """A benchmark config that cannot run as given (one line, names the fix)."""
+
+
+METHODS = ("random", "pixel_neg_l2", "pixel_cosine", "embedding", "grad_dot", "grad_cosine", "trak")
+
+
+@dataclass
+class EvalConfig:
+    """One benchmark.
+
+    Attributes:
+        name, description: shown in the report.
+        data: the training set (attributed model and subsets).
+        heldout: real images used as targets (first ``num_heldout`` of it).
+        train: the recipe of the attributed model AND of every retrained model.
+        featurize, score: TRAK settings (passed to ``diffusion_trak.api.featurize`` / ``score``).
+        num_models, alpha, subset_seed: the LDS harness: ``M`` models on α-subsets.
+        seed_mode: ``distinct`` (each subset model its own training seed) or ``shared``
+            (all use ``train.seed``), see :func:`evaluations.subsets.model_seed`.
+        train_method, stack_size: how the retrained models are trained (:func:`evaluations.retrain.train_models`).
+        num_generated, generation_seed, num_inference_steps: the generated targets (one DDPM batch).
+        lds_steps: sampling-step indices (0 = first, ``num_inference_steps-1`` = last) evaluated.
+        num_heldout: real held-out targets.
+        gt_outputs: ground-truth outputs (:data:`evaluations.groundtruth.OUTPUT_KINDS`).
+        gt_noises: noises per half for ``xhat0_loss``; gt_final_draws: (timestep, noise) pairs per half
+            for ``final_loss_le_t``; gt_seed: their seed.
+        methods: attribution methods compared (:data:`METHODS`).
+        encoder_epochs: epochs of the baseline autoencoder.
+        audit_targets, audit_steps, audit_ks: retrain-without-top-k cases (k a count, or a fraction
+            of the training set when < 1); audit_seed seeds the random controls.
+        n_boot: bootstrap resamples for the confidence intervals.
+        threads: ``torch.set_num_threads``.
+    """
+
+    name: str
+    description: str = ""
+    data: DataArgs = field(default_factory=DataArgs)
+    heldout: DataArgs = field(default_factory=lambda: DataArgs(split="test"))
+    train: TrainArgs = field(default_factory=TrainArgs)
+    featurize: FeaturizeArgs = field(default_factory=FeaturizeArgs)
+    score: ScoreArgs = field(default_factory=ScoreArgs)
+    num_models: int = 64
+    alpha: float = 0.5
+    subset_seed: int = 0
+    seed_mode: str = "distinct"
+    train_method: str = "auto"
+    stack_size: int = 16
+    num_generated: int = 16
+    generation_seed: int = 1234
+    num_inference_steps: int = 100
+    lds_steps: Tuple[int, ...] = (0, 25, 50, 75, 99)
+    num_heldout: int = 16
+    gt_outputs: Tuple[str, ...] = OUTPUT_KINDS
+    gt_noises: int = 16
+    gt_final_draws: int = 32
+    gt_seed: int = 5
+    methods: Tuple[str, ...] = METHODS
+    encoder_epochs: int = 30
+    audit_targets: int = 8
+    audit_steps: Tuple[int, ...] = (50,)
+    audit_ks: Tuple[float, ...] = (0.1,)
+    audit_seed: int = 0
+    n_boot: int = 2000
+    threads: int = 2
+
+    def __post_init__(self):
+        for s in tuple(self.lds_steps) + tuple(self.audit_steps):
+            if not 0 <= int(s) < self.num_inference_steps:
+                raise ConfigError(f"step {s} is outside 0..{self.num_inference_steps - 1}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"unknown methods {bad}; choose from {METHODS}")
+        bad = [o for o in self.gt_outputs if o not in OUTPUT_KINDS]
+        if bad:
+            raise ConfigError(f"unknown ground-truth outputs {bad}; choose from {OUTPUT_KINDS}")
+        if self.audit_targets > self.num_generated:
+            raise ConfigError("audit_targets cannot exceed num_generated; lower audit_targets")
+
+    def to_dict(self) -> dict:
+        d = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, DataArgs):
+                d[f.name] = v.to_dict()
+            elif dataclasses.is_dataclass(v):
+                d[f.name] = asdict(v)
+            else:
+                d[f.name] = v
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalConfig":
+        kw = dict(d)
+        kw["data"] = DataArgs.from_dict(kw["data"])
+        kw["heldout"] = DataArgs.from_dict(kw["heldout"])
+        kw["train"] = from_dict(TrainArgs, kw["train"])
+        kw["featurize"] = from_dict(FeaturizeArgs, kw["featurize"])
+        kw["score"] = from_dict(ScoreArgs, kw["score"])
+        for f in dataclasses.fields(cls):
+            if f.name in kw and isinstance(kw[f.name], list):
+                kw[f.name] = tuple(kw[f.name])
+        return cls(**{k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def digits_quick() -> EvalConfig:
+    """scikit-learn digits (8×8), 600 training images, 32 subset models: ~20 minutes on 2 CPU cores."""
+    return EvalConfig(
+        name="digits-quick",
+        description="digits 8×8, 600 training images, M=32 half-subsets, 40 epochs, small UNet; CPU in minutes",
+        data=DataArgs(name="digits", split="train", limit=600),
+        heldout=DataArgs(name="digits", split="test", limit=16),
+        train=TrainArgs(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
+                        epochs=40, batch_size=32, learning_rate=2e-3, num_checkpoints=3, seed=0),
+        featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="uniform", proj_dim=2048, projector="torch",
+                                output="loss", seed=0, batch_size=16),
+        score=ScoreArgs(num_noises=20, ridge=1e-2, target_output="loss", seed=1),
+        num_models=32, alpha=0.5, seed_mode="distinct",
+        # measured on this machine: stacking 16 of these small models is ~2x faster than one at a time on CPU too
+        train_method="stacked", stack_size=16,
+        num_generated=16, num_inference_steps=100, lds_steps=(0, 25, 50, 75, 99), num_heldout=16,
+        gt_noises=16, gt_final_draws=32,
+        audit_targets=8, audit_steps=(50,), audit_ks=(0.1,),
+        threads=2,
+    )
+
+
+def fmnist_2() -> EvalConfig:
+    """Fashion-MNIST, two classes (T-shirt/top and ankle boot), 1000 training images at 16×16, M=64."""
+    return EvalConfig(
+        name="fmnist-2",
+        description="Fashion-MNIST classes 0 (T-shirt/top) and 9 (ankle boot), 1000 images at 16×16, M=64 half-subsets",
+        data=DataArgs(name="fmnist", split="train", classes=[0, 9], limit=1000, image_size=16),
+        heldout=DataArgs(name="fmnist", split="test", classes=[0, 9], limit=32, image_size=16),
+        train=TrainArgs(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
+                        epochs=60, batch_size=64, learning_rate=2e-3, num_checkpoints=3, seed=0),
+        featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="uniform", proj_dim=2048, projector="auto",
+                                output="loss", seed=0, batch_size=16),
+        score=ScoreArgs(num_noises=20, ridge=1e-2, target_output="loss", seed=1),
+        num_models=64, alpha=0.5, seed_mode="distinct",
+        train_method="auto", stack_size=16,
+        num_generated=32, num_inference_steps=100, lds_steps=(0, 25, 50, 75, 99), num_heldout=32,
+        gt_noises=16, gt_final_draws=32,
+        audit_targets=16, audit_steps=(25, 50), audit_ks=(0.05, 0.1),
+        threads=2,
+    )
+
+
+CONFIGS = {"digits-quick": digits_quick, "fmnist-2": fmnist_2}
+
+
+def get_config(name: str) -> EvalConfig:
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown benchmark config {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]()

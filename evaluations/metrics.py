@@ -1,0 +1,155 @@
+"""Pure metric functions: arrays in, numbers out (nothing here trains, loads or samples).
+
+Sign convention of :func:`lds`
+------------------------------
+Attribution scores in this project are positive for *proponents*: training examples whose
+inclusion lowers the target's output (the denoising loss). A model trained on subset ``S_m``
+is therefore predicted to have a *low* loss when ``Σ_{i∈S_m} τ_i`` is *high*. The linear
+datamodeling score correlates the prediction with the *negated* measured output::
+
+    LDS(τ) = Spearman_m( Σ_{i ∈ S_m} τ_i ,  −y_m )
+
+so a good method has a positive LDS, a method that ranks at random has LDS ≈ 0, and a method
+whose sign is flipped has a negative LDS.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two 1-D arrays (ties get average ranks); ``nan`` if either is constant."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs equal lengths, got {a.shape[0]} and {b.shape[0]}")
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def subset_sums(scores, masks) -> np.ndarray:
+    """``(M, targets)``: the sum of each target's scores over each model's subset."""
+    scores = np.asarray(scores, dtype=np.float64)
+    masks = np.asarray(masks)
+    if masks.dtype != bool:
+        raise ValueError("masks must be boolean (M, n)")
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+        raise ValueError(f"scores (targets, n) and masks (M, n) disagree: {scores.shape} vs {masks.shape}")
+    return masks.astype(np.float64) @ scores.T
+
+
+def lds(scores, masks, outputs) -> np.ndarray:
+    """Linear datamodeling score of every target.
+
+    Args:
+        scores: ``(targets, n)`` attribution scores, positive = proponent (lowers the output).
+        masks: ``(M, n)`` boolean; ``masks[m, i]`` is True if model ``m`` was trained on example ``i``.
+        outputs: ``(M, targets)`` measured output (e.g. loss) of model ``m`` on each target.
+
+    Returns:
+        ``(targets,)`` Spearman correlation over the ``M`` models between ``Σ_{i∈S_m} scores[target, i]``
+        and ``−outputs[m, target]`` (see the module docstring for the sign).
+    """
+    outputs = np.asarray(outputs, dtype=np.float64)
+    pred = subset_sums(scores, masks)
+    if outputs.shape != pred.shape:
+        raise ValueError(f"outputs must be (M, targets) = {pred.shape}, got {outputs.shape}")
+    return np.array([spearman(pred[:, j], -outputs[:, j]) for j in range(pred.shape[1])])
+
+
+def split_half(outputs_a, outputs_b) -> np.ndarray:
+    """Per-target Spearman correlation over models of two independent measurements ``(M, targets)``
+    of the same output (two disjoint sets of timesteps and noises): the ground truth's reliability."""
+    a = np.asarray(outputs_a, dtype=np.float64)
+    b = np.asarray(outputs_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"split_half needs two (M, targets) arrays of one shape, got {a.shape} and {b.shape}")
+    return np.array([spearman(a[:, j], b[:, j]) for j in range(a.shape[1])])
+
+
+def spearman_brown(r) -> np.ndarray:
+    """Reliability of the average of both halves, from the split-half correlation ``r``: ``2r/(1+r)``."""
+    r = np.asarray(r, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > -1, 2 * r / (1 + r), np.nan)
+
+
+def lds_ceiling(r) -> np.ndarray:
+    """Highest LDS a perfect predictor of the *expected* output can reach against the two-half average
+    when measurement noise is the only obstacle: ``sqrt(spearman_brown(r))`` (0 where ``r ≤ 0``)."""
+    rel = spearman_brown(r)
+    return np.sqrt(np.clip(rel, 0, None))
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``values`` (NaNs dropped) with a percentile bootstrap interval."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def quartiles(values) -> Tuple[float, float, float]:
+    """``(q25, median, q75)`` of the finite values."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    q = np.quantile(v, [0.25, 0.5, 0.75])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Image distances and similarities (rows are images of any shape; computed on flattened pixels)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flat(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def l2_distance(a, b) -> np.ndarray:
+    """Row-wise Euclidean distance ``‖a_i − b_i‖₂`` of two equally shaped batches: ``(B,)``."""
+    a, b = _flat(a), _flat(b)
+    if a.shape != b.shape:
+        raise ValueError(f"l2_distance needs equal shapes, got {a.shape} and {b.shape}")
+    return np.sqrt(((a - b) ** 2).sum(1))
+
+
+def rms_distance(a, b) -> np.ndarray:
+    """Root-mean-square per-pixel difference: ``‖a_i − b_i‖₂ / sqrt(#pixels)``: ``(B,)``."""
+    return l2_distance(a, b) / np.sqrt(_flat(a).shape[1])
+
+
+def cosine_distance(a, b) -> np.ndarray:
+    """Row-wise ``1 − cos(a_i, b_i)``: ``(B,)``."""
+    a, b = _flat(a), _flat(b)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return 1 - num / np.maximum(den, 1e-12)
+
+
+def neg_l2_similarity(queries, keys) -> np.ndarray:
+    """``(Q, N)``: ``−‖q − k‖₂`` for every query/key pair (higher = more similar)."""
+    q, k = _flat(queries), _flat(keys)
+    d2 = (q ** 2).sum(1)[:, None] + (k ** 2).sum(1)[None, :] - 2 * q @ k.T
+    return -np.sqrt(np.clip(d2, 0, None))
+
+
+def cosine_similarity(queries, keys) -> np.ndarray:
+    """``(Q, N)`` cosine similarity of every query/key pair."""
+    q, k = _flat(queries), _flat(keys)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    k = k / np.maximum(np.linalg.norm(k, axis=1, keepdims=True), 1e-12)
+    return q @ k.T

@@ -1,0 +1,493 @@
+"""Run a named counterfactual-validation benchmark end to end, resumably.
+
+    python -m evaluations.run digits-quick --out runs/eval-digits
+
+Stages (each skipped when its result is already in ``--out``):
+
+1. train the attributed model (``attributed/``, :func:`diffusion_trak.train.train_ddpm`);
+2. sample the generated targets and record their trajectories (``trajectory.safetensors``);
+3. featurize the training set and score every step with TRAK (``features/``, ``scores/``,
+   :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`);
+4. baseline scores (``baselines/``, :mod:`evaluations.baselines`);
+5. train ``M`` models on α-subsets (``subsets/``), printing the stacked-training speed-up;
+6. measure the ground truth of every retrained model (``groundtruth/``);
+7. LDS of every method, step, target set and ground truth, with bootstrap CIs and the noise ceiling
+   (``lds.json``);
+8. retrain without the top-k proponents vs k random examples (``audit/``);
+9. ``report.md`` and ``plots/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from diffusion_trak.errors import UserError
+from diffusion_trak.store import write_json_atomic
+
+from .configs import CONFIGS, EvalConfig, get_config
+
+METHOD_LABELS = {
+    "random": "random",
+    "pixel_neg_l2": "pixel −L2",
+    "pixel_cosine": "pixel cosine",
+    "embedding": "autoencoder embedding cosine",
+    "grad_dot": "gradient dot (TracIn-like)",
+    "grad_cosine": "gradient cosine",
+    "trak": "TRAK (paper target)",
+}
+SET_LABELS = {"generated": "generated targets", "heldout": "held-out real images"}
+GT_LABELS = {"xhat0_loss": "loss of x̂0_t at t (paper)", "final_loss_le_t": "loss of the final image at timesteps ≤ t"}
+
+
+class ConfigMismatch(UserError):
+    pass
+
+
+class Timer:
+    def __init__(self, path):
+        self.path = path
+        self.data = json.load(open(path)) if os.path.exists(path) else {}
+        self.run = {}
+
+    def stage(self, name):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                print(f"[run] {name}", flush=True)
+
+            def __exit__(self, *exc):
+                dt = time.perf_counter() - self.t
+                timer.run[name] = dt
+                timer.data.setdefault("stages", {})
+                # keep the time of the invocation that did the work (a skipped stage takes ~0 s)
+                if dt > timer.data["stages"].get(name, 0.0) or name not in timer.data["stages"]:
+                    timer.data["stages"][name] = dt
+                write_json_atomic(timer.path, timer.data)
+
+        return _T()
+
+
+def _check_config(out: str, cfg: EvalConfig, overwrite: bool) -> None:
+    path = os.path.join(out, "config.json")
+    d = cfg.to_dict()
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != d:
+            if not overwrite:
+                keys = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
+                raise ConfigMismatch(f"{out} holds a run of another config (differs in {', '.join(keys)}); "
+                                     "use --overwrite to replace it or choose another --out")
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(path, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _trajectory(cfg: EvalConfig, out: str, ckpt: str, device):
+    from diffusion_trak.train import load_checkpoint
+    from pipelines import Trajectory, TrajectoryPipeline
+
+    path = os.path.join(out, "trajectory.safetensors")
+    if os.path.exists(path):
+        return Trajectory.load(path)
+    unet, sched = load_checkpoint(ckpt, device)
+    res = TrajectoryPipeline(unet, sched)(batch_size=cfg.num_generated, seed=cfg.generation_seed,
+                                          num_inference_steps=cfg.num_inference_steps, record_steps=None,
+                                          show_progress=False)
+    res.trajectory.save(path)
+    return Trajectory.load(path)
+
+
+def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device) -> Dict[str, np.ndarray]:
+    from diffusion_trak.api import Scores, score
+
+    res = {}
+    gpath = os.path.join(out, "scores", "generated")
+    if os.path.exists(os.path.join(gpath, "scores.json")):
+        res["generated"] = np.asarray(Scores.load(gpath).values)
+    else:
+        res["generated"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, trajectory=traj, steps=steps,
+                                            out=gpath, device=device).values)
+    hpath = os.path.join(out, "scores", "heldout")
+    if os.path.exists(os.path.join(hpath, "scores.json")):
+        res["heldout"] = np.asarray(Scores.load(hpath).values)
+    else:
+        res["heldout"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, images=heldout.images,
+                                          image_timesteps=[traj.timestep_at(s) for s in steps], out=hpath,
+                                          device=device).values)
+    return res
+
+
+def _target_features(cfg, out, ckpts, heldout, traj, steps, device) -> Dict[str, List[np.ndarray]]:
+    """Per-checkpoint target features (S, B, k), exactly as ``api.score`` computes them, for the
+    gradient-similarity baselines."""
+    from diffusion_trak.featurize.featurizer import Featurizer
+    from diffusion_trak.targets import target_features, trajectory_target_features
+    from diffusion_trak.train import load_checkpoint
+
+    path = os.path.join(out, "baselines", "target_features.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        C = len(ckpts)
+        return {s: [z[f"{s}_{c}"] for c in range(C)] for s in ("generated", "heldout")}
+    output = cfg.score.target_output or cfg.featurize.output
+    res = {"generated": [], "heldout": []}
+    timesteps = [traj.timestep_at(s) for s in steps]
+    for ck in ckpts:
+        unet, sched = load_checkpoint(ck, device)
+        f = Featurizer(unet, sched, cfg.featurize, device)
+        res["generated"].append(trajectory_target_features(f, traj, steps, cfg.score.num_noises, cfg.score.seed,
+                                                           output).numpy())
+        res["heldout"].append(torch.stack([target_features(f, heldout.images, t, cfg.score.num_noises, cfg.score.seed,
+                                                           key=t, output=output) for t in timesteps]).numpy())
+        del f
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **{f"{s}_{c}": v for s, lst in res.items() for c, v in enumerate(lst)})
+    os.replace(path + ".tmp.npz", path)
+    return res
+
+
+def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: (S, B, N)}}`` for every non-TRAK method."""
+    from . import baselines as bl
+
+    path = os.path.join(out, "baselines", "scores.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        res = {}
+        for key in z.files:
+            s, m = key.split("__")
+            res.setdefault(s, {})[m] = z[key]
+        return res
+    N = len(train)
+    queries = {"generated": [traj.x0_pred_at(s).float() for s in steps],
+               "heldout": [heldout.images for _ in steps]}
+    train_feats = features.arrays
+    res = {}
+    for sname, qs in queries.items():
+        res[sname] = {}
+        B = qs[0].shape[0]
+        for m in cfg.methods:
+            if m == "trak":
+                continue
+            per_step = []
+            for si, q in enumerate(qs):
+                if m == "random":
+                    v = bl.random_scores(B, N, seed=1000 * si + (0 if sname == "generated" else 1))
+                elif m == "pixel_neg_l2":
+                    v = bl.pixel_similarity(q, train.images, "neg_l2")
+                elif m == "pixel_cosine":
+                    v = bl.pixel_similarity(q, train.images, "cosine")
+                elif m == "embedding":
+                    v = bl.embedding_similarity(encoder, q, train.images)
+                elif m == "grad_dot":
+                    v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats[sname]], "dot")
+                elif m == "grad_cosine":
+                    v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats[sname]], "cosine")
+                per_step.append(v)
+            res[sname][m] = np.stack(per_step).astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
+    os.replace(path + ".tmp.npz", path)
+    return res
+
+
+def _lds_tables(cfg, scores, masks, gt) -> dict:
+    """``{set: {kind: {"methods": {m: [per step {mean, lo, hi, values}]}, "ceiling": [...]}}}``."""
+    from .metrics import bootstrap_ci, lds, lds_ceiling, split_half
+
+    out = {}
+    for sname, methods in scores.items():
+        out[sname] = {}
+        for kind, y in gt[sname].items():  # y: (M, 2, S, B)
+            ym = y.mean(1)
+            entry = {"methods": {}, "ceiling": [], "split_half": []}
+            for m, sc in methods.items():
+                rows = []
+                for si in range(len(cfg.lds_steps)):
+                    v = lds(sc[si], masks, ym[:, si, :])
+                    mean, lo, hi = bootstrap_ci(v, cfg.n_boot, seed=si)
+                    rows.append({"mean": mean, "lo": lo, "hi": hi, "values": v.tolist()})
+                entry["methods"][m] = rows
+            for si in range(len(cfg.lds_steps)):
+                r = split_half(y[:, 0, si, :], y[:, 1, si, :])
+                mean, lo, hi = bootstrap_ci(r, cfg.n_boot, seed=si)
+                entry["split_half"].append({"mean": mean, "lo": lo, "hi": hi, "values": r.tolist()})
+                c = lds_ceiling(r)
+                mean, lo, hi = bootstrap_ci(c, cfg.n_boot, seed=si)
+                entry["ceiling"].append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
+            out[sname][kind] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(e) -> str:
+    if not np.isfinite(e["mean"]):
+        return "n/a"
+    return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+
+def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance) -> str:
+    steps = list(cfg.lds_steps)
+    ts = [traj.timestep_at(s) for s in steps]
+    L = [f"# Counterfactual validation: `{cfg.name}`", "", cfg.description, ""]
+    L += [f"- training set: {N} images ({cfg.data.name}), held-out targets: {cfg.num_heldout}, "
+          f"generated targets: {cfg.num_generated} ({cfg.num_inference_steps} DDPM steps)",
+          f"- LDS harness: M = {cfg.num_models} models, each on an α = {cfg.alpha} subset "
+          f"({cfg.seed_mode} training seeds), same recipe as the attributed model "
+          f"({cfg.train.epochs} epochs, UNet {tuple(cfg.train.block_out_channels)})",
+          f"- TRAK: T = {cfg.featurize.num_timesteps} timesteps/example, k = {cfg.featurize.proj_dim}, "
+          f"{cfg.train.num_checkpoints} checkpoints, R = {cfg.score.num_noises} target noises, ridge = {cfg.score.ridge}",
+          f"- ground truth: {cfg.gt_noises} noises per half (x̂0 loss), {cfg.gt_final_draws} (timestep, noise) "
+          f"pairs per half (final-image loss), common to all models",
+          "- LDS = Spearman over models of (sum of scores in the subset) vs (−measured loss), averaged over "
+          f"targets; [95% bootstrap CI over targets, {cfg.n_boot} resamples]", ""]
+    if speedup:
+        L += ["## Stacked training", "",
+              f"Stacking {speedup['models']} models on {speedup['device']}: {speedup['stacked_s']:.3f} s per optimiser "
+              f"step of all of them, vs {speedup['sequential_s']:.3f} s one at a time: **speed-up ×{speedup['speedup']:.2f}** "
+              "(measured in this run).", ""]
+    L += ["## LDS per step", ""]
+    for sname, kinds in tables.items():
+        for kind, entry in kinds.items():
+            L += [f"### {SET_LABELS.get(sname, sname)}: {GT_LABELS.get(kind, kind)}", ""]
+            L += ["| method | " + " | ".join(f"step {s} (t={t})" for s, t in zip(steps, ts)) + " |",
+                  "|---|" + "---|" * len(steps)]
+            for m, rows in entry["methods"].items():
+                L.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(_fmt(r) for r in rows) + " |")
+            L.append("| *noise ceiling: split-half r* | " + " | ".join(_fmt(r) for r in entry["split_half"]) + " |")
+            L.append("| *max LDS √(2r/(1+r))* | " + " | ".join(_fmt(r) for r in entry["ceiling"]) + " |")
+            L += ["", f"![LDS](plots/lds_{sname}_{kind}.png)", ""]
+    if acceptance:
+        L += ["## TRAK vs pixel similarity at the last step", ""]
+        for a in acceptance:
+            L.append(f"- {SET_LABELS.get(a['set'], a['set'])}, {GT_LABELS.get(a['kind'], a['kind'])}: TRAK {_fmt(a['trak'])} vs "
+                     f"best pixel baseline ({METHOD_LABELS[a['pixel_method']]}) {_fmt(a['pixel'])}: "
+                     f"**{a['verdict']}**")
+        L.append("")
+    if audit:
+        L += ["## Retrain without the top-k proponents", "",
+              "Distance of the regenerated image (restart from x_t of the step, same noise) to the original; "
+              "median [quartiles] over targets. `top wins` = fraction of targets where removing the top-k moved the "
+              "image more than removing k random examples; p = one-sided Wilcoxon signed-rank.", "",
+              f"Restart check (attributed model regenerates the original): max |Δ| = {audit['restart_check_max_abs']:.2e}", "",
+              "| step (t) | k | distance | top-k removed | k random removed | top wins | p |", "|---|---|---|---|---|---|---|"]
+        for s in audit["summary"]:
+            tq, rq = s["top_quartiles"], s["random_quartiles"]
+            L.append(f"| {s['step']} ({s['timestep']}) | {s['k']} | {s['metric']} | {tq[1]:.3f} [{tq[0]:.3f}, {tq[2]:.3f}] | "
+                     f"{rq[1]:.3f} [{rq[0]:.3f}, {rq[2]:.3f}] | {s['top_wins']:.2f} | {s['wilcoxon_p_greater']:.3g} |")
+        L.append("")
+        for s, k in sorted({(c["step"], c["k"]) for c in audit["cases"]}):
+            L += [f"![audit step {s} k {k}](plots/audit_s{s}_k{k}.png)", ""]
+    if timing:
+        L += ["## Time", "", "| stage | seconds (the invocation that did the work) |", "|---|---|"]
+        for k, v in timing.get("stages", {}).items():
+            L.append(f"| {k} | {v:.0f} |")
+        L += [f"| **total** | **{sum(timing.get('stages', {}).values()):.0f}** |", ""]
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(L))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _acceptance(tables, cfg) -> list:
+    res = []
+    last = len(cfg.lds_steps) - 1
+    for sname, kinds in tables.items():
+        for kind, e in kinds.items():
+            if "trak" not in e["methods"]:
+                continue
+            pix = [m for m in ("pixel_neg_l2", "pixel_cosine") if m in e["methods"]]
+            if not pix:
+                continue
+            best = max(pix, key=lambda m: e["methods"][m][last]["mean"])
+            t, p = e["methods"]["trak"][last], e["methods"][best][last]
+            if t["lo"] > p["hi"]:
+                verdict = "TRAK higher, CIs do not overlap"
+            elif t["hi"] < p["lo"]:
+                verdict = "pixel higher, CIs do not overlap"
+            else:
+                verdict = "CIs overlap"
+            res.append({"set": sname, "kind": kind, "trak": t, "pixel": p, "pixel_method": best, "verdict": verdict})
+    return res
+
+
+def _plots(cfg, out, tables, traj, audit, trajectory_final):
+    from diffusion_trak.report import image_grid_png, plot_lines
+
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    ts = [traj.timestep_at(s) for s in cfg.lds_steps]
+    for sname, kinds in tables.items():
+        for kind, e in kinds.items():
+            series = {METHOD_LABELS.get(m, m): tuple(np.array([r[x] for r in rows]) for x in ("mean", "lo", "hi"))
+                      for m, rows in e["methods"].items()}
+            series["max LDS (noise ceiling)"] = tuple(np.array([r[x] for r in e["ceiling"]]) for x in ("mean", "lo", "hi"))
+            plot_lines(os.path.join(out, "plots", f"lds_{sname}_{kind}.png"), ts, series, xlabel="timestep t of the step",
+                       ylabel="LDS (Spearman)", title=f"{cfg.name}: {SET_LABELS.get(sname, sname)}, {GT_LABELS.get(kind, kind)}")
+    if audit:
+        regen = os.path.join(out, "audit", "regenerated")
+        for s, k in sorted({(c["step"], c["k"]) for c in audit["cases"]}):
+            targets = sorted({c["target"] for c in audit["cases"] if c["step"] == s and c["k"] == k})
+            name = lambda b, kind: os.path.join(regen, f"s{s:04d}-b{b:03d}-k{k}-{kind}.npy")
+            rows = [trajectory_final[targets].clamp(-1, 1),
+                    torch.from_numpy(np.stack([np.load(name(b, "top")) for b in targets])),
+                    torch.from_numpy(np.stack([np.load(name(b, "random")) for b in targets]))]
+            image_grid_png(os.path.join(out, "plots", f"audit_s{s}_k{k}.png"), rows,
+                           ["original", f"−top {k}", f"−random {k}"], [f"target {b}" for b in targets],
+                           title=f"retrain without top-k vs random, restart at step {s} (t={traj.timestep_at(s)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu", threads: int = 0,
+        progress: bool = True, audit: bool = True) -> dict:
+    from diffusion_trak.api import featurize
+    from diffusion_trak.data import load_dataset
+    from diffusion_trak.train import train_ddpm
+
+    from .audit import run_audit
+    from .baselines import train_encoder
+    from .groundtruth import TargetSet, measure_models
+    from .retrain import benchmark_stacked, final_checkpoint, train_models
+    from .subsets import model_seed, subset_masks
+
+    torch.set_num_threads(threads or cfg.threads)
+    _check_config(out, cfg, overwrite)
+    timer = Timer(os.path.join(out, "timing.json"))
+    t_start = time.perf_counter()
+    train = load_dataset(cfg.data)
+    heldout = load_dataset(cfg.heldout)
+    if len(heldout) < cfg.num_heldout:
+        raise UserError(f"the held-out set has {len(heldout)} images, fewer than num_heldout={cfg.num_heldout}")
+    heldout = heldout.subset(np.arange(cfg.num_heldout))
+    N = len(train)
+    steps = sorted(set(cfg.lds_steps) | set(cfg.audit_steps))
+    pos = {s: steps.index(s) for s in steps}
+
+    with timer.stage("train attributed model"):
+        ckpts = train_ddpm(train, cfg.train, os.path.join(out, "attributed"), progress=progress, device=device)
+        final = final_checkpoint(os.path.join(out, "attributed"), cfg.train)
+    with timer.stage("generate targets"):
+        traj = _trajectory(cfg, out, final, device)
+    with timer.stage("featurize training set"):
+        features = featurize(ckpts, train, cfg.featurize, out=os.path.join(out, "features"), device=device,
+                             progress=progress)
+    with timer.stage("TRAK scores"):
+        trak = _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
+    with timer.stage("baselines"):
+        encoder = train_encoder(train.images, epochs=cfg.encoder_epochs, seed=cfg.train.seed,
+                                path=os.path.join(out, "baselines", "encoder.pt"))
+        tfeats = _target_features(cfg, out, ckpts, heldout, traj, steps, device)
+        lds_idx = [pos[s] for s in cfg.lds_steps]
+        base = _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
+    scores = {}
+    for sname in ("generated", "heldout"):
+        scores[sname] = {}
+        for m in cfg.methods:
+            v = trak[sname] if m == "trak" else base[sname][m]
+            scores[sname][m] = np.asarray(v)[lds_idx]
+
+    masks = subset_masks(N, cfg.num_models, cfg.alpha, cfg.subset_seed)
+    sub_dir = os.path.join(out, "subsets")
+    os.makedirs(sub_dir, exist_ok=True)
+    np.save(os.path.join(sub_dir, "masks.npy"), masks)
+    seeds = [model_seed(cfg.train.seed, m, cfg.seed_mode) for m in range(cfg.num_models)]
+    speed_path = os.path.join(out, "speedup.json")
+    speedup = json.load(open(speed_path)) if os.path.exists(speed_path) else None
+    with timer.stage("train subset models"):
+        if speedup is None:
+            k = min(cfg.stack_size, cfg.num_models)
+            speedup = benchmark_stacked(train, cfg.train, [np.flatnonzero(masks[m]) for m in range(k)], seeds[:k],
+                                        steps=3, device=device)
+            write_json_atomic(speed_path, speedup)
+        print(f"[retrain] stacked training of {speedup['models']} models on {speedup['device']}: "
+              f"{speedup['stacked_s']:.3f} s/step vs {speedup['sequential_s']:.3f} s one at a time "
+              f"-> speed-up x{speedup['speedup']:.2f}", flush=True)
+        run_dirs = train_models(train, cfg.train, masks, sub_dir, seeds, method=cfg.train_method,
+                                stack_size=cfg.stack_size, device=device, progress=progress)
+        sub_ckpts = [final_checkpoint(d, cfg.train) for d in run_dirs]
+    with timer.stage("ground truth"):
+        sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
+                "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps,
+                                                 [traj.timestep_at(s) for s in cfg.lds_steps], "heldout")}
+        n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
+        gt = {s: measure_models(sub_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
+                                os.path.join(out, "groundtruth", s), {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha},
+                                device=device, progress=progress)
+              for s, ts in sets.items()}
+    with timer.stage("LDS"):
+        tables = _lds_tables(cfg, scores, masks, gt)
+        acceptance = _acceptance(tables, cfg)
+        write_json_atomic(os.path.join(out, "lds.json"), {"steps": list(cfg.lds_steps),
+                                                          "timesteps": [traj.timestep_at(s) for s in cfg.lds_steps],
+                                                          "tables": tables, "acceptance": acceptance})
+    audit_res = None
+    if audit and cfg.audit_targets > 0 and cfg.audit_steps:
+        with timer.stage("retrain without top-k"):
+            audit_res = run_audit(train, cfg.train, traj, final,
+                                  {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
+                                  list(range(cfg.audit_targets)), cfg.audit_ks, os.path.join(out, "audit"),
+                                  encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
+                                  stack_size=cfg.stack_size, device=device, progress=progress)
+    with timer.stage("report"):
+        _plots(cfg, out, tables, traj, audit_res, traj.final)
+        path = _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)
+    total = time.perf_counter() - t_start
+    timer.data["last_invocation_s"] = total
+    write_json_atomic(timer.path, timer.data)
+    _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)
+    print(f"[run] done in {total:.0f} s; report: {path}", flush=True)
+    return {"tables": tables, "acceptance": acceptance, "audit": audit_res, "speedup": speedup, "report": path}
+
+
+def main(argv=None) -> int:
+    from diffusion_trak.data import DataError
+    from diffusion_trak.store import StoreError
+
+    p = argparse.ArgumentParser(prog="python -m evaluations.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help=f"benchmark config: {', '.join(sorted(CONFIGS))}, or a config.json file")
+    p.add_argument("--out", required=True, help="run folder (rerunning the same command resumes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the config's)")
+    p.add_argument("--no-audit", action="store_true", help="skip the retrain-without-top-k audit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    ns = p.parse_args(argv)
+    try:
+        if ns.config.endswith(".json"):
+            with open(ns.config) as f:
+                cfg = EvalConfig.from_dict(json.load(f))
+        else:
+            cfg = get_config(ns.config)
+        run(cfg, ns.out, ns.overwrite, ns.device, ns.threads, not ns.quiet, not ns.no_audit)
+    except (UserError, DataError, StoreError) as e:
+        print(f"evaluations.run: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
