@@ -13,8 +13,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import distributed
 from .config import FeaturizeArgs, ScoreArgs, asdict
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, write_json_atomic
@@ -33,6 +34,23 @@ def as_checkpoints(checkpoints, device="cpu") -> List[Checkpoint]:
     if not out:
         raise InputError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
     return out
+
+
+def check_finite(images: torch.Tensor, what: str = "dataset") -> None:
+    if not torch.isfinite(images).all():
+        bad = (~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).nonzero().reshape(-1)[:5].tolist()
+        raise NonFiniteError(f"NaN/Inf in the {what} at rows {bad}; clean or drop those images")
+
+
+def check_timesteps(ckpts, expected: Optional[int] = None, what: str = "the features") -> int:
+    """All schedulers must share one ``num_train_timesteps`` (and match ``expected``)."""
+    counts = sorted({int(s.config.num_train_timesteps) for _, s in ckpts})
+    if len(counts) > 1:
+        raise InputError(f"checkpoints disagree on num_train_timesteps {counts}; use schedulers with the same number")
+    if expected is not None and counts[0] != expected:
+        raise InputError(f"scheduler has num_train_timesteps={counts[0]} but {what} used {expected}; "
+                         f"load the scheduler the model was trained with")
+    return counts[0]
 
 
 def check_compatible(unet, scheduler, dataset) -> None:
@@ -75,6 +93,8 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         raise InputError("dataset is empty; check --classes/--limit")
     for unet, sched in ckpts:
         check_compatible(unet, sched, dataset)
+    check_finite(dataset.images)
+    check_timesteps(ckpts)
     featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
     settings = {
         "featurize": asdict(args),
@@ -84,14 +104,22 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         "checkpoints": [model_fingerprint(u) for u, _ in ckpts],
         "num_train_timesteps": [int(s.config.num_train_timesteps) for _, s in ckpts],
     }
-    store = Store(out, settings, overwrite=overwrite)
-    names = []
-    for c, f in enumerate(featurizers):
-        name = f"features_{c:02d}"
-        arr = store.array(name, (len(dataset), args.proj_dim))
-        f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress, rows=rows,
+    dist = distributed.state()
+    names = [f"features_{c:02d}" for c in range(len(featurizers))]
+    with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
+        store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
+    mine = distributed.shard_rows(len(dataset), args.batch_size)
+    if rows is not None:
+        mine = np.intersect1d(mine, np.asarray(rows))
+    for c, (f, arr) in enumerate(zip(featurizers, arrays)):
+        f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
                             desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
-        names.append(name)
+    dist.wait_for_everyone()
+    if rows is None:
+        missing = [n for n, a in zip(names, arrays) if not a.complete()]
+        if missing:
+            raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names)
 
 
@@ -148,17 +176,24 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
+    check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
     fargs = FeaturizeArgs(**fset["featurize"])
     featurizers = [Featurizer(u, s, fargs, device) for u, s in ckpts]
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]
+        check_timesteps(ckpts, int(trajectory.scheduler_config.get("num_train_timesteps", fset["num_train_timesteps"][0])),
+                        "the trajectory's scheduler")
         for s in steps:
-            trajectory.step_of(s)  # fails early, naming the recorded steps
+            try:
+                trajectory.step_of(s)
+            except ValueError as e:  # names the recorded steps and the fix
+                raise InputError(str(e)) from None
         timesteps = [int(trajectory.timesteps[s]) for s in steps]
         key = _target_key(trajectory.final)
         make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
     elif images is not None:
+        check_finite(images, "target images")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
         make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)

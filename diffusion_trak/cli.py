@@ -79,7 +79,10 @@ def _device(ns):
 
 
 def _say(msg):
-    print(msg, flush=True)
+    from . import distributed
+
+    if distributed.state().is_main_process:
+        print(msg, flush=True)
 
 
 # ---------------------------------------------------------------- commands
@@ -303,9 +306,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         ns.func(ns)
     except UserError as e:
-        print(f"diffusion-trak {ns.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
         print(f"diffusion-trak {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class InputError(UserError, ValueError):
     """Inputs that do not fit the model or the store (shapes, channels, steps, empty data)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """NaN or Inf in inputs or gradients."""

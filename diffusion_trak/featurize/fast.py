@@ -159,22 +159,16 @@ class FastGradientSketch:
                 self._add(*layer.slots["bias"], gw.sum(1, dtype=torch.float32))
         elif isinstance(mod, nn.Conv2d):
             self._conv(layer, x, g, B, T)
-        elif isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
-            x = x.float()
-            if isinstance(mod, nn.GroupNorm):
-                xhat = F.group_norm(x, mod.num_groups, eps=mod.eps)
-                C = x.shape[1]
-                gf = g.float().reshape(B, T, C, -1).transpose(1, 2).reshape(B, C, -1)
-                xf = xhat.reshape(B, T, C, -1).transpose(1, 2).reshape(B, C, -1)
-            else:
-                shape = mod.normalized_shape
-                xhat = F.layer_norm(x, shape, eps=mod.eps)
-                gf = g.float().reshape(B, -1, *shape)
-                xf = xhat.reshape(B, -1, *shape)
+        elif isinstance(mod, nn.GroupNorm):
+            self._group_norm(layer, x, g, B, T)
+        elif isinstance(mod, nn.LayerNorm):
+            shape = tuple(mod.normalized_shape)
+            xhat = F.layer_norm(x.float(), shape, eps=mod.eps)
+            gf = g.float().reshape(B, -1, *shape)
             if "weight" in layer.slots:
-                self._add(*layer.slots["weight"], (gf * xf).sum(1 if isinstance(mod, nn.LayerNorm) else -1))
+                self._add(*layer.slots["weight"], (gf * xhat.reshape(gf.shape)).sum(1))
             if "bias" in layer.slots:
-                self._add(*layer.slots["bias"], gf.sum(1 if isinstance(mod, nn.LayerNorm) else -1))
+                self._add(*layer.slots["bias"], gf.sum(1))
         elif isinstance(mod, nn.Embedding):
             lo, n = layer.slots["weight"]
             D = mod.embedding_dim
@@ -186,30 +180,45 @@ class FastGradientSketch:
             self.projector.add_scattered_(self._out, coords, gv)
         return None
 
-    def _conv(self, layer: _Layer, x, g, B, T):
+    def _group_norm(self, layer: _Layer, x, g, B, T):
+        """Σ g·x̂ per channel from per-row group statistics: x̂ = (x - μ_group) · rstd_group, so
+        Σ_pos g x̂ = rstd · (Σ_pos g x - μ Σ_pos g); no normalised copy of the input is formed."""
         mod = layer.module
-        N, O = g.shape[:2]
-        L = g.shape[2] * g.shape[3]
+        N, C = x.shape[:2]
+        G = mod.num_groups
+        gf = g.float().reshape(N, C, -1)
+        gs = gf.sum(-1)  # (N, C)
+        if "weight" in layer.slots:
+            xf = x.float().reshape(N, C, -1)
+            var, mean = torch.var_mean(xf.reshape(N, G, -1), dim=-1, correction=0)
+            rstd = (var + mod.eps).rsqrt()
+            gx = torch.einsum("ncl,ncl->nc", gf, xf)
+            per = (gx.reshape(N, G, -1) - mean.unsqueeze(-1) * gs.reshape(N, G, -1)) * rstd.unsqueeze(-1)
+            self._add(*layer.slots["weight"], per.reshape(B, T, C).sum(1))
+        if "bias" in layer.slots:
+            self._add(*layer.slots["bias"], gs.reshape(B, T, C).sum(1))
+
+    def _conv(self, layer: _Layer, x, g, B, T):
+        """Per-example Conv2d gradients: the convolution weight-gradient kernel run on each example's T rows
+        (it sums over those rows and all positions), so no unfolded patches are ever formed."""
+        mod = layer.module
+        O = g.shape[1]
         if "weight" in layer.slots:
             if mod.padding_mode != "zeros":
                 x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
-                padding = 0
+                padding = (0, 0)
             else:
-                padding = 0 if mod.padding == "valid" else mod.padding
-            kh, kw = mod.kernel_size
-            if (kh, kw) == (1, 1) and mod.stride == (1, 1) and padding in ((0, 0), 0):
-                a = x.reshape(N, x.shape[1], -1)
-            else:
-                a = F.unfold(x, (kh, kw), dilation=mod.dilation, padding=padding, stride=mod.stride)
-            a = a.to(g.dtype)
-            G = mod.groups
-            Ik = a.shape[1] // G
-            # (B, T, G, ., L) -> (B·G, ., T·L): one batched matmul over examples (and groups)
-            gg = g.reshape(B, T, G, O // G, L).permute(0, 2, 3, 1, 4).reshape(B * G, O // G, T * L)
-            aa = a.reshape(B, T, G, Ik, L).permute(0, 2, 1, 4, 3).reshape(B * G, T * L, Ik)
-            self._add(*layer.slots["weight"], torch.bmm(gg, aa))
+                padding = (0, 0) if mod.padding == "valid" else mod.padding
+            x = x.to(g.dtype)
+            w = mod.weight.detach().to(g.dtype)
+            gw = torch.empty(B, *w.shape, device=g.device, dtype=g.dtype)
+            for i in range(B):
+                gw[i] = torch.ops.aten.convolution_backward(
+                    g[i * T:(i + 1) * T], x[i * T:(i + 1) * T], w, None, list(mod.stride), list(padding),
+                    list(mod.dilation), False, [0, 0], mod.groups, [False, True, False])[1]
+            self._add(*layer.slots["weight"], gw)
         if "bias" in layer.slots:
-            self._add(*layer.slots["bias"], g.reshape(B, T, O, L).sum((1, 3), dtype=torch.float32))
+            self._add(*layer.slots["bias"], g.reshape(B * T, O, -1).sum(-1, dtype=torch.float32).reshape(B, T, O).sum(1))
 
     # -- main ----------------------------------------------------------------------------------------
     @contextlib.contextmanager

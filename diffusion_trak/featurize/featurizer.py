@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import FeaturizeArgs
+from ..errors import NonFiniteError
 from .gradients import num_parameters, per_sample_gradients, use_vmap_friendly_attention
 from .projectors import make_projector
 
@@ -80,7 +81,8 @@ class Featurizer:
             c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
             g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
             if not torch.isfinite(g).all():
-                raise FloatingPointError("NaN/Inf in per-example gradients; check the inputs and the checkpoint for NaN")
+                raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
+                                     "(retrain with a lower learning rate) and the inputs for NaN")
             out.append(self.projector(g).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.args.proj_dim)
 
