@@ -181,22 +181,15 @@ class FastGradientSketch:
         return None
 
     def _group_norm(self, layer: _Layer, x, g, B, T):
-        """Σ g·x̂ per channel from per-row group statistics: x̂ = (x - μ_group) · rstd_group, so
-        Σ_pos g x̂ = rstd · (Σ_pos g x - μ Σ_pos g); no normalised copy of the input is formed."""
+        """weight: Σ_pos g·x̂ per channel (x̂ the normalised input, recomputed); bias: Σ_pos g."""
         mod = layer.module
         N, C = x.shape[:2]
-        G = mod.num_groups
         gf = g.float().reshape(N, C, -1)
-        gs = gf.sum(-1)  # (N, C)
         if "weight" in layer.slots:
-            xf = x.float().reshape(N, C, -1)
-            var, mean = torch.var_mean(xf.reshape(N, G, -1), dim=-1, correction=0)
-            rstd = (var + mod.eps).rsqrt()
-            gx = torch.einsum("ncl,ncl->nc", gf, xf)
-            per = (gx.reshape(N, G, -1) - mean.unsqueeze(-1) * gs.reshape(N, G, -1)) * rstd.unsqueeze(-1)
-            self._add(*layer.slots["weight"], per.reshape(B, T, C).sum(1))
+            xhat = F.group_norm(x.float(), mod.num_groups, eps=mod.eps).reshape(N, C, -1)
+            self._add(*layer.slots["weight"], (gf * xhat).sum(-1).reshape(B, T, C).sum(1))
         if "bias" in layer.slots:
-            self._add(*layer.slots["bias"], gs.reshape(B, T, C).sum(1))
+            self._add(*layer.slots["bias"], gf.sum(-1).reshape(B, T, C).sum(1))
 
     def _conv(self, layer: _Layer, x, g, B, T):
         """Per-example Conv2d gradients: the convolution weight-gradient kernel run on each example's T rows
