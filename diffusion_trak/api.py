@@ -36,6 +36,10 @@ def as_checkpoints(checkpoints, device="cpu") -> List[Checkpoint]:
     return out
 
 
+def is_class_conditional(unet) -> bool:
+    return getattr(unet, "class_embedding", None) is not None
+
+
 def check_finite(images: torch.Tensor, what: str = "dataset") -> None:
     if not torch.isfinite(images).all():
         bad = (~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).nonzero().reshape(-1)[:5].tolist()
@@ -95,6 +99,10 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         check_compatible(unet, sched, dataset)
     check_finite(dataset.images)
     check_timesteps(ckpts)
+    if cond_fn is None and is_class_conditional(ckpts[0][0]):
+        if dataset.labels is None:
+            raise InputError("the model is class-conditional but the dataset has no labels; use a labelled dataset")
+        cond_fn = lambda rows: {"class_labels": dataset.labels[torch.as_tensor(rows)]}
     featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
     settings = {
         "featurize": asdict(args),
@@ -226,7 +234,10 @@ def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, 
     image's own index ranks first among all training examples, and the positions used."""
     g = np.random.default_rng(seed)
     pos = np.sort(g.choice(len(dataset), size=min(num, len(dataset)), replace=False))
+    cond = None
+    if dataset.labels is not None and is_class_conditional(as_checkpoints(checkpoints[:1], device)[0][0]):
+        cond = {"class_labels": dataset.labels[torch.as_tensor(pos)]}
     sc = score(features, checkpoints, dataset.indices.numpy(), args, images=dataset.images[pos],
-               image_timesteps=[timestep], device=device, progress=False)
+               image_timesteps=[timestep], device=device, progress=False, cond=cond)
     best = sc.values[0].argmax(axis=1)
     return float((best == pos).mean()), pos

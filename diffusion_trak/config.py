@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
+FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
 
 
 def asdict(obj) -> dict:
@@ -89,7 +90,14 @@ class FeaturizeArgs:
         seed: seeds the projection and every example's timesteps and noises. The draws of
             example ``i`` depend only on ``(seed, i)``, never on batch or shard.
         batch_size: examples per vmap batch (memory ≈ batch_size × T activations + batch_size × p).
-        method: ``vmap`` (per-sample gradients with ``torch.func``).
+        method: ``vmap`` (per-sample gradients with ``torch.func``, then ``projector``) or ``fast``
+            (:mod:`diffusion_trak.featurize.fast`: all batch × T pairs in one batched forward/backward,
+            exact per-layer per-example gradients from hooks, sketched layer by layer with a seeded
+            CountSketch; never forms the p-dimensional gradient nor a p × k matrix; same gradient as
+            ``vmap``, another JL matrix with the same inner-product variance). ``fast_tf32`` (CUDA only)
+            and ``fast_bf16`` are the same with TF32 matmuls or bf16 autocast (faster on GPUs, less
+            exact). The fast methods need ``projector`` ``auto`` or ``countsketch``; ``countsketch``
+            with ``vmap`` gives the same features as ``fast`` up to float rounding.
     """
 
     num_timesteps: int = 10
@@ -106,6 +114,8 @@ class FeaturizeArgs:
             raise ValueError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
         if self.num_timesteps < 1 or self.proj_dim < 1:
             raise ValueError("num_timesteps and proj_dim must be positive")
+        if self.method not in FEATURIZE_METHODS:
+            raise ValueError(f"method must be one of {FEATURIZE_METHODS}, got {self.method!r}")
 
 
 @dataclass

@@ -256,11 +256,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     # -- helpers --------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Short sha256 hex digest of the image bytes, shape and stable indices."""
+        """Short sha256 hex digest of the image bytes, shape, stable indices and labels."""
         h = hashlib.sha256()
         h.update(repr(tuple(self.images.shape)).encode())
         h.update(self.images.detach().cpu().contiguous().numpy().tobytes())
         h.update(self.indices.detach().cpu().numpy().astype("<i8").tobytes())
+        if self.labels is not None:
+            h.update(b"labels")
+            h.update(self.labels.detach().cpu().numpy().astype("<i8").tobytes())
         return h.hexdigest()[:16]
 
     def subset(self, positions: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "ImageDataset":

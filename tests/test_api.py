@@ -80,3 +80,18 @@ def test_self_attribution_above_half(tmp_path):
     print(f"self-attribution rate: {rate:.2f}")
     assert len(pos) == 50
     assert rate > 0.5
+
+
+def test_class_conditional_features_use_labels(tmp_path, scheduler):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=10)
+    data = load_dataset(name="digits", limit=8)
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8)
+    a = api.featurize([(unet, scheduler)], data, args, str(tmp_path / "a"), progress=False).arrays[0]
+    relabelled = type(data)(data.images, (data.labels + 1) % 10, data.indices)
+    b = api.featurize([(unet, scheduler)], relabelled, args, str(tmp_path / "b"), progress=False).arrays[0]
+    assert not np.allclose(a, b)  # the labels reach the model

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..config import FeaturizeArgs
 from ..errors import NonFiniteError
 from .gradients import num_parameters, per_sample_gradients, use_vmap_friendly_attention
-from .projectors import make_projector
+from .projectors import ProjectorError, make_projector
 
 
 def seed_for(*parts: int) -> int:
@@ -63,7 +63,19 @@ class Featurizer:
         use_vmap_friendly_attention(self.model)
         self.scheduler, self.args = scheduler, args
         self.num_params = num_parameters(self.model)
-        self.projector = make_projector(args.projector, self.num_params, args.proj_dim, args.seed, self.device)
+        self.fast = None
+        if args.method.startswith("fast"):  # per-layer hooks + CountSketch, see featurize/fast.py
+            from .fast import FastGradientSketch
+            if args.projector not in ("auto", "countsketch"):
+                raise ProjectorError(f"method={args.method} uses its own sparse JL projector; use projector auto or countsketch")
+            precision = {"fast": "fp32", "fast_tf32": "tf32", "fast_bf16": "bf16"}[args.method]
+            self.fast = FastGradientSketch(self.model, scheduler, args.proj_dim, args.seed, self.device, precision)
+            self.projector = self.fast.projector
+        elif args.projector == "countsketch":
+            from .sketch import CountSketchProjector
+            self.projector = CountSketchProjector(self.num_params, args.proj_dim, args.seed, self.device)
+        else:
+            self.projector = make_projector(args.projector, self.num_params, args.proj_dim, args.seed, self.device)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -79,6 +91,10 @@ class Featurizer:
         bs = self.args.batch_size
         for i in range(0, x0.shape[0], bs):
             c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
+            if self.fast is not None:
+                out.append(self.fast.features(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], output or self.args.output,
+                                              c, cond_per_timestep).cpu())
+                continue
             g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
             if not torch.isfinite(g).all():
                 raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
