@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from evaluations.audit import plan, removed_positions, resolve_k, summarize
+
+
+def test_resolve_k():
+    assert resolve_k(5, 100) == 5
+    assert resolve_k(0.1, 600) == 60
+    for bad in (0, 100, 0.0001):
+        with pytest.raises(ValueError):
+            resolve_k(bad, 100)
+
+
+def test_removed_positions():
+    s = np.array([0.1, 5.0, -1.0, 3.0, 2.0])
+    assert removed_positions(s, 2, "top", 0).tolist() == [1, 3]
+    r = removed_positions(s, 3, "random", 7)
+    assert len(set(r.tolist())) == 3 and r.tolist() == removed_positions(s, 3, "random", 7).tolist()
+
+
+def test_plan_cases():
+    rng = np.random.default_rng(0)
+    scores = {10: rng.standard_normal((4, 50)), 20: rng.standard_normal((4, 50))}
+    cases = plan(scores, targets=[0, 2], ks=[3, 0.1], n=50, seed=0)
+    assert len(cases) == 2 * 2 * 2 * 2
+    assert len({c.name for c in cases}) == len(cases)
+    top = [c for c in cases if c.step == 10 and c.target == 2 and c.k == 5 and c.kind == "top"][0]
+    assert sorted(top.removed.tolist()) == sorted(np.argsort(-scores[10][2])[:5].tolist())
+
+
+def test_summarize_paired():
+    rows = []
+    for b, (t, r) in enumerate([(2.0, 1.0), (3.0, 1.5), (1.0, 2.0), (4.0, 0.5)]):
+        rows.append({"step": 5, "timestep": 500, "target": b, "k": 3, "kind": "top", "pixel_l2": t})
+        rows.append({"step": 5, "timestep": 500, "target": b, "k": 3, "kind": "random", "pixel_l2": r})
+    (s,) = summarize(rows)
+    assert s["top_wins"] == 0.75 and s["num_targets"] == 4
+    assert s["top_quartiles"][1] == pytest.approx(2.5) and s["random_quartiles"][1] == pytest.approx(1.25)
+    assert 0 < s["wilcoxon_p_greater"] < 1

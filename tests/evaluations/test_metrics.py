@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from evaluations.metrics import (bootstrap_ci, cosine_distance, l2_distance, lds, lds_ceiling, neg_l2_similarity,
+                                 quartiles, spearman, spearman_brown, split_half, subset_sums)
+
+
+def test_lds_hand_computed():
+    # one target, four training examples, three models
+    scores = np.array([[1.0, 2.0, 0.0, -1.0]])
+    masks = np.array([[1, 1, 0, 0],    # subset sum 3
+                      [0, 1, 1, 0],    # subset sum 2
+                      [1, 0, 0, 1]],   # subset sum 0
+                     dtype=bool)
+    outputs = np.array([[0.1], [0.5], [0.3]])  # losses; -loss = [-0.1, -0.5, -0.3]
+    # ranks of the sums: [3, 2, 1]; ranks of -loss: [3, 1, 2]; d = [0, 1, -1]
+    # Spearman = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 24 = 0.5
+    assert subset_sums(scores, masks)[:, 0].tolist() == [3.0, 2.0, 0.0]
+    np.testing.assert_allclose(lds(scores, masks, outputs), [0.5])
+
+
+def test_lds_sign_convention():
+    rng = np.random.default_rng(0)
+    n, M = 30, 20
+    scores = rng.standard_normal((2, n))
+    masks = rng.random((M, n)) < 0.5
+    sums = subset_sums(scores, masks)
+    # a loss that falls as the proponents in the subset add up: perfect LDS of +1
+    np.testing.assert_allclose(lds(scores, masks, -sums), [1.0, 1.0])
+    np.testing.assert_allclose(lds(-scores, masks, -sums), [-1.0, -1.0])
+
+
+def test_spearman_matches_scipy_with_ties():
+    a = np.array([1, 2, 2, 3, 5, 5, 5, 0.5])
+    b = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).correlation)
+    assert np.isnan(spearman(np.ones(4), np.arange(4)))
+
+
+def test_lds_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        lds(np.zeros((2, 5)), np.zeros((3, 4), dtype=bool), np.zeros((3, 2)))
+    with pytest.raises(ValueError):
+        lds(np.zeros((2, 5)), np.zeros((3, 5)), np.zeros((3, 2)))  # masks not boolean
+    with pytest.raises(ValueError):
+        lds(np.zeros((2, 5)), np.zeros((3, 5), dtype=bool), np.zeros((2, 3)))
+
+
+def test_bootstrap_ci():
+    v = np.array([0.1, 0.2, 0.3, 0.4, np.nan])
+    mean, lo, hi = bootstrap_ci(v, n_boot=500, seed=3)
+    assert mean == pytest.approx(0.25)
+    assert 0.1 <= lo < mean < hi <= 0.4
+    assert bootstrap_ci(v, n_boot=500, seed=3) == (mean, lo, hi)
+    assert all(np.isnan(bootstrap_ci([np.nan])))
+
+
+def test_split_half_and_ceiling():
+    rng = np.random.default_rng(1)
+    truth = rng.standard_normal((40, 3))
+    a = truth + 0.01 * rng.standard_normal(truth.shape)
+    b = truth + 0.01 * rng.standard_normal(truth.shape)
+    r = split_half(a, b)
+    assert (r > 0.99).all()
+    assert spearman_brown(0.5) == pytest.approx(2 / 3)
+    assert lds_ceiling(0.5) == pytest.approx(np.sqrt(2 / 3))
+    assert lds_ceiling(-0.2) == 0.0
+
+
+def test_distances():
+    a = np.zeros((2, 1, 2, 2))
+    b = np.ones((2, 1, 2, 2))
+    np.testing.assert_allclose(l2_distance(a, b), [2.0, 2.0])
+    np.testing.assert_allclose(cosine_distance(b, 2 * b), [0.0, 0.0], atol=1e-12)
+    q = np.array([[0.0, 0.0], [3.0, 4.0]])
+    k = np.array([[0.0, 0.0], [3.0, 0.0]])
+    np.testing.assert_allclose(neg_l2_similarity(q, k), [[0, -3], [-5, -4]])
+    assert quartiles([1, 2, 3, 4, 5]) == (2.0, 3.0, 4.0)
