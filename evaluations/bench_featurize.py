@@ -1,0 +1,445 @@
+"""Featurization benchmark: the reference recipe against the fast path, in one process.
+
+    python -m evaluations.bench_featurize                      # ~1.1M UNet, 16×16, k=2048, T=10 and T=1
+    python -m evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
+    python -m evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
+    python -m evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
+
+Paths, all on the same model, rows, draws and k:
+
+- ``plain``: one batched forward + backward of the summed DDPM loss over the B × T rows (parameter
+  gradients, no per-sample work): the practical ceiling.
+- ``reference``: :class:`~diffusion_trak.featurize.featurizer.Featurizer` with ``method="vmap"``: per-example
+  ``vmap(grad)`` of the mean over T, a ``B × p`` buffer, then one dense Rademacher projection per example
+  (fast_jl when usable — CUDA only —, otherwise the torch projector with its ``p × k`` matrix cached
+  in memory; the benchmark raises the cache limit so that it is cached whenever it fits in RAM).
+- ``fast``: the same Featurizer with ``method="fast"`` (:mod:`diffusion_trak.featurize.fast`).
+
+Throughput is in example-timesteps per second (B·T / seconds per batch), the median of ``--repeats``
+timed batches after one warm-up batch (the fast path's one-time self-check and the reference matrix
+generation happen in the warm-up). Peak memory is the process's peak resident set (``VmHWM``, reset
+through ``/proc/self/clear_refs`` before each path, freed heap returned with ``malloc_trim``) minus the
+resident set before the path's objects were built; on CUDA it is ``torch.cuda.max_memory_allocated``.
+
+Fidelity (``--fidelity``): a small UNet (280k parameters, 8×8 digits; trained here in a minute, or
+``--checkpoint``) with ``--fid-train`` training rows and ``--fid-targets`` held-out rows as targets
+(features with the same T draws). Exact TRAK scores come from the full per-example gradients in dual
+form, ``S = K_qt (K_tt + λI)⁻¹`` with ``K = G Gᵀ`` (equal to the primal ``Ψ(ΦᵀΦ + λI)⁻¹Φᵀ`` by the
+push-through identity) and ``λ = ridge·tr(K_tt)/k`` (the λ that the projected scores use, in
+expectation). Dense JL (reference) and fast features go through the project's own ``TRAKScorer``.
+Reported: Spearman correlation with exact, per target row averaged over targets (and over all pairs),
+mean ± sd over ``--fid-seeds`` projection seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
+from diffusion_trak.featurize.featurizer import Featurizer, example_draws
+from diffusion_trak.featurize.gradients import num_parameters
+from diffusion_trak.featurize.projectors import TorchProjector
+from diffusion_trak.outputs import output_value
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _status(key: str) -> int:
+    """A /proc/self/status field in bytes (0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a block above the resident memory at ``start()``."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def start(self):
+        _trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = _status("VmRSS")
+        return self
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status("VmHWM") - self.base
+
+
+# --------------------------------------------------------------------------------------------- models
+def small_unet(channels=1, size=16):
+    """~1.1M parameters: block_out_channels (32, 64, 64), attention in the middle down and up blocks."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(32, 64, 64),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       attention_head_dim=None)
+
+
+def cifar_unet():
+    """The DDPM CIFAR-10 configuration (google/ddpm-cifar10-32): 35.7M parameters, 32×32×3."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+                       attention_head_dim=None)
+
+
+def rows_for(B, T, shape, seed=0):
+    """Digits images (resized) when they match the shape, otherwise seeded random images; draws per example."""
+    C, H, W = shape
+    x0 = None
+    if C == 1:
+        try:
+            from diffusion_trak.data import load_dataset
+
+            x0 = load_dataset(name="digits", image_size=H, limit=B).images
+        except Exception:  # noqa: BLE001 - any data problem: random images are as good for timing
+            x0 = None
+    if x0 is None:
+        x0 = torch.rand(B, C, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    args = FeaturizeArgs(num_timesteps=T, seed=seed)
+    draws = [example_draws(i, args, 1000, shape) for i in range(B)]
+    return x0, torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def reference_featurizer(model, scheduler, k, device, cache_limit_gb):
+    """Featurizer(method=vmap) with fast_jl on CUDA when usable, else the dense torch projector, cached if it fits."""
+    fz = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, projector="auto", method="vmap", batch_size=10 ** 9), device)
+    if isinstance(fz.projector, TorchProjector):
+        p = fz.num_params
+        need = p * k * 4
+        avail = _available_bytes(device)
+        if need <= min(cache_limit_gb * 2 ** 30, 0.8 * avail):
+            fz.projector = TorchProjector(p, k, 0, device=device, cache_bytes=need)
+    return fz
+
+
+def _available_bytes(device):
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    return _meminfo("MemAvailable")
+
+
+def _meminfo(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, paths=("plain", "fast", "reference"),
+                     proj_slice_rows=0):
+    """Example-timesteps/s, peak memory and fractions of plain fwd+bwd for each path."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    model = model.to(device).eval()
+    x0, ts, ns = rows_for(B, T, shape)
+    x0, ts, ns = x0.to(device), ts.to(device), ns.to(device)
+    res = {"B": B, "T": T, "k": k, "p": num_parameters(model)}
+    fns, mems = {}, {}
+
+    if "plain" in paths:
+        xs = x0.unsqueeze(1).expand(B, T, *shape).reshape(B * T, *shape)
+
+        def plain():
+            model.zero_grad(set_to_none=True)
+            (output_value(model, scheduler, xs, ts.reshape(-1), ns.reshape(B * T, *shape)).sum() / T).backward()
+        fns["plain"] = plain
+
+    if "fast" in paths:
+        mem = PeakMemory(device).start()
+        fast = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, method="fast", batch_size=B), device)
+        fast.features(x0, ts, ns)  # warm-up + one-time self-check
+        fns["fast"] = lambda: fast.features(x0, ts, ns)
+        mems["fast_setup"] = mem.peak()
+
+    if "reference" in paths:
+        mem = PeakMemory(device).start()
+        ref = reference_featurizer(model, scheduler, k, device, cache_limit_gb)
+        res["reference_projector"] = f"{ref.projector.name}" + (" (cached)" if getattr(ref.projector, "cache", True) else " (uncached, generated per batch)")
+        if proj_slice_rows:
+            # the p×k matrix cannot be cached: time vmap gradients, and a cached projection on a slice of
+            # rows extrapolated linearly to p (a lower bound on the reference's time)
+            res["reference_projector"] = f"vmap gradients measured + cached dense projection extrapolated from {proj_slice_rows} of {res['p']} rows"
+            sl = TorchProjector(proj_slice_rows, k, 0, device=device, cache_bytes=proj_slice_rows * k * 4 + 1)
+            holder = {}
+
+            def ref_grads():
+                holder["g"] = ref.gradients(x0, ts, ns)
+
+            def proj_slice():
+                sl(holder["g"][:, :proj_slice_rows])
+            ref_grads()
+            proj_slice()
+            fns["reference_grads"] = ref_grads
+            fns["reference_proj_slice"] = proj_slice
+        else:
+            ref.features(x0, ts, ns)  # warm-up: generates (and caches) the projection matrix
+            fns["reference"] = lambda: ref.features(x0, ts, ns)
+        mems["reference_setup"] = mem.peak()
+
+    # peak memory of one call of each path (after its warm-up)
+    for name, fn in fns.items():
+        mem = PeakMemory(device).start()
+        fn()
+        mems[name] = mem.peak()
+    # timing: alternate paths, median over repeats
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    if "reference_grads" in med:
+        med["reference"] = med.pop("reference_grads") + med.pop("reference_proj_slice") * res["p"] / proj_slice_rows
+        mems["reference"] = mems.pop("reference_grads") + res["p"] * k * 4  # + the matrix it would cache
+        mems.pop("reference_proj_slice", None)
+    for name, t in med.items():
+        res[f"{name}_s_per_batch"] = t
+        res[f"{name}_throughput"] = B * T / t
+        if name in mems:
+            res[f"{name}_peak_mb"] = mems[name] / 2 ** 20
+    for name in ("fast", "reference"):
+        if f"{name}_setup" in mems:
+            res[f"{name}_peak_incl_setup_mb"] = max(mems[f"{name}_setup"], mems.get(name, 0)) / 2 ** 20
+    if "fast" in med and "reference" in med:
+        res["fast_over_reference"] = med["reference"] / med["fast"]
+    if "plain" in med:
+        for name in ("fast", "reference"):
+            if name in med:
+                res[f"{name}_fraction_of_plain"] = med["plain"] / med[name]
+    res["repeats"] = repeats
+    return res
+
+
+def print_throughput(title, r):
+    print(f"\n== {title}: p = {r['p']:,}, B = {r['B']} examples × T = {r['T']}, k = {r['k']}")
+    if "reference_projector" in r:
+        print(f"   reference projector: {r['reference_projector']}")
+    print(f"   {'path':<10} {'ex-timesteps/s':>15} {'s/batch':>9} {'peak MB':>9} {'peak incl. setup':>17} {'of plain':>9}")
+    for name in ("plain", "reference", "fast"):
+        if f"{name}_throughput" not in r:
+            continue
+        frac = r.get(f"{name}_fraction_of_plain")
+        setup = r.get(f"{name}_peak_incl_setup_mb")
+        print(f"   {name:<10} {r[f'{name}_throughput']:>15.1f} {r[f'{name}_s_per_batch']:>9.3f} "
+              f"{r.get(f'{name}_peak_mb', float('nan')):>9.0f} {setup if setup is not None else float('nan'):>17.0f} "
+              f"{(f'{100 * frac:.0f}%') if frac else '':>9}")
+    if "fast_over_reference" in r:
+        print(f"   fast / reference throughput: {r['fast_over_reference']:.2f}×")
+
+
+# --------------------------------------------------------------------------------------------- fidelity
+def _spearman_rows(a, b):
+    from scipy.stats import rankdata
+
+    ra = np.apply_along_axis(rankdata, 1, a)
+    rb = np.apply_along_axis(rankdata, 1, b)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    return float(np.mean((ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))))
+
+
+def _spearman_all(a, b):
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.ravel(), b.ravel())[0])
+
+
+def fidelity_checkpoint(workdir, n_train, epochs, progress):
+    from diffusion_trak.data import load_dataset
+    from diffusion_trak.train import list_checkpoints, train_ddpm
+
+    ds = load_dataset(name="digits", split="train", limit=n_train)
+    args = TrainArgs(block_out_channels=(16, 32, 32), attention_levels=(1,), epochs=epochs, batch_size=64,
+                     num_checkpoints=1, learning_rate=2e-3, seed=0)
+    train_ddpm(ds, args, workdir, progress=progress)
+    return list_checkpoints(workdir)[-1]
+
+
+def exact_dual_scores(G_train, G_tgt, ridge, k):
+    """Exact TRAK scores from full gradients in dual form, with λ = ridge·tr(GGᵀ)/k."""
+    Gt = torch.as_tensor(G_train, dtype=torch.float64)
+    Gq = torch.as_tensor(G_tgt, dtype=torch.float64)
+    K = Gt @ Gt.T
+    lam = ridge * float(torch.diagonal(K).sum()) / k
+    K.diagonal().add_(lam)
+    Kq = Gq @ Gt.T
+    return torch.linalg.solve(K, Kq.T).T.numpy(), lam
+
+
+def bench_fidelity(checkpoint, n_train, n_targets, k, T, seeds, ridge, progress=True):
+    from diffusion_trak.data import load_dataset
+    from diffusion_trak.score import TRAKScorer
+    from diffusion_trak.train import load_checkpoint
+
+    unet, sched = load_checkpoint(checkpoint)
+    train = load_dataset(name="digits", split="train", limit=n_train)
+    tgt = load_dataset(name="digits", split="test", limit=n_targets)
+    shape = tuple(train.images.shape[1:])
+    fargs = FeaturizeArgs(num_timesteps=T, proj_dim=k, seed=0)
+
+    def draws(ds, offset):
+        d = [example_draws(int(i) + offset, fargs, int(sched.config.num_train_timesteps), shape) for i in ds.indices]
+        return torch.stack([x[0] for x in d]), torch.stack([x[1] for x in d])
+    tr_t, tr_n = draws(train, 0)
+    tg_t, tg_n = draws(tgt, 10 ** 6)
+    ref = Featurizer(unet, sched, FeaturizeArgs(num_timesteps=T, proj_dim=k, method="vmap", batch_size=32), "cpu")
+    t0 = time.perf_counter()
+    G_train = torch.cat([ref.gradients(train.images[i:i + 32], tr_t[i:i + 32], tr_n[i:i + 32]) for i in range(0, n_train, 32)])
+    G_tgt = torch.cat([ref.gradients(tgt.images[i:i + 32], tg_t[i:i + 32], tg_n[i:i + 32]) for i in range(0, n_targets, 32)])
+    print(f"   exact per-example gradients: {tuple(G_train.shape)} + {tuple(G_tgt.shape)} in {time.perf_counter() - t0:.1f}s")
+    exact, lam = exact_dual_scores(G_train, G_tgt, ridge, k)
+    out = {"p": G_train.shape[1], "n_train": n_train, "n_targets": n_targets, "k": k, "T": T, "ridge": ridge,
+           "lambda": lam, "seeds": list(seeds), "dense": [], "fast": [], "dense_all": [], "fast_all": []}
+    for seed in seeds:
+        P = TorchProjector(G_train.shape[1], k, seed)
+        phi_d, psi_d = P(G_train).numpy(), P(G_tgt).numpy()
+        fz = Featurizer(unet, sched, FeaturizeArgs(num_timesteps=T, proj_dim=k, seed=seed, method="fast", batch_size=32), "cpu")
+        phi_f = fz.features(train.images, tr_t, tr_n).numpy()
+        psi_f = fz.features(tgt.images, tg_t, tg_n).numpy()
+        # the fast features are the CountSketch of the very same gradients
+        cs = fz.projector(G_train).numpy()
+        out.setdefault("fast_vs_sketch_of_exact_rel_err", []).append(float(np.linalg.norm(phi_f - cs) / np.linalg.norm(cs)))
+        for name, (phi, psi) in (("dense", (phi_d, psi_d)), ("fast", (phi_f, psi_f))):
+            s = TRAKScorer([phi], ridge).score([psi])
+            out[name].append(_spearman_rows(s, exact))
+            out[name + "_all"].append(_spearman_all(s, exact))
+        print(f"   seed {seed}: Spearman vs exact (per target) dense JL {out['dense'][-1]:.3f}, fast {out['fast'][-1]:.3f}")
+    for name in ("dense", "fast", "dense_all", "fast_all"):
+        v = out[name]
+        out[name + "_mean"] = float(np.mean(v))
+        out[name + "_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    out["gap"] = out["dense_mean"] - out["fast_mean"]
+    return out
+
+
+def print_fidelity(r):
+    print(f"\n== fidelity: trained UNet p = {r['p']:,}, {r['n_train']} training rows, {r['n_targets']} held-out targets, "
+          f"T = {r['T']}, k = {r['k']}, ridge {r['ridge']} (λ = {r['lambda']:.3g}), {len(r['seeds'])} projection seeds")
+    print(f"   Spearman with exact-gradient TRAK scores, per target (mean ± sd over seeds):")
+    print(f"     dense JL (reference) {r['dense_mean']:.3f} ± {r['dense_sd']:.3f}   (all pairs {r['dense_all_mean']:.3f})")
+    print(f"     fast (CountSketch)   {r['fast_mean']:.3f} ± {r['fast_sd']:.3f}   (all pairs {r['fast_all_mean']:.3f})")
+    print(f"     dense − fast: {r['gap']:+.3f} (target: ≤ 0.03); fast features vs CountSketch of exact gradients: "
+          f"rel. error {max(r['fast_vs_sketch_of_exact_rel_err']):.1e}")
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared machine, multi-threaded OpenMP stalls on busy cores)")
+    ap.add_argument("--batch", type=int, default=16, help="examples per batch for the ~1M UNet")
+    ap.add_argument("--timesteps", type=int, nargs="+", default=[10, 1], help="T values to benchmark")
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-limit-gb", type=float, default=16.0, help="largest reference matrix to cache in memory")
+    ap.add_argument("--cifar", action="store_true", help="also the DDPM CIFAR-10 UNet (36M parameters)")
+    ap.add_argument("--cifar-batch", type=int, default=0, help="examples per batch for CIFAR (default 4 on CPU, 16 on GPU)")
+    ap.add_argument("--cifar-slice-rows", type=int, default=1 << 18,
+                    help="CPU: rows of the p×k matrix to time the projection on (extrapolated to p)")
+    ap.add_argument("--skip-small", action="store_true", help="skip the ~1M UNet throughput benchmark")
+    ap.add_argument("--fidelity", action="store_true", help="also the fidelity check (trains a small UNet unless --checkpoint)")
+    ap.add_argument("--only-fidelity", action="store_true")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder for the fidelity check")
+    ap.add_argument("--workdir", default="runs/bench_featurize", help="where the fidelity UNet is trained (resumable)")
+    ap.add_argument("--fid-train", type=int, default=448)
+    ap.add_argument("--fid-targets", type=int, default=64)
+    ap.add_argument("--fid-epochs", type=int, default=150)
+    ap.add_argument("--fid-T", type=int, default=10)
+    ap.add_argument("--fid-seeds", type=int, default=3)
+    ap.add_argument("--ridge", type=float, default=ScoreArgs().ridge)
+    ap.add_argument("--json", default=None, help="write all figures to this JSON file")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} (other jobs on the machine make figures noisy)")
+    results = {"device": a.device, "threads": torch.get_num_threads()}
+    if not (a.only_fidelity or a.skip_small):
+        for T in a.timesteps:
+            r = bench_throughput(small_unet(), (1, 16, 16), a.batch, T, a.k, a.device, a.repeats, a.cache_limit_gb)
+            print_throughput(f"~1M UNet 16×16, T = {T}", r)
+            results[f"small_T{T}"] = r
+            _trim()
+    if a.cifar and not a.only_fidelity:
+        on_gpu = torch.device(a.device).type == "cuda"
+        B = a.cifar_batch or (16 if on_gpu else 4)
+        for T in a.timesteps:
+            r = bench_throughput(cifar_unet(), (3, 32, 32), B, T, a.k, a.device, max(1, a.repeats - 1), a.cache_limit_gb,
+                                 proj_slice_rows=0 if on_gpu else a.cifar_slice_rows)
+            print_throughput(f"DDPM CIFAR-10 UNet 32×32, T = {T}", r)
+            results[f"cifar_T{T}"] = r
+            _trim()
+    if a.fidelity or a.only_fidelity:
+        ckpt = a.checkpoint or fidelity_checkpoint(a.workdir, a.fid_train, a.fid_epochs, progress=True)
+        r = bench_fidelity(ckpt, a.fid_train, a.fid_targets, a.k, a.fid_T, range(a.fid_seeds), a.ridge)
+        r["checkpoint"] = ckpt
+        print_fidelity(r)
+        results["fidelity"] = r
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
