@@ -1,7 +1,9 @@
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tiny models run fastest single-threaded, and CI machines are small and shared.
 torch.set_num_threads(int(os.environ.get("DIFFUSION_TRAK_TEST_THREADS", "1")))
