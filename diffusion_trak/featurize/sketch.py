@@ -63,8 +63,9 @@ class CountSketchProjector(Projector):
             for j, lo in enumerate(range(0, self.p, BLOCK)):
                 n = min(BLOCK, self.p - lo)
                 g = torch.Generator().manual_seed(_block_seed(self.seed, j, r))
-                buckets[r, lo:lo + n] = torch.randint(0, self.k, (n,), generator=g, dtype=torch.int32)
-                signs[r, lo:lo + n] = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1)
+                # whole blocks are drawn, so coordinate j's bucket and sign do not depend on p
+                buckets[r, lo:lo + n] = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)[:n]
+                signs[r, lo:lo + n] = (torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8) * 2 - 1)[:n]
         self.buckets = buckets.to(self.device)
         self.signs = signs.to(self.device)
 

@@ -1,0 +1,191 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion_trak.config import FeaturizeArgs
+from diffusion_trak.featurize.fast import FastGradientSketch, FastPathError
+from diffusion_trak.featurize.featurizer import Featurizer
+from diffusion_trak.featurize.gradients import per_sample_gradients, use_vmap_friendly_attention
+from diffusion_trak.featurize.projectors import ProjectorError, TorchProjector
+from diffusion_trak.score import trak_scores
+
+
+def _draws(B, T, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, *shape, generator=g) * 2 - 1, torch.randint(0, 1000, (B, T), generator=g),
+            torch.randn(B, T, *shape, generator=g))
+
+
+def _perturb(model, scale=0.05):
+    """Random init leaves norm weights at 1 and biases at 0; move them so every gradient formula is exercised."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_fast_is_countsketch_of_the_reference_gradient(tiny_unet, scheduler):
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(4, 3, (1, 8, 8))
+    fast = FastGradientSketch(model, scheduler, k=128, seed=3)
+    got = fast.features(x0, ts, ns)
+    use_vmap_friendly_attention(model)
+    want = fast.projector(per_sample_gradients(model, scheduler, x0, ts, ns))
+    assert got.shape == (4, 128)
+    assert _rel(got, want) < 1e-5
+    # parameters are left as they were: trainable, no .grad
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_fast_class_labels_and_other_outputs(scheduler):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = _perturb(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=None, num_class_embeds=3))
+    x0, ts, ns = _draws(3, 2, (1, 8, 8), seed=1)
+    cond = {"class_labels": torch.tensor([2, 0, 2])}
+    fast = FastGradientSketch(model, scheduler, k=64, seed=0, nnz=2)
+    use_vmap_friendly_attention(model)
+    for output in ("loss", "sqnorm"):
+        got = fast.features(x0, ts, ns, output, cond)
+        want = fast.projector(per_sample_gradients(model, scheduler, x0, ts, ns, output, cond))
+        assert _rel(got, want) < 1e-5
+
+
+def test_fast_text_unet_with_conditioning_per_timestep(scheduler):
+    """Cross-attention, LayerNorm, GEGLU: a UNet2DConditionModel with one caption embedding per timestep."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = _perturb(UNet2DConditionModel(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4))
+    assert any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    x0, ts, ns = _draws(2, 2, (2, 8, 8), seed=2)
+    cond = {"encoder_hidden_states": torch.randn(2, 2, 5, 12, generator=torch.Generator().manual_seed(0))}
+    fast = FastGradientSketch(model, scheduler, k=64, seed=1)
+    got = fast.features(x0, ts, ns, "loss", cond, cond_per_timestep=True)
+    use_vmap_friendly_attention(model)
+    want = fast.projector(per_sample_gradients(model, scheduler, x0, ts, ns, "loss", cond, cond_per_timestep=True))
+    assert _rel(got, want) < 1e-5
+
+
+def test_featurizer_fast_equals_vmap_with_countsketch(tiny_unet, scheduler):
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(5, 2, (1, 8, 8), seed=4)
+    fast = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, method="fast", batch_size=2))
+    ref = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, projector="countsketch", batch_size=3))
+    assert fast.projector.name == ref.projector.name == "countsketch"
+    assert _rel(fast.features(x0, ts, ns), ref.features(x0, ts, ns)) < 1e-5
+    with pytest.raises(ProjectorError, match="projector auto or countsketch"):
+        Featurizer(model, scheduler, FeaturizeArgs(method="fast", projector="torch"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        FeaturizeArgs(method="fastest")
+
+
+def test_projected_inner_products_within_the_stated_bound(tiny_unet, scheduler):
+    """|<Sg_i, Sg_j> − <g_i, g_j>| ≤ 4·sqrt((|g_i|²|g_j|² + <g_i,g_j>²)/k) for all but ≤ 1/16 of the pairs
+    (Chebyshev with the CountSketch variance), and the error is of the size the bound predicts."""
+    model = _perturb(tiny_unet)
+    n, k = 12, 1024
+    x0, ts, ns = _draws(n, 2, (1, 8, 8), seed=5)
+    fast = FastGradientSketch(model, scheduler, k=k, seed=0)
+    f = fast.features(x0, ts, ns).double()
+    use_vmap_friendly_attention(model)
+    g = per_sample_gradients(model, scheduler, x0, ts, ns).double()
+    exact, got = g @ g.T, f @ f.T
+    sq = torch.diagonal(exact)
+    sd = ((sq[:, None] * sq[None, :] + exact ** 2) / k).sqrt()
+    err = (got - exact).abs()
+    iu = torch.triu_indices(n, n)
+    assert (err > 4 * sd)[iu[0], iu[1]].float().mean() <= 1 / 16
+    # not vacuous: the typical error is a sizeable fraction of the bound's standard deviation
+    assert 0.1 < float((err / sd)[iu[0], iu[1]].mean()) < 2.0
+
+
+def test_top10_proponents_identical_to_reference(tiny_unet, scheduler):
+    """Toy case with a known answer: 40 training rows, 10 of them near-copies of the target image with the
+    target's (t, noise) draws, 30 unrelated. Exact-gradient scores, the reference path (vmap + dense
+    Rademacher) and the fast path all put exactly the 10 near-copies on top."""
+    model = _perturb(tiny_unet)
+    n, k = 40, 2048
+    g = torch.Generator().manual_seed(0)
+    x0, ts, ns = _draws(n, 2, (1, 8, 8), seed=6)
+    xq, tq, nq = _draws(1, 2, (1, 8, 8), seed=7)
+    near = torch.arange(3, 40, 4)
+    x0[near] = xq + 0.05 * torch.randn(10, 1, 8, 8, generator=g)
+    ts[near], ns[near] = tq, nq
+    fast = FastGradientSketch(model, scheduler, k=k, seed=0)
+    phi_f, psi_f = fast.features(x0, ts, ns), fast.features(xq, tq, nq)
+    use_vmap_friendly_attention(model)
+    G, Q = per_sample_gradients(model, scheduler, x0, ts, ns).double(), per_sample_gradients(model, scheduler, xq, tq, nq).double()
+    P = TorchProjector(G.shape[1], k, 0)
+    ridge = 0.1
+    K = G @ G.T
+    s_exact = torch.linalg.solve(K + ridge * torch.trace(K) / k * torch.eye(n), G @ Q.T).T.numpy()  # dual form
+    s_fast = trak_scores([phi_f.numpy()], [psi_f.numpy()], ridge=ridge)
+    s_ref = trak_scores([P(G.float()).numpy()], [P(Q.float()).numpy()], ridge=ridge)
+    top = lambda s: set(np.argsort(-s[0])[:10].tolist())
+    assert top(s_exact) == set(near.tolist())
+    assert top(s_fast) == top(s_ref) == top(s_exact)
+    # and the fast scores track the exact ones closely over all rows
+    assert np.corrcoef(s_fast[0], s_exact[0])[0, 1] > 0.95
+
+
+def test_bf16_close_and_tf32_needs_cuda(tiny_unet, scheduler):
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(3, 2, (1, 8, 8), seed=8)
+    fp32 = FastGradientSketch(model, scheduler, k=256, seed=0).features(x0, ts, ns)
+    bf16 = FastGradientSketch(model, scheduler, k=256, seed=0, precision="bf16").features(x0, ts, ns)
+    assert _rel(bf16, fp32) < 0.1
+    if not torch.cuda.is_available():
+        with pytest.raises(FastPathError, match="tf32 needs a CUDA device"):
+            FastGradientSketch(model, scheduler, k=8, precision="tf32")
+
+
+class _Toy(nn.Module):
+    """A minimal 'UNet': conv → (optionally) a free parameter or a weight used outside its module's forward."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 1, 1)
+        if mode == "free":
+            self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, t):
+        h = self.conv(x)
+        if self.mode == "free":
+            h = h * self.scale
+        if self.mode == "functional":  # bypasses self.head's forward: hooks never see it
+            return (F.conv2d(h, self.head.weight, self.head.bias),)
+        return (self.head(h),)
+
+
+def test_uncovered_parameters_are_refused_at_construction(scheduler):
+    with pytest.raises(FastPathError, match="cannot cover 1 trainable parameters \\(scale\\)"):
+        FastGradientSketch(_Toy("free"), scheduler, k=8)
+    FastGradientSketch(_Toy("plain"), scheduler, k=8)  # all covered
+
+
+def test_self_check_catches_weights_used_outside_forward(scheduler):
+    x0, ts, ns = _draws(2, 2, (1, 4, 4))
+    ok = FastGradientSketch(_Toy("plain"), scheduler, k=16)
+    ok.features(x0, ts, ns)
+    bad = FastGradientSketch(_Toy("functional"), scheduler, k=16)
+    with pytest.raises(FastPathError, match="self-check failed"):
+        bad.features(x0, ts, ns)
