@@ -10,16 +10,41 @@ Positive scores are proponents (training examples whose up-weighting lowers the 
 output, i.e. the loss), negative ones opponents. No other rescaling is applied: the
 out-to-loss term Q of TRAK's classification version is 1 for diffusion outputs.
 
-Memory: the k × k kernel per checkpoint, plus one block of targets × all training rows.
-Training features may be memmaps; they are read in blocks of ``block_size`` rows.
+Memory: :meth:`TRAKScorer.score` returns the whole (m × n) matrix. :meth:`TRAKScorer.score_into`
+is bounded independently of n and m: per checkpoint the k × k factor and a block of target weights,
+plus one (target block × ``block_size``) block of scores, written straight into the memmap of a
+:class:`~diffusion_trak.store.StoredArray`. Training features may be memmaps; they are read in blocks
+of ``block_size`` rows, and the pages of memmaps that were read or written are dropped from the
+process's resident set after each block (they stay on disk / in the page cache), so resident memory
+does not grow with the number of training rows either (``evaluations/bench_scoring.py`` measures it).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import mmap
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+
+def release_pages(array) -> None:
+    """Drop the pages of a numpy memmap from this process's resident set (``MADV_DONTNEED``; the data stays
+    in the file and the page cache, and is read back on the next access). No-op for in-memory arrays."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
+
+
+def _f64(rows) -> torch.Tensor:
+    """Rows of an array or (read-only) memmap as a float64 tensor (never written to)."""
+    a = np.asarray(rows, dtype=np.float64)
+    return torch.from_numpy(a if a.flags.writeable and a is not rows else a.copy())
 
 
 def kernel(features, block_size: int = 4096) -> torch.Tensor:
@@ -27,8 +52,9 @@ def kernel(features, block_size: int = 4096) -> torch.Tensor:
     n, k = features.shape
     G = torch.zeros(k, k, dtype=torch.float64)
     for i in range(0, n, block_size):
-        b = torch.as_tensor(np.asarray(features[i:i + block_size]), dtype=torch.float64)
+        b = _f64(features[i:i + block_size])
         G.addmm_(b.T, b)
+        release_pages(features)
     return G
 
 
@@ -60,7 +86,7 @@ class TRAKScorer:
 
     def weights(self, c: int, target_features) -> torch.Tensor:
         """``Ψ_c (Φ_cᵀΦ_c + λI)⁻¹``: (m × k), float64."""
-        psi = torch.as_tensor(np.asarray(target_features), dtype=torch.float64)
+        psi = _f64(target_features)
         return torch.cholesky_solve(psi.T, self.chol[c]).T
 
     def score(self, target_features: Sequence, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -71,24 +97,57 @@ class TRAKScorer:
         m = target_features[0].shape[0]
         out = np.zeros((m, self.n), dtype=np.float32) if out is None else out
         W = [self.weights(c, psi) for c, psi in enumerate(target_features)]
-        C = len(W)
         for i in range(0, self.n, self.block_size):
-            acc = torch.zeros(m, min(self.block_size, self.n - i), dtype=torch.float64)
-            for c, phi in enumerate(self.train_features):
-                b = torch.as_tensor(np.asarray(phi[i:i + self.block_size]), dtype=torch.float64)
-                acc.addmm_(W[c], b.T)
-            out[:, i:i + acc.shape[1]] = (acc / C).numpy()
+            acc = self._block(W, i)
+            out[:, i:i + acc.shape[1]] = acc.numpy()
         return out
 
+    def _block(self, W, i: int) -> torch.Tensor:
+        """Scores of the weighted targets ``W`` (per checkpoint, r × k) against training rows ``i … i+block_size``."""
+        acc = None
+        for c, phi in enumerate(self.train_features):
+            b = _f64(phi[i:i + self.block_size])
+            acc = W[c] @ b.T if acc is None else acc.addmm_(W[c], b.T)
+            release_pages(phi)
+        return acc / len(self.train_features)
+
     def score_into(self, target_features: Sequence, stored, target_block: int = 0, progress: bool = True):
-        """Stream scores into a :class:`~diffusion_trak.store.StoredArray` of shape (m, n), one block of
-        target rows at a time (resumable: finished blocks are skipped). Memory: ``target_block × n``."""
+        """Stream scores into a :class:`~diffusion_trak.store.StoredArray` of shape (m, n).
+
+        Targets go in blocks of ``target_block`` rows (default ``min(m, 2048)``), training rows in blocks of
+        ``block_size``; each (target block × training block) of scores is written into the memmap at once,
+        and a target row is marked done once all its training blocks are written (resumable: finished
+        target rows are skipped). Memory: ``target_block × (block_size + C·k)`` float64 plus one training
+        block, whatever n and m; every pass over the training features serves ``target_block`` targets.
+        """
+        from .store import StoreError
+
+        if len(target_features) != len(self.train_features):
+            raise ValueError(f"got target features for {len(target_features)} checkpoints, "
+                             f"training features for {len(self.train_features)}")
         m = target_features[0].shape[0]
-        target_block = target_block or max(1, min(m, (64 * 2**20) // (8 * self.n)))
+        if tuple(stored.shape) != (m, self.n):
+            raise ValueError(f"score array is {tuple(stored.shape)}, expected {(m, self.n)}")
+        target_block = target_block or max(1, min(m, 2048))
         todo = stored.pending()
-        for i in tqdm(range(0, len(todo), target_block), desc="score", disable=not progress):
-            rows = todo[i:i + target_block]
-            stored.write(rows, self.score([np.asarray(t[rows]) for t in target_features]))
+        data = stored.data
+        for s in tqdm(range(0, len(todo), target_block), desc="score", disable=not progress):
+            rows = todo[s:s + target_block]
+            contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1
+            W = [self.weights(c, np.asarray(t[rows])) for c, t in enumerate(target_features)]
+            for i in range(0, self.n, self.block_size):
+                block = self._block(W, i).numpy().astype(data.dtype)
+                if not np.isfinite(block).all():
+                    raise StoreError(f"NaN/Inf scores for target rows {rows[:5].tolist()}...; check the features for NaN "
+                                     "(refeaturize with --overwrite) or raise --ridge")
+                if contiguous:
+                    data[rows[0]:rows[-1] + 1, i:i + block.shape[1]] = block
+                else:
+                    data[rows, i:i + block.shape[1]] = block
+            data.flush()
+            release_pages(data)
+            stored.done[rows] = True
+            stored.done.flush()
         return stored
 
 

@@ -44,6 +44,7 @@ def test_vmap_gradients_with_class_labels(scheduler):
     model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                         norm_num_groups=4, num_class_embeds=3).eval()
+    use_vmap_friendly_attention(model)
     x0, ts, ns = _draws(2, 3, (1, 8, 8), seed=1)
     cond = {"class_labels": torch.tensor([2, 0])}
     got = per_sample_gradients(model, scheduler, x0, ts, ns, "loss", cond)
