@@ -144,8 +144,8 @@ class TRAKScorer:
                     data[rows[0]:rows[-1] + 1, i:i + block.shape[1]] = block
                 else:
                     data[rows, i:i + block.shape[1]] = block
+                release_pages(data)  # written pages stay in the page cache, out of our resident set
             data.flush()
-            release_pages(data)
             stored.done[rows] = True
             stored.done.flush()
         return stored
