@@ -1,0 +1,59 @@
+"""The CLI end to end at tiny size: demo --quick, and the step-by-step commands."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_trak.cli import build_parser, main
+
+
+@pytest.mark.parametrize("cmd", ["train", "featurize", "generate", "score", "plot", "demo"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: diffusion-trak " + cmd in capsys.readouterr().out
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from diffusion_trak.demo import run_demo
+
+    out = str(tmp_path / "demo")
+    res = run_demo(out, quick=True)
+    printed = capsys.readouterr().out
+    for key in ("per-step plot:", "html page:", "scores:", "self-attribution:"):
+        assert key in printed
+    png = Image.open(res["png"])
+    assert png.size[0] > 300 and np.asarray(png.convert("L")).std() > 10
+    html = open(res["html"]).read()
+    assert html.count('<tr class="step"') == 3 and "data:image/png;base64," in html
+    scores = np.load(os.path.join(res["scores"], "scores.npy"))
+    summary = json.load(open(os.path.join(res["scores"], "scores.json")))
+    assert scores.shape == (3, 1, 64) and np.isfinite(scores).all() and np.abs(scores).sum() > 0
+    top = summary["top"][-1][0]["proponents"]
+    assert top[0]["score"] == pytest.approx(float(scores[-1, 0].max()), rel=1e-5)
+    assert top[0]["index"] == summary["train_indices"][int(scores[-1, 0].argmax())]
+    # rerunning the same demo resumes (nothing to recompute) and gives the same scores
+    res2 = run_demo(out, quick=True)
+    np.testing.assert_array_equal(np.load(os.path.join(res2["scores"], "scores.npy")), scores)
+
+
+def test_step_by_step_commands(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    common = ["--run", run, "--device", "cpu"]
+    assert main(["train", *common, "--data", "digits", "--limit", "40", "--epochs", "2", "--batch-size", "20",
+                 "--channels-per-level", "8", "16", "--num-checkpoints", "1"]) == 0
+    assert main(["featurize", *common, "-T", "2", "-k", "32"]) == 0
+    assert main(["generate", *common, "--steps", "6", "--num-record", "3", "--scheduler", "ddim"]) == 0
+    assert main(["score", *common, "-R", "2"]) == 0
+    assert main(["plot", *common]) == 0
+    out = capsys.readouterr().out
+    assert "per-step plot:" in out
+    scores = np.load(os.path.join(run, "scores", "seed-0", "scores.npy"))
+    assert scores.shape == (3, 1, 40)
+    assert os.path.getsize(os.path.join(run, "report", "seed-0.png")) > 1000
+    # changed settings over the existing store refuse with exit code 2
+    assert main(["featurize", *common, "-T", "3", "-k", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
