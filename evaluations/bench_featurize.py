@@ -32,12 +32,15 @@ mean ± sd over ``--fid-seeds`` projection seeds.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads stall on busy cores
+
 import argparse
 import ctypes
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time

@@ -133,9 +133,12 @@ class FastGradientSketch:
     def _add(self, lo, n, values):
         self.projector.add_(self._out, lo, values, self._cache(lo, n))
 
-    def _forward_hook(self, layer: _Layer, module, inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise FastPathError(f"module {layer.name} returned {type(output).__name__}; method=fast needs tensors")
+    def _forward_hook(self, layer: _Layer, module, inputs, kwargs, output):
+        if not inputs:
+            inputs = (kwargs.get("input"),)
+        if not isinstance(output, torch.Tensor) or not isinstance(inputs[0], torch.Tensor):
+            raise FastPathError(f"module {layer.name} was called without a tensor input or returned "
+                                f"{type(output).__name__}; use method=vmap for this model")
         replaced = None
         if not output.requires_grad:
             # nothing upstream needs a gradient (parameters are frozen): make the output a leaf
@@ -257,7 +260,8 @@ class FastGradientSketch:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
         self._BT = (B, T)
-        handles = [l.module.register_forward_hook(functools.partial(self._forward_hook, l)) for l in self.layers]
+        handles = [l.module.register_forward_hook(functools.partial(self._forward_hook, l), with_kwargs=True)
+                   for l in self.layers]
         try:
             for p in params:
                 p.requires_grad_(False)
