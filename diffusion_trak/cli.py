@@ -206,7 +206,7 @@ def cmd_demo(ns):
 
     if ns.latent:
         from .latent import run_latent_demo
-        return run_latent_demo(ns.out or "runs/demo-latent")
+        return run_latent_demo(ns.out or "runs/demo-latent", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite)
     return run_demo(ns.out or "runs/demo", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite)
 
 
