@@ -83,13 +83,13 @@ class VAEArgs:
     means), as Stable Diffusion's VAE does, so the latents the unet sees have unit variance.
     """
 
-    block_out_channels: tuple = (32, 64, 64)
+    block_out_channels: tuple = (16, 32, 32)
     latent_channels: int = 4
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 64
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     kl_weight: float = 1e-4
     seed: int = 0
 
@@ -692,7 +692,7 @@ class LatentDemoSettings:
     limit: Optional[int] = 1000
     image_size: int = 16
     vae: VAEArgs = field(default_factory=VAEArgs)
-    train: LatentTrainArgs = field(default_factory=LatentTrainArgs)
+    train: LatentTrainArgs = field(default_factory=lambda: LatentTrainArgs(block_out_channels=(16, 32), epochs=50))
     featurize: FeaturizeArgs = field(default_factory=lambda: FeaturizeArgs(
         num_timesteps=10, timestep_strategy="stratified", proj_dim=1024, batch_size=32))
     score: ScoreArgs = field(default_factory=lambda: ScoreArgs(num_noises=20))

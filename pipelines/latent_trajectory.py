@@ -303,6 +303,8 @@ class LatentTrajectoryPipeline(TrajectoryPipeline):
             batch_size = len(prompts)
         elif prompt_embeds is not None:
             batch_size = int(prompt_embeds.shape[0])
+        elif class_labels is not None and torch.as_tensor(class_labels).ndim > 0 and batch_size == 1:
+            batch_size = int(torch.as_tensor(class_labels).numel())  # one image per label
         device = self._execution_device
         dtype = self.unet.dtype
         use_text = prompts is not None or prompt_embeds is not None
