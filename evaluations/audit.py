@@ -5,8 +5,12 @@ For a generated target ``b`` and a step ``s`` of its recorded trajectory:
 1. remove the ``k`` training examples with the highest scores at step ``s`` (``k`` a count, or a
    fraction of the training set when ``0 < k < 1``), and, as the control, ``k`` examples drawn at
    random (seeded by the target, step and k);
-2. retrain with the attributed model's recipe and seed on what is left (both trainers of
-   :mod:`evaluations.retrain`);
+2. retrain with the attributed model's recipe and seed on what is left. ``mode="masked"`` (default)
+   replays the attributed model's own training run (same initialisation, batch order, timesteps
+   and noises, same number of steps) with the removed examples weighted 0, so the counterfactual
+   differs from the original *only* by the removal; ``mode="retrain"`` trains from scratch on the
+   remaining subset with :func:`~diffusion_trak.train.train_ddpm`'s recipe, which also reshuffles
+   every batch and so adds the chaos of SGD to the effect of the removal;
 3. restart the recorded trajectory at step ``s`` with the retrained UNet: same ``x_t``, same
    injected noise at every later step (:class:`pipelines.TrajectoryPipeline` ``start_from``);
 4. measure how far the new final image is from the original one, in pixel L2 (on images clamped to
@@ -35,6 +39,7 @@ from .metrics import l2_distance, quartiles
 from .retrain import final_checkpoint, train_models
 
 KINDS = ("top", "random")
+MODES = ("masked", "retrain")
 
 
 def resolve_k(k, n: int) -> int:
@@ -97,8 +102,11 @@ def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Te
 
 def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
-              method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True) -> dict:
+              method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
+              mode: str = "masked") -> dict:
     """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit.json``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
     from .baselines import embedding_distance
 
     n = len(dataset)
@@ -108,8 +116,9 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
     for j, c in enumerate(cases):
         masks[j, c.removed] = False
     names = [c.name for c in cases]
-    run_dirs = train_models(dataset, args, masks, os.path.join(out_dir, "models"), [args.seed] * len(cases),
-                            method=method, stack_size=stack_size, device=device, progress=progress, names=names)
+    run_dirs = train_models(dataset, args, masks, os.path.join(out_dir, f"models-{mode}"), [args.seed] * len(cases),
+                            method="stacked" if mode == "masked" else method, stack_size=stack_size, device=device,
+                            progress=progress, names=names, masked=(mode == "masked"))
     original = trajectory.final.float().clamp(-1, 1)
     # the restart with the attributed model itself must give back the original image
     check_path = os.path.join(out_dir, "restart_check.json")
@@ -120,7 +129,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
         write_json_atomic(check_path, {"max_abs_difference": err})
     with open(check_path) as f:
         restart_err = json.load(f)["max_abs_difference"]
-    regen_dir = os.path.join(out_dir, "regenerated")
+    regen_dir = os.path.join(out_dir, f"regenerated-{mode}")
     os.makedirs(regen_dir, exist_ok=True)
     images = {}
     for c, rd in tqdm(list(zip(cases, run_dirs)), desc="regenerate", disable=not progress):
@@ -139,8 +148,8 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
         if encoder is not None:
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])
         rows.append(row)
-    result = {"cases": rows, "summary": summarize(rows), "restart_check_max_abs": restart_err}
-    write_json_atomic(os.path.join(out_dir, "audit.json"), result)
+    result = {"mode": mode, "cases": rows, "summary": summarize(rows), "restart_check_max_abs": restart_err}
+    write_json_atomic(os.path.join(out_dir, f"audit-{mode}.json"), result)
     return result
 
 

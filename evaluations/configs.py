@@ -51,7 +51,9 @@ class EvalConfig:
         methods: attribution methods compared (:data:`METHODS`).
         encoder_epochs: epochs of the baseline autoencoder.
         audit_targets, audit_steps, audit_ks: retrain-without-top-k cases (k a count, or a fraction
-            of the training set when < 1); audit_seed seeds the random controls.
+            of the training set when < 1); audit_modes: ``masked`` (replay the attributed run with the
+            removed examples weighted 0) and/or ``retrain`` (train from scratch on what is left), see
+            :mod:`evaluations.audit`; audit_seed seeds the random controls.
         n_boot: bootstrap resamples for the confidence intervals.
         threads: ``torch.set_num_threads``.
     """
@@ -83,6 +85,7 @@ class EvalConfig:
     audit_targets: int = 8
     audit_steps: Tuple[int, ...] = (50,)
     audit_ks: Tuple[float, ...] = (0.1,)
+    audit_modes: Tuple[str, ...] = ("masked",)
     audit_seed: int = 0
     n_boot: int = 2000
     threads: int = 2
@@ -97,6 +100,9 @@ class EvalConfig:
         bad = [o for o in self.gt_outputs if o not in OUTPUT_KINDS]
         if bad:
             raise ConfigError(f"unknown ground-truth outputs {bad}; choose from {OUTPUT_KINDS}")
+        bad = [m for m in self.audit_modes if m not in ("masked", "retrain")]
+        if bad:
+            raise ConfigError(f"unknown audit modes {bad}; choose from ('masked', 'retrain')")
         if self.audit_targets > self.num_generated:
             raise ConfigError("audit_targets cannot exceed num_generated; lower audit_targets")
 

@@ -118,24 +118,38 @@ class StackedTrainer:
 
     Args:
         dataset: the full :class:`~diffusion_trak.data.ImageDataset`.
-        positions: one array of dataset positions per model (all of the same length).
+        positions: one array of dataset positions per model (all of the same length unless ``masked``).
         seeds: one training seed per model (``TrainArgs.seed`` of that model's run).
         args: the shared recipe (its ``seed`` is replaced per model).
         run_dirs: one ``train_ddpm``-format run folder per model.
+        masked: instead of training on ``dataset.subset(positions)`` (reshuffled), replay the
+            *full-dataset* run of that seed (same permutation, timesteps and noises, same number of
+            steps) with the examples outside ``positions`` given weight 0: each batch's loss is the
+            mean over its kept examples. With all positions kept this is ``train_ddpm`` on the full
+            dataset. It is the "same training run minus these examples" counterfactual, which holds
+            the training randomness fixed (used by the retrain-without-top-k audit).
     """
 
     def __init__(self, dataset, positions: Sequence[np.ndarray], seeds: Sequence[int], args: TrainArgs,
-                 run_dirs: Sequence[str], device="cpu"):
+                 run_dirs: Sequence[str], device="cpu", masked: bool = False):
         if not (len(positions) == len(seeds) == len(run_dirs)) or not positions:
             raise ValueError("give one positions array, seed and run folder per model")
         sizes = {len(p) for p in positions}
-        if len(sizes) != 1:
+        if len(sizes) != 1 and not masked:
             raise ValueError(f"stacked training needs equal-sized training sets, got sizes {sorted(sizes)}")
-        self.n = sizes.pop()
+        self.masked = bool(masked)
+        self.n = len(dataset) if masked else sizes.pop()
+        self.weights = None
+        self.fingerprint = dataset.fingerprint()
+        if masked:
+            w = torch.zeros(len(positions), len(dataset))
+            for m, p in enumerate(positions):
+                w[m, torch.as_tensor(np.asarray(p), dtype=torch.long)] = 1.0
+            self.weights = w
         self.device = torch.device(device)
         self.args, self.run_dirs = args, list(run_dirs)
         self.seeds = [int(s) for s in seeds]
-        self.subsets = [dataset.subset(p) for p in positions]
+        self.subsets = [dataset] * len(positions) if masked else [dataset.subset(p) for p in positions]
         self.shape = dataset.image_shape
         self.num_classes = None
         if args.class_conditional:
@@ -143,7 +157,7 @@ class StackedTrainer:
                 raise ValueError("class_conditional training needs a dataset with labels")
             self.num_classes = int(dataset.labels.max()) + 1
             # train_ddpm takes the class count from each subset's own labels; keep them consistent
-            for s in self.subsets:
+            for s in ([] if masked else self.subsets):
                 if int(s.labels.max()) + 1 != self.num_classes:
                     raise ValueError("a subset lacks the highest class label; use a larger alpha or stacked=False")
         self.M = len(self.subsets)
@@ -151,11 +165,18 @@ class StackedTrainer:
     def _model_args(self, m: int) -> TrainArgs:
         return replace(self.args, seed=self.seeds[m])
 
+    def _meta(self, m: int) -> dict:
+        if not self.masked:
+            return _run_meta(self.subsets[m], self._model_args(m))
+        kept = np.flatnonzero(self.weights[m].numpy())
+        return {"train": asdict(self._model_args(m)), "dataset": self.fingerprint, "num_examples": int(self.n),
+                "masked": {"num_kept": int(kept.size), "kept_sha": _sha(kept)}}
+
     def train(self, progress: bool = True) -> List[List[str]]:
         """Train (or resume) every model; return each model's checkpoint folders."""
         args = self.args
         for m in range(self.M):
-            _check_or_write_meta(self.run_dirs[m], _run_meta(self.subsets[m], self._model_args(m)))
+            _check_or_write_meta(self.run_dirs[m], self._meta(m))
         starts = {_last_epoch(d) for d in self.run_dirs}
         if len(starts) != 1:
             # models at different stages: resume each group separately
@@ -167,6 +188,7 @@ class StackedTrainer:
                 sub.subsets = [self.subsets[m] for m in ms]
                 sub.seeds = [self.seeds[m] for m in ms]
                 sub.run_dirs = [self.run_dirs[m] for m in ms]
+                sub.weights = self.weights[ms] if self.masked else None
                 sub.M = len(ms)
                 for m, r in zip(ms, sub.train(progress)):
                     out[m] = r
@@ -200,10 +222,13 @@ class StackedTrainer:
             opt.load_state_dict(_stack_optimizer_states([s["optimizer"] for s in states]))
             sched.load_state_dict(states[0]["lr_scheduler"])
 
-        def loss_one(p, b, x0, t, noise, cond):
-            return output_value(_Bound(base, {**p, **b}), scheduler, x0, t, noise, "loss", cond).mean()
+        def loss_one(p, b, x0, t, noise, cond, w):
+            per = output_value(_Bound(base, {**p, **b}), scheduler, x0, t, noise, "loss", cond)
+            if w is None:
+                return per.mean()
+            return (per * w).sum() / w.sum().clamp(min=1.0)
 
-        step_fn = vmap(loss_one, in_dims=(0, 0, 0, 0, 0, 0))
+        step_fn = vmap(loss_one, in_dims=(0, 0, 0, 0, 0, 0, 0 if self.masked else None))
         saves = checkpoint_epochs(args)
         T = args.num_train_timesteps
         bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=f"train {self.M} stacked",
@@ -217,7 +242,9 @@ class StackedTrainer:
                 noise = torch.stack([d[2] for d in draws]).to(self.device)
                 cond = ({"class_labels": torch.stack([s.labels[d[0]] for s, d in zip(self.subsets, draws)]).to(self.device)}
                         if self.num_classes else {})
-                losses = step_fn(params, buffers, x0, t, noise, cond)
+                w = (torch.stack([self.weights[m][d[0]] for m, d in enumerate(draws)]).to(self.device)
+                     if self.masked else None)
+                losses = step_fn(params, buffers, x0, t, noise, cond, w)
                 grads = torch.autograd.grad(losses.sum(), plist)
                 _clip_per_model_(grads, 1.0)
                 for p, g in zip(plist, grads):
@@ -244,6 +271,12 @@ class StackedTrainer:
             torch.save({"optimizer": _unstack_optimizer_state(state, m), "lr_scheduler": sched.state_dict(),
                         "epoch": epoch}, os.path.join(ck, "train_state.pt"))
             open(os.path.join(ck, "done"), "w").close()
+
+
+def _sha(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(a, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 def _clip_per_model_(grads: Sequence[torch.Tensor], max_norm: float) -> None:
@@ -284,14 +317,15 @@ def process_share(num_models: int, process_index: int = 0, num_processes: int = 
 def train_models(dataset, args: TrainArgs, masks: np.ndarray, out_dir: str, seeds: Sequence[int],
                  method: str = "auto", stack_size: int = 16, device: Optional[str] = None,
                  progress: bool = True, names: Optional[Sequence[str]] = None,
-                 models: Optional[Sequence[int]] = None) -> List[str]:
+                 models: Optional[Sequence[int]] = None, masked: bool = False) -> List[str]:
     """Train model ``m`` on ``dataset.subset(np.flatnonzero(masks[m]))`` with seed ``seeds[m]`` into
     ``out_dir/<names[m]>`` (default ``model-XXXX``), skipping finished models; returns every model's
     run folder. Under ``accelerate launch`` with several processes each process trains its share
     (:func:`process_share`) stacked on its own device, then waits for the others.
 
     ``method``: ``auto`` (stacked on CUDA or several processes, else sequential), ``sequential`` or
-    ``stacked``. ``models`` restricts the work to some model numbers."""
+    ``stacked``. ``models`` restricts the work to some model numbers. ``masked``: replay the full-dataset
+    run with the excluded examples weighted 0 (see :class:`StackedTrainer`; stacked only)."""
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; choose one of {METHODS}")
     from accelerate import PartialState
@@ -306,7 +340,9 @@ def train_models(dataset, args: TrainArgs, masks: np.ndarray, out_dir: str, seed
     todo = [m for m in todo if m in set(process_share(M, state.process_index, state.num_processes))]
     todo = [m for m in todo if not is_finished(run_dirs[m], args)]
     if method == "auto":
-        method = "stacked" if (dev.type == "cuda" or state.num_processes > 1) else "sequential"
+        method = "stacked" if (dev.type == "cuda" or state.num_processes > 1 or masked) else "sequential"
+    if masked and method != "stacked":
+        raise ValueError("masked training is done by the stacked trainer; use method='stacked' or 'auto'")
     if method == "sequential" and state.num_processes > 1:
         raise ValueError("sequential training cannot run under several processes; use method='stacked'")
     if todo:
@@ -320,14 +356,14 @@ def train_models(dataset, args: TrainArgs, masks: np.ndarray, out_dir: str, seed
             # stack models with equal subset sizes together, stack_size at a time
             by_size = {}
             for m in todo:
-                by_size.setdefault(int(masks[m].sum()), []).append(m)
+                by_size.setdefault(0 if masked else int(masks[m].sum()), []).append(m)
             for ms in by_size.values():
                 for i in range(0, len(ms), stack_size):
                     grp = ms[i:i + stack_size]
                     if progress:
                         print(f"[retrain] models {grp[0]}..{grp[-1]} ({len(grp)} stacked) on {dev}", flush=True)
                     StackedTrainer(dataset, [np.flatnonzero(masks[m]) for m in grp], [seeds[m] for m in grp], args,
-                                   [run_dirs[m] for m in grp], device=dev).train(progress)
+                                   [run_dirs[m] for m in grp], device=dev, masked=masked).train(progress)
     state.wait_for_everyone()
     return run_dirs
 

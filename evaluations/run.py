@@ -288,16 +288,20 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
         L += ["## Retrain without the top-k proponents", "",
               "Distance of the regenerated image (restart from x_t of the step, same noise) to the original; "
               "median [quartiles] over targets. `top wins` = fraction of targets where removing the top-k moved the "
-              "image more than removing k random examples; p = one-sided Wilcoxon signed-rank.", "",
-              f"Restart check (attributed model regenerates the original): max |Δ| = {audit['restart_check_max_abs']:.2e}", "",
-              "| step (t) | k | distance | top-k removed | k random removed | top wins | p |", "|---|---|---|---|---|---|---|"]
-        for s in audit["summary"]:
-            tq, rq = s["top_quartiles"], s["random_quartiles"]
-            L.append(f"| {s['step']} ({s['timestep']}) | {s['k']} | {s['metric']} | {tq[1]:.3f} [{tq[0]:.3f}, {tq[2]:.3f}] | "
-                     f"{rq[1]:.3f} [{rq[0]:.3f}, {rq[2]:.3f}] | {s['top_wins']:.2f} | {s['wilcoxon_p_greater']:.3g} |")
-        L.append("")
-        for s, k in sorted({(c["step"], c["k"]) for c in audit["cases"]}):
-            L += [f"![audit step {s} k {k}](plots/audit_s{s}_k{k}.png)", ""]
+              "image more than removing k random examples; p = one-sided Wilcoxon signed-rank. Modes: `masked` "
+              "replays the attributed model's training run with the removed examples weighted 0 (only the removal "
+              "differs); `retrain` trains from scratch on what is left (the removal plus reshuffled batches).", ""]
+        for mode, res in audit.items():
+            L += [f"### mode `{mode}`", "",
+                  f"Restart check (attributed model regenerates the original): max |Δ| = {res['restart_check_max_abs']:.2e}", "",
+                  "| step (t) | k | distance | top-k removed | k random removed | top wins | p |", "|---|---|---|---|---|---|---|"]
+            for s in res["summary"]:
+                tq, rq = s["top_quartiles"], s["random_quartiles"]
+                L.append(f"| {s['step']} ({s['timestep']}) | {s['k']} | {s['metric']} | {tq[1]:.3f} [{tq[0]:.3f}, {tq[2]:.3f}] | "
+                         f"{rq[1]:.3f} [{rq[0]:.3f}, {rq[2]:.3f}] | {s['top_wins']:.2f} | {s['wilcoxon_p_greater']:.3g} |")
+            L.append("")
+            for s, k in sorted({(c["step"], c["k"]) for c in res["cases"]}):
+                L += [f"![audit {mode} step {s} k {k}](plots/audit_{mode}_s{s}_k{k}.png)", ""]
     if timing:
         L += ["## Time", "", "| stage | seconds (the invocation that did the work) |", "|---|---|"]
         for k, v in timing.get("stages", {}).items():
@@ -344,17 +348,17 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
             series["max LDS (noise ceiling)"] = tuple(np.array([r[x] for r in e["ceiling"]]) for x in ("mean", "lo", "hi"))
             plot_lines(os.path.join(out, "plots", f"lds_{sname}_{kind}.png"), ts, series, xlabel="timestep t of the step",
                        ylabel="LDS (Spearman)", title=f"{cfg.name}: {SET_LABELS.get(sname, sname)}, {GT_LABELS.get(kind, kind)}")
-    if audit:
-        regen = os.path.join(out, "audit", "regenerated")
-        for s, k in sorted({(c["step"], c["k"]) for c in audit["cases"]}):
-            targets = sorted({c["target"] for c in audit["cases"] if c["step"] == s and c["k"] == k})
+    for mode, res in (audit or {}).items():
+        regen = os.path.join(out, "audit", f"regenerated-{mode}")
+        for s, k in sorted({(c["step"], c["k"]) for c in res["cases"]}):
+            targets = sorted({c["target"] for c in res["cases"] if c["step"] == s and c["k"] == k})
             name = lambda b, kind: os.path.join(regen, f"s{s:04d}-b{b:03d}-k{k}-{kind}.npy")
             rows = [trajectory_final[targets].clamp(-1, 1),
                     torch.from_numpy(np.stack([np.load(name(b, "top")) for b in targets])),
                     torch.from_numpy(np.stack([np.load(name(b, "random")) for b in targets]))]
-            image_grid_png(os.path.join(out, "plots", f"audit_s{s}_k{k}.png"), rows,
+            image_grid_png(os.path.join(out, "plots", f"audit_{mode}_s{s}_k{k}.png"), rows,
                            ["original", f"−top {k}", f"−random {k}"], [f"target {b}" for b in targets],
-                           title=f"retrain without top-k vs random, restart at step {s} (t={traj.timestep_at(s)})")
+                           title=f"{mode}: without top-k vs random k, restart at step {s} (t={traj.timestep_at(s)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,14 +448,15 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
         write_json_atomic(os.path.join(out, "lds.json"), {"steps": list(cfg.lds_steps),
                                                           "timesteps": [traj.timestep_at(s) for s in cfg.lds_steps],
                                                           "tables": tables, "acceptance": acceptance})
-    audit_res = None
+    audit_res = {}
     if audit and cfg.audit_targets > 0 and cfg.audit_steps:
-        with timer.stage("retrain without top-k"):
-            audit_res = run_audit(train, cfg.train, traj, final,
-                                  {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
-                                  list(range(cfg.audit_targets)), cfg.audit_ks, os.path.join(out, "audit"),
-                                  encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
-                                  stack_size=cfg.stack_size, device=device, progress=progress)
+        for mode in cfg.audit_modes:
+            with timer.stage(f"retrain without top-k ({mode})"):
+                audit_res[mode] = run_audit(train, cfg.train, traj, final,
+                                            {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
+                                            list(range(cfg.audit_targets)), cfg.audit_ks, os.path.join(out, "audit"),
+                                            encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
+                                            stack_size=cfg.stack_size, device=device, progress=progress, mode=mode)
     with timer.stage("report"):
         _plots(cfg, out, tables, traj, audit_res, traj.final)
         path = _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)

