@@ -689,12 +689,12 @@ DEMO_TEMPLATES = ("a photo of a {}", "a handwritten {}", "the digit {}")
 
 @dataclass
 class LatentDemoSettings:
-    limit: Optional[int] = 1000
+    limit: Optional[int] = 500
     image_size: int = 16
-    vae: VAEArgs = field(default_factory=VAEArgs)
-    train: LatentTrainArgs = field(default_factory=lambda: LatentTrainArgs(block_out_channels=(16, 32), epochs=50))
+    vae: VAEArgs = field(default_factory=lambda: VAEArgs(epochs=20))
+    train: LatentTrainArgs = field(default_factory=lambda: LatentTrainArgs(block_out_channels=(16, 32), epochs=80))
     featurize: FeaturizeArgs = field(default_factory=lambda: FeaturizeArgs(
-        num_timesteps=10, timestep_strategy="stratified", proj_dim=1024, batch_size=32))
+        num_timesteps=20, timestep_strategy="stratified", proj_dim=1024, batch_size=32))
     score: ScoreArgs = field(default_factory=lambda: ScoreArgs(num_noises=20))
     caption_mode: str = "random"
     prompt_class: int = 3
@@ -764,7 +764,9 @@ def run_latent_demo(out_dir: str = "runs/latent-demo", quick: bool = False, devi
         f"k={cfg.featurize.proj_dim}, captions: {cfg.caption_mode}) in {out_dir}/features")
 
     prompt = prompt or DEMO_TEMPLATES[0].format(DIGIT_NAMES[cfg.prompt_class])
-    unet, sched = pairs[-1]
+    # A fresh copy for sampling: featurizers switch the attention processors of the models they are given
+    # (vmap-friendly, equal up to float error), which would make the trajectory depend on what ran before.
+    unet, sched = load_latent_checkpoint(ckpts[-1], device)
     pipe = LatentTrajectoryPipeline(vae=vae, unet=unet, scheduler=sched, text_encoder=enc, tokenizer=tok)
     record = sorted({round(i * (cfg.sampling_steps - 1) / (cfg.record - 1)) for i in range(cfg.record)})
     gen = pipe(prompt, seed=0, num_inference_steps=cfg.sampling_steps, guidance_scale=cfg.guidance_scale,
