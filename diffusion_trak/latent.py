@@ -50,7 +50,7 @@ from .text import CAPTION_MODES, CaptionSet, TextConditioner, caption_conditioni
 
 __all__ = ["VAEArgs", "LatentTrainArgs", "LatentDataset", "LatentError", "build_vae", "train_vae", "load_vae",
            "encode_images", "encode_dataset", "build_latent_unet", "train_latent_unet", "load_latent_checkpoint",
-           "list_latent_checkpoints", "unet_conditioning", "featurize_latent", "score_latent",
+           "list_latent_checkpoints", "unet_conditioning", "check_latent_compatible", "featurize_latent", "score_latent",
            "latent_self_attribution_rate", "plot_latent", "run_latent_demo"]
 
 CONDITIONINGS = ("text", "class", "none")
@@ -407,6 +407,21 @@ def load_latent_checkpoint(path: str, device="cpu"):
     return cls.from_pretrained(os.path.join(path, "unet")).to(device), DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
 
 
+def check_latent_compatible(unet, latents: LatentDataset) -> None:
+    """One-line errors for a unet that cannot take these latents (naming the image size that fits)."""
+    cfg = unet.config
+    c, h, w = latents.image_shape
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+    if cfg.in_channels != c:
+        raise LatentError(f"the unet takes {cfg.in_channels}-channel latents but the VAE makes {c}; "
+                          "use the VAE the unet was trained with")
+    if size is not None and size != h:
+        hint = ""
+        if latents.pixels is not None:
+            hint = f" (use --image-size {latents.pixels.image_shape[1] * size // h})"
+        raise LatentError(f"the unet takes {size}×{size} latents but the VAE makes {h}×{w}{hint}")
+
+
 def _as_checkpoints(checkpoints, device="cpu"):
     out = [load_latent_checkpoint(c, device) if isinstance(c, (str, os.PathLike)) else c for c in checkpoints]
     if not out:
@@ -571,7 +586,7 @@ def featurize_latent(checkpoints: Sequence, latents: LatentDataset, args: Featur
     ``latents.captions`` (``caption_mode``: ``random`` — default, one caption per timestep —, ``mean``
     or ``first``, see :mod:`diffusion_trak.text`); class unets get ``class_labels``. Returns an
     :class:`~diffusion_trak.api.FeatureSet` that :func:`diffusion_trak.api.score` reads."""
-    from .api import FeatureSet, check_compatible
+    from .api import FeatureSet
 
     ckpts = _as_checkpoints(checkpoints, device)
     if len(latents) == 0:
@@ -580,8 +595,8 @@ def featurize_latent(checkpoints: Sequence, latents: LatentDataset, args: Featur
     if len(kinds) != 1:
         raise LatentError(f"checkpoints mix conditionings {sorted(kinds)}; featurize them separately")
     kind = kinds.pop()
-    for unet, sched in ckpts:
-        check_compatible(unet, sched, latents)
+    for unet, _ in ckpts:
+        check_latent_compatible(unet, latents)
     cond_fn, per_t = _training_cond_fn(latents, kind, text, caption_mode, args)
     cls = _PerTimestepFeaturizer if per_t else Featurizer
     # Featurizers are made one at a time: each holds its own (possibly cached) projection matrix.

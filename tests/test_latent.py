@@ -278,3 +278,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert scores.shape == (3, 1, 48) and np.isfinite(scores).all()
     html = open(out["html"], encoding="utf-8").read()
     assert out["prompt"] in html
+
+
+def test_latent_size_mismatch_names_the_image_size(tmp_path, latents, text):
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4)
+    with pytest.raises(L.LatentError, match=r"8×8 latents but the VAE makes 4×4 \(use --image-size 16\)"):
+        L.featurize_latent([(unet, DDPMScheduler())], latents, FeaturizeArgs(proj_dim=8), str(tmp_path / "f"), text=text,
+                           progress=False)
