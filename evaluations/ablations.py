@@ -1,0 +1,189 @@
+"""Which estimator predicts counterfactuals best? LDS of TRAK variants on a finished evaluation run.
+
+``python -m evaluations.ablations runs/eval-digits`` reuses a run of :mod:`evaluations.run` (its
+attributed checkpoints, trajectory, held-out images, subset masks and ground truth) and scores
+variants of the estimator: output functions for training features and targets, timestep strategy and
+count, feature normalisation, number of checkpoints. Results go to ``ablations/`` (resumable: every
+variant's features are a store) and ``ablations/ablations.md``.
+
+λ is never tuned on the ground truth that is reported: the retrained models are split in two halves
+by index; the relative ridge of each variant is picked from a fixed grid by the mean LDS on the
+*selection* half (models ``0 … M/2−1``, generated targets, the paper's output), and every reported
+LDS uses only the *report* half (models ``M/2 … M−1``). Baselines are evaluated on the same half.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from diffusion_trak import api
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs, from_dict
+from diffusion_trak.featurize.featurizer import Featurizer
+from diffusion_trak.score import TRAKScorer
+from diffusion_trak.store import Store
+from diffusion_trak.targets import target_features, trajectory_target_features
+
+from .metrics import bootstrap_ci, lds
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    output: str = "loss"            # training-feature output function
+    target_output: str = "loss"     # target output function
+    num_timesteps: int = 10
+    timestep_strategy: str = "uniform"
+    normalize: bool = False          # unit-normalise every feature row before the kernel
+    checkpoints: int = 0             # use the last n checkpoints (0 = all)
+
+
+VARIANTS = [
+    Variant("paper (loss/loss, uniform T=10)"),
+    Variant("paper, last checkpoint only", checkpoints=1),
+    Variant("D-TRAK (sqnorm/sqnorm, stratified T=10)", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified"),
+    Variant("D-TRAK, normalised", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified", normalize=True),
+    Variant("sqnorm/loss, stratified T=10", output="sqnorm", target_output="loss", timestep_strategy="stratified"),
+    Variant("loss/loss, stratified T=10", timestep_strategy="stratified"),
+    Variant("loss/loss stratified, normalised", timestep_strategy="stratified", normalize=True),
+    Variant("D-TRAK, stratified T=32", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified", num_timesteps=32),
+]
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu") -> Dict[str, Dict[float, np.ndarray]]:
+    """``{set: {ridge: (S, B, N)}}`` for one variant."""
+    fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
+                                      "timestep_strategy": v.timestep_strategy})
+    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
+    fs = api.featurize(ckpts, train, fargs, os.path.join(run, "ablations", "features", key), device=device)
+    sargs = from_dict(ScoreArgs, cfg["score"])
+    tpath = os.path.join(run, "ablations", "targets", f"{key}-{v.target_output}.npz")
+    if os.path.exists(tpath):
+        z = np.load(tpath)
+        tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
+    else:
+        tf = {"generated": [], "heldout": []}
+        ts = [traj.timestep_at(s) for s in steps]
+        for ck in ckpts:
+            u, sch = api.as_checkpoints([ck], device)[0]
+            f = Featurizer(u, sch, fargs, device)
+            tf["generated"].append(trajectory_target_features(f, traj, steps, sargs.num_noises, sargs.seed, v.target_output).numpy())
+            tf["heldout"].append(torch.stack([target_features(f, heldout.images, t, sargs.num_noises, sargs.seed, key=t,
+                                                              output=v.target_output) for t in ts]).numpy())
+        os.makedirs(os.path.dirname(tpath), exist_ok=True)
+        np.savez(tpath + ".tmp.npz", **{f"{s}_{c}": x for s, lst in tf.items() for c, x in enumerate(lst)})
+        os.replace(tpath + ".tmp.npz", tpath)
+    use = slice(-v.checkpoints, None) if v.checkpoints else slice(None)  # the last n checkpoints
+    phis = [np.asarray(a) for a in fs.arrays][use]
+    tf = {s: lst[use] for s, lst in tf.items()}
+    if v.normalize:
+        phis = [_unit(p) for p in phis]
+    out = {}
+    for sname, per_ckpt in tf.items():
+        S, B, k = per_ckpt[0].shape
+        flat = [(_unit(p) if v.normalize else p).reshape(S * B, k) for p in per_ckpt]
+        out[sname] = {}
+        for r in RIDGES:
+            out[sname][r] = TRAKScorer(phis, r).score(flat).reshape(S, B, -1)
+    return out
+
+
+def _load_gt(run: str, sname: str) -> Dict[str, np.ndarray]:
+    store = Store.open_existing(os.path.join(run, "groundtruth", sname))
+    res = {}
+    for name in store.names():
+        kind = name[len(sname) + 1:]
+        spec = store.manifest["arrays"][name]
+        M = spec["shape"][0]
+        arr = np.asarray(store.get(name).read(), dtype=np.float64)
+        S = len(store.settings["steps"])
+        res[kind] = arr.reshape(M, 2, S, -1).mean(1)  # (M, S, B)
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", help="a finished `python -m evaluations.run` folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", nargs="*", default=None, help="names (default: all)")
+    ns = p.parse_args(argv)
+    from diffusion_trak.data import DataArgs, load_dataset
+    from diffusion_trak.train import list_checkpoints
+    from pipelines import Trajectory
+
+    from . import configs  # noqa: F401
+
+    run = ns.run
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    train = load_dataset(DataArgs.from_dict(cfg["data"]))
+    heldout = load_dataset(DataArgs.from_dict(cfg["heldout"])).subset(range(cfg["num_heldout"]))
+    traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
+    steps = list(cfg["lds_steps"])
+    ckpts = list_checkpoints(os.path.join(run, "attributed"))
+    masks = np.load(os.path.join(run, "subsets", "masks.npy"))
+    M = masks.shape[0]
+    sel, rep = np.arange(M // 2), np.arange(M // 2, M)
+    gt = {s: _load_gt(run, s) for s in ("generated", "heldout")}
+    base = np.load(os.path.join(run, "baselines", "scores.npz"))
+    rows: List[dict] = []
+
+    def evaluate(name, scores_by_set, ridge=None):
+        for sname, sc in scores_by_set.items():
+            for kind, y in gt[sname].items():
+                cells = []
+                for si in range(len(steps)):
+                    vals = lds(sc[si], masks[rep], y[rep, si, :])
+                    cells.append(bootstrap_ci(vals, 2000, seed=si))
+                rows.append({"method": name, "set": sname, "gt": kind, "ridge": ridge, "cells": cells})
+
+    for key in base.files:
+        sname, m = key.split("__")
+        if m in ("pixel_neg_l2", "random", "embedding"):
+            evaluate(f"baseline: {m}", {sname: base[key]})
+    variants = [v for v in VARIANTS if ns.variants is None or v.name in ns.variants]
+    for v in variants:
+        print(f"variant: {v.name}", flush=True)
+        by_ridge = variant_scores(v, run, cfg, ckpts, train, heldout, traj, steps, ns.device)
+        sel_lds = {r: np.nanmean([np.nanmean(lds(by_ridge["generated"][r][si], masks[sel], gt["generated"]["xhat0_loss"][sel, si, :]))
+                                  for si in range(len(steps))]) for r in RIDGES}
+        best = max(sel_lds, key=lambda r: sel_lds[r])
+        evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
+    out = os.path.join(run, "ablations")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "ablations.json"), "w") as f:
+        json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows,
+                   "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
+    lines = [f"# Estimator ablations on `{cfg['name']}`", "",
+             f"LDS (Spearman, mean over targets [95% bootstrap CI]) on the report half of the retrained models "
+             f"({len(rep)} of {M}); the ridge of each variant was chosen on the other half (generated targets, paper output).", ""]
+    ts = [traj.timestep_at(s) for s in steps]
+    for sname in ("generated", "heldout"):
+        for kind in gt[sname]:
+            lines += [f"## {sname} targets, ground truth `{kind}`", "",
+                      "| method | ridge | " + " | ".join(f"step {s} (t={t})" for s, t in zip(steps, ts)) + " |",
+                      "|---|---|" + "---|" * len(steps)]
+            for r in rows:
+                if r["set"] == sname and r["gt"] == kind:
+                    lines.append(f"| {r['method']} | {r['ridge'] if r['ridge'] is not None else ''} | " +
+                                 " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in r["cells"]) + " |")
+            lines.append("")
+    with open(os.path.join(out, "ablations.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
