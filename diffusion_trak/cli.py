@@ -206,7 +206,8 @@ def cmd_demo(ns):
 
     if ns.latent:
         from .latent import run_latent_demo
-        return run_latent_demo(ns.out or "runs/demo-latent", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite)
+        kw = {"prompt": ns.prompt} if ns.prompt else {}
+        return run_latent_demo(ns.out or "runs/demo-latent", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite, **kw)
     return run_demo(ns.out or "runs/demo", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite)
 
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="run folder (default runs/demo)")
     sp.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     sp.add_argument("--latent", action="store_true", help="latent diffusion with text prompts")
+    sp.add_argument("--prompt", default=None, help="prompt of the latent demo (e.g. 'a photo of a three')")
     sp.add_argument("--device", default=None)
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_demo)

@@ -1,6 +1,7 @@
 """Timestep-aware TRAK features: projected per-example gradients of an output function."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Optional, Sequence
 
@@ -59,7 +60,9 @@ class Featurizer:
 
     def __init__(self, model: torch.nn.Module, scheduler, args: FeaturizeArgs = FeaturizeArgs(), device="cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # a private copy: switching attention processors (and hooks of the fast path) must not change
+        # the caller's model, which may still be used for sampling
+        self.model = copy.deepcopy(model).to(self.device).eval()
         use_vmap_friendly_attention(self.model)
         self.scheduler, self.args = scheduler, args
         self.num_params = num_parameters(self.model)
