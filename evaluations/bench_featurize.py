@@ -4,6 +4,7 @@
     python -m evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
     python -m evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
     python -m evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
+    python -m evaluations.bench_featurize --lds runs/eval-digits   # LDS: exact vs dense JL vs fast, 3 seeds
 
 Paths, all on the same model, rows, draws and k:
 
@@ -29,6 +30,11 @@ push-through identity) and ``λ = ridge·tr(K_tt)/k`` (the λ that the projected
 expectation). Dense JL (reference) and fast features go through the project's own ``TRAKScorer``.
 Reported: Spearman correlation with exact, per target row averaged over targets (and over all pairs),
 mean ± sd over ``--fid-seeds`` projection seeds.
+
+LDS (``--lds RUN``): on a finished :mod:`evaluations.run` folder, the LDS of TRAK with exact gradients, with
+the dense JL reference and with the fast path's CountSketch, for several projection seeds, on the run's own
+targets, subset models and ground truth (see :func:`bench_lds`). The spread between dense seeds is the
+yardstick for the difference between dense and fast.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -48,7 +55,7 @@ import time
 import numpy as np
 import torch
 
-from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs, from_dict
 from diffusion_trak.featurize.featurizer import Featurizer, example_draws
 from diffusion_trak.featurize.gradients import num_parameters
 from diffusion_trak.featurize.projectors import TorchProjector
@@ -388,6 +395,139 @@ def print_fidelity(r):
           f"rel. error {max(r['fast_vs_sketch_of_exact_rel_err']):.1e}")
 
 
+# --------------------------------------------------------------------------------------------- LDS contract
+def bench_lds(run, seeds, progress=True):
+    """LDS of TRAK on a finished ``python -m evaluations.run`` folder with exact gradients, dense JL (the
+    reference projector, ``len(seeds)`` seeds) and the fast path's CountSketch (same seeds), all from the same
+    per-example gradients and the run's own draws, targets, subset models and ground truth.
+
+    The fast path's features equal the CountSketch of the exact gradients up to float rounding (checked by
+    the tests and by ``--fidelity``), so projecting the exact gradients gives its scores without featurizing
+    twice; seed 0 of ``dense`` reproduces the run's own TRAK LDS (same matrix, same draws)."""
+    from diffusion_trak.data import DataArgs, load_dataset
+    from diffusion_trak.featurize.sketch import CountSketchProjector
+    from diffusion_trak.score import TRAKScorer
+    from diffusion_trak.store import Store
+    from diffusion_trak.targets import target_features, trajectory_target_features
+    from diffusion_trak.train import list_checkpoints, load_checkpoint
+    from pipelines import Trajectory
+
+    from .metrics import bootstrap_ci, lds
+
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "method": "vmap"})
+    sargs = from_dict(ScoreArgs, cfg["score"])
+    out_name = sargs.target_output or fargs.output
+    train = load_dataset(DataArgs.from_dict(cfg["data"]))
+    heldout = load_dataset(DataArgs.from_dict(cfg["heldout"])).subset(np.arange(cfg["num_heldout"]))
+    traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
+    steps = sorted(set(cfg["lds_steps"]) | set(cfg.get("audit_steps", [])))
+    lds_pos = [steps.index(s) for s in cfg["lds_steps"]]
+    ckpts = list_checkpoints(os.path.join(run, "attributed"))
+    masks = np.load(os.path.join(run, "subsets", "masks.npy"))
+    k, ridge = fargs.proj_dim, sargs.ridge
+    shape = tuple(train.images.shape[1:])
+
+    class _Grads(Featurizer):  # "features" = exact mean-over-noise gradients, for the target helpers
+        def features(self, x0, timesteps, noises, cond=None, output=None, cond_per_timestep=False):
+            bs = self.args.batch_size
+            return torch.cat([self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], None, output)
+                              for i in range(0, x0.shape[0], bs)])
+
+    projected = {}
+    exact = {"generated": [], "heldout": []}
+    for c, ck in enumerate(ckpts):
+        t0 = time.perf_counter()
+        unet, sched = load_checkpoint(ck)
+        g = _Grads(unet, sched, dataclasses.replace(fargs, projector="countsketch", proj_dim=1))
+        d = [example_draws(int(i), fargs, int(sched.config.num_train_timesteps), shape) for i in train.indices]
+        G = g.features(train.images, torch.stack([x[0] for x in d]), torch.stack([x[1] for x in d]))
+        tsteps = [traj.timestep_at(s) for s in steps]
+        Q = {"generated": trajectory_target_features(g, traj, steps, sargs.num_noises, sargs.seed, out_name),
+             "heldout": torch.stack([target_features(g, heldout.images, t, sargs.num_noises, sargs.seed, key=t,
+                                                     output=out_name) for t in tsteps])}
+        Q = {s: q.reshape(-1, q.shape[-1]) for s, q in Q.items()}
+        Gd = G.double()
+        K = Gd @ Gd.T
+        lam = ridge * float(torch.trace(K)) / k  # the λ that the projected scores use, in expectation
+        Kinv = torch.linalg.inv(K + lam * torch.eye(K.shape[0], dtype=torch.float64))
+        for sname, q in Q.items():
+            exact[sname].append(((q.double() @ Gd.T) @ Kinv).numpy())
+        del Gd, K, Kinv
+        for seed in seeds:
+            for name, P in ((f"dense JL seed {seed}", TorchProjector(G.shape[1], k, seed)),
+                            (f"fast seed {seed}", CountSketchProjector(G.shape[1], k, seed))):
+                e = projected.setdefault(name, {"train": [], "generated": [], "heldout": []})
+                e["train"].append(P(G).numpy())
+                for sname, q in Q.items():
+                    e[sname].append(P(q).numpy())
+                del P
+        print(f"   checkpoint {c + 1}/{len(ckpts)}: gradients {tuple(G.shape)}, projections done in "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+        del G, Q
+
+    def ground_truth(sname):
+        store = Store.open_existing(os.path.join(run, "groundtruth", sname))
+        res = {}
+        for name in store.names():
+            arr = np.asarray(store.get(name).read(), dtype=np.float64)
+            res[name[len(sname) + 1:]] = arr.reshape(arr.shape[0], 2, len(store.settings["steps"]), -1).mean(1)
+        return res
+
+    gts = {s: ground_truth(s) for s in ("generated", "heldout")}
+    scores = {"exact": {s: np.mean(v, 0) for s, v in exact.items()}}
+    for name, e in projected.items():
+        sc = TRAKScorer(e["train"], ridge)
+        scores[name] = {s: sc.score(e[s]) for s in ("generated", "heldout")}
+    cells = {}
+    for name, by in scores.items():
+        for sname, sc in by.items():
+            sc = sc.reshape(len(steps), -1, sc.shape[-1])
+            for kind, y in gts[sname].items():
+                for j, si in enumerate(lds_pos):
+                    v = lds(sc[si], masks, y[:, j, :])
+                    cells[(name, sname, kind, cfg["lds_steps"][j])] = bootstrap_ci(v, cfg.get("n_boot", 2000), seed=j)
+    names = list(scores)
+    keys = sorted({kk[1:] for kk in cells})
+    res = {"run": run, "k": k, "ridge": ridge, "seeds": list(seeds), "methods": names,
+           "cells": [{"method": kk[0], "set": kk[1], "gt": kk[2], "step": kk[3], "mean": v[0], "lo": v[1], "hi": v[2]}
+                     for kk, v in cells.items()]}
+    summary = {}
+    for fam in ("dense JL", "fast"):
+        ms = [n for n in names if n.startswith(fam)]
+        summary[fam] = {"mean_lds": float(np.mean([cells[(n,) + kk][0] for n in ms for kk in keys])),
+                        "mean_abs_diff_from_exact": float(np.mean([abs(cells[(n,) + kk][0] - cells[("exact",) + kk][0])
+                                                                   for n in ms for kk in keys]))}
+    summary["exact"] = {"mean_lds": float(np.mean([cells[("exact",) + kk][0] for kk in keys]))}
+
+    def overlap(a, b):
+        return sum(not (cells[(a,) + kk][2] < cells[(b,) + kk][1] or cells[(b,) + kk][2] < cells[(a,) + kk][1]) for kk in keys)
+    summary["ci_overlap_fast_vs_dense_same_seed"] = [overlap(f"fast seed {s}", f"dense JL seed {s}") for s in seeds]
+    summary["ci_overlap_dense_vs_dense_seed0"] = [overlap(f"dense JL seed {s}", f"dense JL seed {seeds[0]}") for s in seeds[1:]]
+    summary["cells"] = len(keys)
+    res["summary"] = summary
+    return res
+
+
+def print_lds(r):
+    names = r["methods"]
+    cells = {(c["method"], c["set"], c["gt"], c["step"]): c for c in r["cells"]}
+    keys = sorted({kk[1:] for kk in cells})
+    print(f"\n== LDS contract on {r['run']} (k = {r['k']}, ridge {r['ridge']}); mean LDS over targets [95% bootstrap CI]")
+    print("   " + f"{'set / ground truth / step':<36}" + "".join(f"{n:>22}" for n in names))
+    for kk in keys:
+        row = "".join(f"{cells[(n,) + kk]['mean']:>+8.3f} [{cells[(n,) + kk]['lo']:+.2f},{cells[(n,) + kk]['hi']:+.2f}]"
+                      for n in names)
+        print(f"   {kk[0] + ' / ' + kk[1] + ' / ' + str(kk[2]):<36}{row}")
+    s = r["summary"]
+    print(f"   mean LDS over the {s['cells']} cells: exact {s['exact']['mean_lds']:.3f}, dense JL {s['dense JL']['mean_lds']:.3f}, "
+          f"fast {s['fast']['mean_lds']:.3f} (projected: mean over seeds)")
+    print(f"   mean |LDS − exact|: dense JL {s['dense JL']['mean_abs_diff_from_exact']:.3f}, fast {s['fast']['mean_abs_diff_from_exact']:.3f}")
+    print(f"   cells whose CIs overlap: fast vs dense JL (same seed) {s['ci_overlap_fast_vs_dense_same_seed']}, "
+          f"dense JL seed s vs seed {r['seeds'][0]} {s['ci_overlap_dense_vs_dense_seed0']} (of {s['cells']})")
+
+
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,6 +554,9 @@ def main(argv=None):
     ap.add_argument("--fid-T", type=int, default=10)
     ap.add_argument("--fid-seeds", type=int, default=3)
     ap.add_argument("--ridge", type=float, default=ScoreArgs().ridge)
+    ap.add_argument("--lds", default=None, metavar="RUN",
+                    help="a finished `python -m evaluations.run` folder: LDS of exact / dense JL / fast TRAK on it")
+    ap.add_argument("--lds-seeds", type=int, default=3, help="projection seeds for --lds")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args(argv)
     if a.threads:
@@ -421,13 +564,14 @@ def main(argv=None):
     print(f"device {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} (other jobs on the machine make figures noisy)")
     results = {"device": a.device, "threads": torch.get_num_threads()}
-    if not (a.only_fidelity or a.skip_small):
+    only = a.only_fidelity or (a.lds and not (a.fidelity or a.cifar))
+    if not (only or a.skip_small):
         for T in a.timesteps:
             r = bench_throughput(small_unet(), (1, 16, 16), a.batch, T, a.k, a.device, a.repeats, a.cache_limit_gb)
             print_throughput(f"~1M UNet 16×16, T = {T}", r)
             results[f"small_T{T}"] = r
             _trim()
-    if a.cifar and not a.only_fidelity:
+    if a.cifar and not only:
         on_gpu = torch.device(a.device).type == "cuda"
         B = a.cifar_batch or (16 if on_gpu else 4)
         for T in a.timesteps:
@@ -442,6 +586,10 @@ def main(argv=None):
         r["checkpoint"] = ckpt
         print_fidelity(r)
         results["fidelity"] = r
+    if a.lds:
+        r = bench_lds(a.lds, range(a.lds_seeds))
+        print_lds(r)
+        results["lds"] = r
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
