@@ -215,15 +215,20 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
     if out is not None:
-        store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
-                                                   "steps": steps, "timesteps": timesteps}, overwrite=overwrite)
-        arr = store.array("scores", (S * B, n))
-        scorer.score_into(flat, arr, progress=progress)
+        dist = distributed.state()
+        with distributed.main_process_first():
+            store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
+                                                       "steps": steps, "timesteps": timesteps},
+                          overwrite=overwrite and dist.is_main_process)
+            arr = store.array("scores", (S * B, n))
+        scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
+                          rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
+        dist.wait_for_everyone()
         values = np.asarray(arr.read()).reshape(S, B, n)
     else:
         values = scorer.score(flat).reshape(S, B, n)
     result = Scores(values, steps, timesteps, np.asarray(train_indices), meta)
-    if out is not None:
+    if out is not None and distributed.state().is_main_process:
         result.save(out, args.top_k)
     return result
 

@@ -111,13 +111,14 @@ class TRAKScorer:
             release_pages(phi)
         return acc / len(self.train_features)
 
-    def score_into(self, target_features: Sequence, stored, target_block: int = 0, progress: bool = True):
+    def score_into(self, target_features: Sequence, stored, target_block: int = 0, progress: bool = True,
+                   rows: Optional[Sequence[int]] = None):
         """Stream scores into a :class:`~diffusion_trak.store.StoredArray` of shape (m, n).
 
         Targets go in blocks of ``target_block`` rows (default ``min(m, 2048)``), training rows in blocks of
         ``block_size``; each (target block × training block) of scores is written into the memmap at once,
         and a target row is marked done once all its training blocks are written (resumable: finished
-        target rows are skipped). Memory: ``target_block × (block_size + C·k)`` float64 plus one training
+        target rows are skipped; ``rows`` restricts the work to some target rows, e.g. one process's shard). Memory: ``target_block × (block_size + C·k)`` float64 plus one training
         block, whatever n and m; every pass over the training features serves ``target_block`` targets.
         """
         from .store import StoreError
@@ -129,7 +130,7 @@ class TRAKScorer:
         if tuple(stored.shape) != (m, self.n):
             raise ValueError(f"score array is {tuple(stored.shape)}, expected {(m, self.n)}")
         target_block = target_block or max(1, min(m, 2048))
-        todo = stored.pending()
+        todo = stored.pending(rows)
         data = stored.data
         for s in tqdm(range(0, len(todo), target_block), desc="score", disable=not progress):
             rows = todo[s:s + target_block]

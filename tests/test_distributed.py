@@ -95,3 +95,25 @@ def test_kill_and_resume_score_is_bit_identical(tmp_path, ckpt):
     b = np.load(tmp_path / "s" / "scores.npy")
     assert a.shape == (2, 60, n)
     np.testing.assert_array_equal(a, b)
+
+
+def test_two_process_scoring_equals_one(tmp_path, ckpt):
+    n = 32
+    feats = str(tmp_path / "f")
+    subprocess.run([sys.executable, *featurize_cmd(ckpt, feats, n)], check=True, env=ENV, capture_output=True)
+    from diffusion_trak.data import load_dataset, save_npz
+
+    targets = str(tmp_path / "targets.npz")
+    save_npz(load_dataset(name="digits", split="test", limit=6), targets)
+    cmd = ["-m", "diffusion_trak", "score", "--checkpoints", ckpt, "--data", "digits", "--limit", str(n), "--features",
+           feats, "--images", targets, "--image-timesteps", "10", "200", "-R", "2", "--device", "cpu"]
+    subprocess.run([sys.executable, *cmd, "--out", str(tmp_path / "one")], check=True, env=ENV, capture_output=True)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534", *cmd,
+                        "--out", str(tmp_path / "two")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = np.load(tmp_path / "one" / "scores.npy")
+    b = np.load(tmp_path / "two" / "scores.npy")
+    assert a.shape == (2, 6, n) and np.abs(a).sum() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
