@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import NonFiniteError, UserError
 from ..outputs import output_value
 from .sketch import CountSketchProjector
 
@@ -54,7 +55,7 @@ SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-class FastPathError(RuntimeError):
+class FastPathError(UserError, RuntimeError):
     """The fast path cannot featurize this model or setting (one line, names the fix)."""
 
 
@@ -268,7 +269,8 @@ class FastGradientSketch:
             with torch.enable_grad(), self._precision():
                 total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
             if not torch.isfinite(total):
-                raise FloatingPointError("NaN/Inf in the model output; check the inputs and the checkpoint for NaN")
+                raise NonFiniteError("NaN/Inf in the model output; check the checkpoint for NaN weights "
+                                     "(retrain with a lower learning rate) and the inputs for NaN")
             total.backward()
         finally:
             for h in handles:
@@ -277,7 +279,8 @@ class FastGradientSketch:
                 p.requires_grad_(True)
         out, self._out = self._out, None
         if not torch.isfinite(out).all():
-            raise FloatingPointError("NaN/Inf in per-example gradients; check the inputs and the checkpoint for NaN")
+            raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
+                                 "(retrain with a lower learning rate) and the inputs for NaN")
         if not self._checked:
             self._self_check(out, xs, ts, ns, c, T, output)
         return out

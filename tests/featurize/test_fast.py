@@ -189,3 +189,15 @@ def test_self_check_catches_weights_used_outside_forward(scheduler):
     bad = FastGradientSketch(_Toy("functional"), scheduler, k=16)
     with pytest.raises(FastPathError, match="self-check failed"):
         bad.features(x0, ts, ns)
+
+
+def test_nan_weights_are_a_one_line_error(tiny_unet, scheduler):
+    from diffusion_trak.errors import NonFiniteError
+
+    model = _perturb(tiny_unet)
+    with torch.no_grad():
+        model.conv_in.weight[0, 0, 0, 0] = float("nan")
+    x0, ts, ns = _draws(2, 2, (1, 8, 8))
+    with pytest.raises(NonFiniteError, match="NaN"):
+        FastGradientSketch(model, scheduler, k=8).features(x0, ts, ns)
+    assert all(p.requires_grad for p in model.parameters())  # restored after the error
