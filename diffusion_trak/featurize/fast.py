@@ -15,13 +15,15 @@ This path never forms the ``p``-dimensional gradient:
    exactly what the reference differentiates):
 
    - ``Linear``: ``Σ_{rows} g ⊗ a`` (rows = timesteps × sequence positions), bias ``Σ g``;
-   - ``Conv2d``: the same with ``a`` the unfolded input patches (``F.unfold``), positions as rows;
+   - ``Conv2d``: the convolution weight-gradient kernel run on each example's T rows (it sums the outer
+     products of input patches and output gradients over positions and timesteps; no unfolded copy);
    - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
    - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
 3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
    projection (:class:`~diffusion_trak.featurize.sketch.CountSketchProjector`) over the coordinates the
    layer occupies in the flattened parameter vector (``model.named_parameters()`` order, as in the
-   reference), and freed. Peak extra memory: one layer's ``B × p_layer`` block and its unfolded input.
+   reference), and freed. Extra memory: one layer's ``B × p_layer`` block at a time, plus the sketch
+   tables (17 bytes per parameter); no ``B × p`` buffer and no ``p × k`` matrix.
 
 So the features are ``S · g_i`` with ``g_i`` exactly the reference gradient and ``S`` a CountSketch:
 an unbiased JL projection with the same inner-product variance as the dense Rademacher one (see

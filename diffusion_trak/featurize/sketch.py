@@ -20,7 +20,8 @@ So ``|<Sx,Sy> - <x,y>| ≤ c · sqrt((|x|²|y|² + <x,y>²)/k)`` with probabilit
 ``tests/featurize/test_projectors.py`` checks the mean, the variance and this bound.
 
 Memory: ``5·s`` bytes per coordinate (int32 bucket, int8 sign), e.g. 180 MB for a 36M-parameter UNet,
-against ``4·k`` bytes per coordinate for a cached dense matrix.
+against ``4·k`` bytes per coordinate for a cached dense matrix (295 GB at k = 2048). The fast featurizer
+also keeps each layer's slice ready to use (int64 buckets, fp32 signs: 12 more bytes per coordinate).
 """
 from __future__ import annotations
 
