@@ -243,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-T", "--num-timesteps", type=int, default=f.num_timesteps)
     sp.add_argument("--timestep-strategy", default=f.timestep_strategy, choices=["uniform", "evenly_spaced", "stratified"])
     sp.add_argument("-k", "--proj-dim", type=int, default=f.proj_dim)
-    sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl"])
+    sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl", "countsketch"])
     sp.add_argument("--output", default=f.output, help="output function: loss, sqnorm, mean, l1, l2")
-    sp.add_argument("--method", default=f.method, help="gradient method: vmap (reference) or fast")
+    sp.add_argument("--method", default=f.method, choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
+                    help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
+                         "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
     sp.add_argument("--batch-size", type=int, default=f.batch_size)
     sp.add_argument("--seed", type=int, default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")
