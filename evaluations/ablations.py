@@ -31,7 +31,7 @@ from diffusion_trak.targets import target_features, trajectory_target_features
 
 from .metrics import bootstrap_ci, lds
 
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 @dataclasses.dataclass

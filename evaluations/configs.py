@@ -87,7 +87,7 @@ class EvalConfig:
     audit_ks: Tuple[float, ...] = (0.1,)
     audit_modes: Tuple[str, ...] = ("masked",)
     audit_seed: int = 0
-    n_boot: int = 2000
+    n_boot: int = 1000
     threads: int = 2
 
     def __post_init__(self):
@@ -149,8 +149,8 @@ def digits_quick() -> EvalConfig:
         train_method="stacked", stack_size=16,
         num_generated=16, num_inference_steps=100, lds_steps=(0, 25, 50, 75, 99), num_heldout=16,
         gt_noises=16, gt_final_draws=32,
-        audit_targets=8, audit_steps=(50,), audit_ks=(0.1,),
-        threads=2,
+        audit_targets=8, audit_steps=(25, 50, 75), audit_ks=(0.1,), audit_modes=("masked",),
+        threads=1,
     )
 
 

@@ -99,6 +99,53 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95)
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
+def _colwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of matching columns of two (M, T) arrays (average ranks for ties)."""
+    ra = rankdata(a, axis=0)
+    rb = rankdata(b, axis=0)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    den = np.sqrt((ra ** 2).sum(0) * (rb ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(0) / den, np.nan)
+
+
+def paired_bootstrap_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
+    """``(mean, lo, hi)`` of the mean over targets of the per-target Spearman correlation over models of
+    ``x`` and ``y`` (both ``(M, targets)``), with a two-way percentile bootstrap that resamples models
+    *and* targets.
+
+    The LDS of every target is computed on the same ``M`` models, so per-target values are not
+    independent (a few unusual models move all of them together); resampling targets alone
+    (:func:`bootstrap_ci`) then understates the uncertainty. For LDS pass ``x = subset_sums(scores, masks)``
+    and ``y = −outputs``; for the split-half ceiling pass the two halves."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"need two (M, targets) arrays of one shape, got {x.shape} and {y.shape}")
+    M, T = x.shape
+    point = _colwise_spearman(x, y)
+    mean = float(np.nanmean(point)) if np.isfinite(point).any() else float("nan")
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        mi = rng.integers(0, M, M)
+        ti = rng.integers(0, T, T)
+        v = _colwise_spearman(x[mi][:, ti], y[mi][:, ti])
+        reps[i] = np.nanmean(v) if np.isfinite(v).any() else np.nan
+    reps = reps[np.isfinite(reps)]
+    if reps.size == 0:
+        return mean, float("nan"), float("nan")
+    a = (1 - level) / 2
+    return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+
+
+def lds_ci(scores, masks, outputs, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
+    """Mean LDS over targets with the two-way (models × targets) bootstrap interval of
+    :func:`paired_bootstrap_ci`."""
+    return paired_bootstrap_ci(subset_sums(scores, masks), -np.asarray(outputs, dtype=np.float64), n_boot, seed, level)
+
+
 def quartiles(values) -> Tuple[float, float, float]:
     """``(q25, median, q75)`` of the finite values."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)

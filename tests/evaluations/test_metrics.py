@@ -77,3 +77,25 @@ def test_distances():
     k = np.array([[0.0, 0.0], [3.0, 0.0]])
     np.testing.assert_allclose(neg_l2_similarity(q, k), [[0, -3], [-5, -4]])
     assert quartiles([1, 2, 3, 4, 5]) == (2.0, 3.0, 4.0)
+
+
+def test_two_way_bootstrap():
+    from evaluations.metrics import lds_ci, paired_bootstrap_ci
+
+    rng = np.random.default_rng(2)
+    n, M, T = 40, 24, 6
+    scores = rng.standard_normal((T, n))
+    masks = rng.random((M, n)) < 0.5
+    sums = subset_sums(scores, masks)
+    outputs = -(sums + 2.0 * rng.standard_normal((M, T)))
+    mean, lo, hi = lds_ci(scores, masks, outputs, n_boot=300, seed=1)
+    assert mean == pytest.approx(np.mean(lds(scores, masks, outputs)))
+    assert lo < mean < hi
+    assert (mean, lo, hi) == lds_ci(scores, masks, outputs, n_boot=300, seed=1)
+    # a shared model effect makes per-target values move together: resampling models widens the interval
+    a = rng.standard_normal((M, 1))  # a per-model effect shared by all targets
+    x = a + 0.3 * rng.standard_normal((M, T))
+    y = a + rng.standard_normal((M, 1)) + 0.1 * rng.standard_normal((M, T))
+    _, lo2, hi2 = paired_bootstrap_ci(x, y, n_boot=300, seed=0)
+    _, lo1, hi1 = bootstrap_ci([spearman(x[:, j], y[:, j]) for j in range(T)], n_boot=300, seed=0)
+    assert hi2 - lo2 > hi1 - lo1

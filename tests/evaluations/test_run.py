@@ -35,13 +35,13 @@ def test_end_to_end_tiny(tmp_path):
     res = run(tiny_config(), out, progress=False)
     report = open(os.path.join(out, "report.md")).read()
     assert "| TRAK (paper target) |" in report and "noise ceiling" in report and "speed-up" in report
-    for f in ("lds_generated_xhat0_loss.png", "lds_heldout_final_loss_le_t.png", "audit_s5_k5.png"):
+    for f in ("lds_generated_xhat0_loss.png", "lds_heldout_final_loss_le_t.png", "audit_masked_s5_k5.png"):
         assert os.path.getsize(os.path.join(out, "plots", f)) > 0
     lds = json.load(open(os.path.join(out, "lds.json")))
     assert set(lds["tables"]) == {"generated", "heldout"}
     assert len(lds["tables"]["generated"]["xhat0_loss"]["methods"]["trak"]) == 3
-    assert res["audit"]["restart_check_max_abs"] < 1e-4
-    assert {c["kind"] for c in res["audit"]["cases"]} == {"top", "random"}
+    assert res["audit"]["masked"]["restart_check_max_abs"] < 1e-4
+    assert {c["kind"] for c in res["audit"]["masked"]["cases"]} == {"top", "random"}
     # another config in the same folder is refused with a one-line error
     with pytest.raises(ConfigMismatch):
         run(tiny_config(num_models=5), out, progress=False)
