@@ -457,7 +457,7 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
     a new one. Rerunning with the same ``run_dir`` resumes from the last finished checkpoint."""
     from accelerate import Accelerator
 
-    from .train import build_scheduler, checkpoint_epochs, list_checkpoints
+    from .train import build_scheduler, checkpoint_epochs, list_checkpoints, save_checkpoint
 
     if len(latents) == 0:
         raise InputError("cannot train on an empty dataset; check --classes/--limit")
@@ -533,12 +533,7 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
         if (epoch + 1) in saves and accelerator.is_main_process:
-            ck = os.path.join(run_dir, f"ckpt-{epoch + 1:04d}")
-            accelerator.unwrap_model(unet).save_pretrained(os.path.join(ck, "unet"))
-            scheduler.save_pretrained(os.path.join(ck, "scheduler"))
-            torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "epoch": epoch + 1},
-                       os.path.join(ck, "train_state.pt"))
-            open(os.path.join(ck, "done"), "w").close()
+            save_checkpoint(run_dir, epoch + 1, accelerator.unwrap_model(unet), scheduler, opt, sched)
     bar.close()
     return list_checkpoints(run_dir)
 

@@ -66,6 +66,18 @@ def load_checkpoint(path: str, device="cpu"):
     return unet, scheduler
 
 
+def save_checkpoint(run_dir: str, epoch: int, unet, scheduler, optimizer, lr_scheduler) -> str:
+    """Write ``run_dir/ckpt-EPOCH/{unet,scheduler}`` (diffusers format) and ``train_state.pt``, then the
+    ``done`` marker last, so a checkpoint cut short by a crash is never listed."""
+    ck = os.path.join(run_dir, f"ckpt-{epoch:04d}")
+    unet.save_pretrained(os.path.join(ck, "unet"))
+    scheduler.save_pretrained(os.path.join(ck, "scheduler"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch},
+               os.path.join(ck, "train_state.pt"))
+    open(os.path.join(ck, "done"), "w").close()
+    return ck
+
+
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
                overwrite: bool = False) -> List[str]:
     """Train on ``dataset`` (an :class:`~diffusion_trak.data.ImageDataset`) and return checkpoint folders.
@@ -141,11 +153,6 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
         if (epoch + 1) in saves and accelerator.is_main_process:
-            ck = os.path.join(run_dir, f"ckpt-{epoch + 1:04d}")
-            accelerator.unwrap_model(unet).save_pretrained(os.path.join(ck, "unet"))
-            scheduler.save_pretrained(os.path.join(ck, "scheduler"))
-            torch.save({"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "epoch": epoch + 1},
-                       os.path.join(ck, "train_state.pt"))
-            open(os.path.join(ck, "done"), "w").close()
+            save_checkpoint(run_dir, epoch + 1, accelerator.unwrap_model(unet), scheduler, opt, sched)
     bar.close()
     return list_checkpoints(run_dir)
