@@ -41,6 +41,15 @@ class EvalConfig:
         num_models, alpha, subset_seed: the LDS harness: ``M`` models on α-subsets.
         seed_mode: ``distinct`` (each subset model its own training seed) or ``shared``
             (all use ``train.seed``), see :func:`evaluations.subsets.model_seed`.
+        lds_mode: how each subset model is trained. ``retrain``: from scratch on its subset (TRAK's and
+            D-TRAK's LDS; training randomness differs between models unless ``seed_mode="shared"``).
+            ``masked``: replay the attributed model's own training run (same seed, initialisation,
+            batch order, timesteps and noises) with the examples outside the subset weighted 0, so
+            models differ by their data alone (common random numbers; ``seed_mode`` is then unused).
+        num_replicates: train a second model, with other training randomness, for the first ``R``
+            subsets and measure its ground truth too. The correlation over subsets between the two
+            replicates (per target) is the share of the output's variance that the subset explains; its
+            square root bounds the LDS any attribution method can reach (the *seed ceiling*). 0 = skip.
         train_method, stack_size: how the retrained models are trained (:func:`evaluations.retrain.train_models`).
         num_generated, generation_seed, num_inference_steps: the generated targets (one DDPM batch).
         lds_steps: sampling-step indices (0 = first, ``num_inference_steps-1`` = last) evaluated.
@@ -69,6 +78,8 @@ class EvalConfig:
     alpha: float = 0.5
     subset_seed: int = 0
     seed_mode: str = "distinct"
+    lds_mode: str = "retrain"
+    num_replicates: int = 0
     train_method: str = "auto"
     stack_size: int = 16
     num_generated: int = 16
@@ -103,6 +114,10 @@ class EvalConfig:
         bad = [m for m in self.audit_modes if m not in ("masked", "retrain")]
         if bad:
             raise ConfigError(f"unknown audit modes {bad}; choose from ('masked', 'retrain')")
+        if self.lds_mode not in ("retrain", "masked"):
+            raise ConfigError(f"unknown lds_mode {self.lds_mode!r}; choose 'retrain' or 'masked'")
+        if not 0 <= self.num_replicates <= self.num_models:
+            raise ConfigError(f"num_replicates must be in 0..num_models ({self.num_models}), got {self.num_replicates}")
         if self.audit_targets > self.num_generated:
             raise ConfigError("audit_targets cannot exceed num_generated; lower audit_targets")
 

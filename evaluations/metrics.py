@@ -87,6 +87,17 @@ def lds_ceiling(r) -> np.ndarray:
     return np.sqrt(np.clip(rel, 0, None))
 
 
+def replicate_ceiling(r) -> np.ndarray:
+    """Highest LDS reachable against a ground truth measured on ONE training run per subset, from the
+    per-target correlation ``r`` over subsets between two replicate runs (other training randomness,
+    the same subsets; :func:`split_half` of the two). With ``y = f(S) + e`` (``e`` the run's own
+    randomness), ``r = var f / var y`` and the best predictor ``f`` reaches ``corr(f, y) = √r``
+    (0 where ``r ≤ 0``). A low value means the subset explains little of the output: no attribution
+    method can then score well, whatever its quality."""
+    r = np.asarray(r, dtype=np.float64)
+    return np.sqrt(np.clip(r, 0, None))
+
+
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
     """``(mean, lo, hi)``: the mean of ``values`` (NaNs dropped) with a percentile bootstrap interval."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)

@@ -9,8 +9,9 @@ Stages (each skipped when its result is already in ``--out``):
 3. featurize the training set and score every step with TRAK (``features/``, ``scores/``,
    :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`);
 4. baseline scores (``baselines/``, :mod:`evaluations.baselines`);
-5. train ``M`` models on α-subsets (``subsets/``), printing the stacked-training speed-up;
-6. measure the ground truth of every retrained model (``groundtruth/``);
+5. train ``M`` models on α-subsets (``subsets/``, or ``subsets-masked/`` with ``lds_mode="masked"``),
+   printing the stacked-training speed-up, and ``num_replicates`` second-seed models (``replicates/``);
+6. measure the ground truth of every retrained model (``groundtruth/``, ``groundtruth-replicates/``);
 7. LDS of every method, step, target set and ground truth, with bootstrap CIs and the noise ceiling
    (``lds.json``);
 8. retrain without the top-k proponents vs k random examples (``audit/``);
@@ -32,7 +33,7 @@ import torch
 from diffusion_trak.errors import UserError
 from diffusion_trak.store import write_json_atomic
 
-from .configs import CONFIGS, EvalConfig, get_config
+from .configs import CONFIGS, ConfigError, EvalConfig, get_config
 
 METHOD_LABELS = {
     "random": "random",
@@ -77,20 +78,55 @@ class Timer:
         return _T()
 
 
+#: Settings that only add work to a run (each stage keys its own results by them), so changing them
+#: resumes the run instead of refusing it.
+EXTENDABLE = ("num_replicates", "audit_targets", "audit_steps", "audit_ks", "audit_modes", "audit_seed", "n_boot",
+              "threads", "description")
+
+
 def _check_config(out: str, cfg: EvalConfig, overwrite: bool) -> None:
     path = os.path.join(out, "config.json")
     d = cfg.to_dict()
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != d:
+        defaults = EvalConfig(name=cfg.name).to_dict()
+        # a setting added to EvalConfig after the run was made reads as its default
+        old = {**{k: defaults[k] for k in d if k not in old}, **old}
+        keys = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
+        if keys and not set(keys) <= set(EXTENDABLE):
             if not overwrite:
-                keys = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
                 raise ConfigMismatch(f"{out} holds a run of another config (differs in {', '.join(keys)}); "
                                      "use --overwrite to replace it or choose another --out")
             shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     write_json_atomic(path, d)
+
+
+def apply_overrides(cfg: EvalConfig, overrides: List[str]) -> EvalConfig:
+    """``["num_models=16", "lds_mode=masked", "audit_steps=[50]"]`` applied to ``cfg`` (values parsed as
+    JSON when they are JSON, else taken as strings); nested settings as ``train.epochs=10``."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node, parts = d, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"unknown setting {key!r} in --set")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown setting {key!r} in --set; see evaluations/configs.py for the names")
+        node[parts[-1]] = value
+    try:
+        return EvalConfig.from_dict(d)
+    except TypeError as e:
+        raise ConfigError(f"bad --set value: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,9 +243,26 @@ def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
     return res
 
 
-def _lds_tables(cfg, scores, masks, gt) -> dict:
-    """``{set: {kind: {"methods": {m: [per step {mean, lo, hi, values}]}, "ceiling": [...]}}}``."""
-    from .metrics import bootstrap_ci, lds, lds_ceiling, lds_ci, paired_bootstrap_ci, split_half
+def _subset_seeds(cfg: EvalConfig):
+    """Training seeds of the ``M`` subset models and of the ``num_replicates`` replicate models.
+
+    ``masked`` replays one run for every subset (the attributed model's seed); its replicates replay
+    another run. ``retrain`` uses :func:`~evaluations.subsets.model_seed`; its replicates draw from the
+    next base seed, so they share no seed with the subset models (in ``shared`` mode: one other seed)."""
+    from .subsets import model_seed
+
+    base, M, R = cfg.train.seed, cfg.num_models, cfg.num_replicates
+    if cfg.lds_mode == "masked":
+        return [base] * M, [base + 1] * R
+    return ([model_seed(base, m, cfg.seed_mode) for m in range(M)],
+            [model_seed(base + 1, m, cfg.seed_mode) for m in range(R)])
+
+
+def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
+    """``{set: {kind: {"methods": {m: [per step {mean, lo, hi, values}]}, "ceiling": [...],
+    "split_half": [...], "seed_r": [...], "seed_ceiling": [...]}}}`` (the last two with replicates)."""
+    from .metrics import (bootstrap_ci, lds, lds_ceiling, lds_ci, paired_bootstrap_ci, replicate_ceiling,
+                          split_half)
 
     out = {}
     for sname, methods in scores.items():
@@ -232,6 +285,16 @@ def _lds_tables(cfg, scores, masks, gt) -> dict:
                 c = lds_ceiling(r)
                 mean, lo, hi = bootstrap_ci(c, cfg.n_boot, seed=si)
                 entry["ceiling"].append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
+            if gt_rep is not None:
+                a, b = ym[:cfg.num_replicates], gt_rep[sname][kind].mean(1)
+                entry["seed_r"], entry["seed_ceiling"] = [], []
+                for si in range(len(cfg.lds_steps)):
+                    r = split_half(a[:, si, :], b[:, si, :])
+                    mean, lo, hi = paired_bootstrap_ci(a[:, si, :], b[:, si, :], cfg.n_boot, seed=si)
+                    entry["seed_r"].append({"mean": mean, "lo": lo, "hi": hi, "values": r.tolist()})
+                    c = replicate_ceiling(r)
+                    mean, lo, hi = bootstrap_ci(c, cfg.n_boot, seed=si)
+                    entry["seed_ceiling"].append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
             out[sname][kind] = entry
     return out
 
@@ -254,8 +317,9 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
     L += [f"- training set: {N} images ({cfg.data.name}), held-out targets: {cfg.num_heldout}, "
           f"generated targets: {cfg.num_generated} ({cfg.num_inference_steps} DDPM steps)",
           f"- LDS harness: M = {cfg.num_models} models, each on an α = {cfg.alpha} subset "
-          f"({cfg.seed_mode} training seeds), same recipe as the attributed model "
-          f"({cfg.train.epochs} epochs, UNet {tuple(cfg.train.block_out_channels)})",
+          + (f"(masked: the attributed run replayed with the other examples weighted 0), "
+             if cfg.lds_mode == "masked" else f"({cfg.seed_mode} training seeds), ")
+          + f"same recipe as the attributed model ({cfg.train.epochs} epochs, UNet {tuple(cfg.train.block_out_channels)})",
           f"- TRAK: T = {cfg.featurize.num_timesteps} timesteps/example, k = {cfg.featurize.proj_dim}, "
           f"{cfg.train.num_checkpoints} checkpoints, R = {cfg.score.num_noises} target noises, ridge = {cfg.score.ridge}",
           f"- ground truth: {cfg.gt_noises} noises per half (x̂0 loss), {cfg.gt_final_draws} (timestep, noise) "
@@ -278,6 +342,10 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
                 L.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(_fmt(r) for r in rows) + " |")
             L.append("| *noise ceiling: split-half r* | " + " | ".join(_fmt(r) for r in entry["split_half"]) + " |")
             L.append("| *max LDS √(2r/(1+r))* | " + " | ".join(_fmt(r) for r in entry["ceiling"]) + " |")
+            if entry.get("seed_r"):
+                L.append(f"| *seed replicates: r over {cfg.num_replicates} subsets* | "
+                         + " | ".join(_fmt(r) for r in entry["seed_r"]) + " |")
+                L.append("| *seed ceiling: max LDS √r* | " + " | ".join(_fmt(r) for r in entry["seed_ceiling"]) + " |")
             L += ["", f"![LDS](plots/lds_{sname}_{kind}.png)", ""]
     if acceptance:
         L += ["## TRAK vs pixel similarity at the last step", ""]
@@ -348,6 +416,9 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
             series = {METHOD_LABELS.get(m, m): tuple(np.array([r[x] for r in rows]) for x in ("mean", "lo", "hi"))
                       for m, rows in e["methods"].items()}
             series["max LDS (noise ceiling)"] = tuple(np.array([r[x] for r in e["ceiling"]]) for x in ("mean", "lo", "hi"))
+            if e.get("seed_ceiling"):
+                series["max LDS (seed ceiling)"] = tuple(np.array([r[x] for r in e["seed_ceiling"]])
+                                                         for x in ("mean", "lo", "hi"))
             plot_lines(os.path.join(out, "plots", f"lds_{sname}_{kind}.png"), ts, series, xlabel="timestep t of the step",
                        ylabel="LDS (Spearman)", title=f"{cfg.name}: {SET_LABELS.get(sname, sname)}, {GT_LABELS.get(kind, kind)}")
     for mode, res in (audit or {}).items():
@@ -378,7 +449,7 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     from .baselines import train_encoder
     from .groundtruth import TargetSet, measure_models
     from .retrain import benchmark_stacked, final_checkpoint, train_models
-    from .subsets import model_seed, subset_masks
+    from .subsets import subset_masks
 
     torch.set_num_threads(threads or cfg.threads)
     _check_config(out, cfg, overwrite)
@@ -417,10 +488,13 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
             scores[sname][m] = np.asarray(v)[lds_idx]
 
     masks = subset_masks(N, cfg.num_models, cfg.alpha, cfg.subset_seed)
-    sub_dir = os.path.join(out, "subsets")
+    masked = cfg.lds_mode == "masked"
+    sub_dir = os.path.join(out, "subsets-masked" if masked else "subsets")
     os.makedirs(sub_dir, exist_ok=True)
     np.save(os.path.join(sub_dir, "masks.npy"), masks)
-    seeds = [model_seed(cfg.train.seed, m, cfg.seed_mode) for m in range(cfg.num_models)]
+    seeds, rep_seeds = _subset_seeds(cfg)
+    train_kw = dict(method="stacked" if masked else cfg.train_method, stack_size=cfg.stack_size, device=device,
+                    progress=progress, masked=masked)
     speed_path = os.path.join(out, "speedup.json")
     speedup = json.load(open(speed_path)) if os.path.exists(speed_path) else None
     with timer.stage("train subset models"):
@@ -432,20 +506,32 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
         print(f"[retrain] stacked training of {speedup['models']} models on {speedup['device']}: "
               f"{speedup['stacked_s']:.3f} s/step vs {speedup['sequential_s']:.3f} s one at a time "
               f"-> speed-up x{speedup['speedup']:.2f}", flush=True)
-        run_dirs = train_models(train, cfg.train, masks, sub_dir, seeds, method=cfg.train_method,
-                                stack_size=cfg.stack_size, device=device, progress=progress)
+        run_dirs = train_models(train, cfg.train, masks, sub_dir, seeds, **train_kw)
         sub_ckpts = [final_checkpoint(d, cfg.train) for d in run_dirs]
+    rep_ckpts = []
+    if cfg.num_replicates:
+        with timer.stage("train replicate models"):
+            rep_dirs = train_models(train, cfg.train, masks[:cfg.num_replicates],
+                                    os.path.join(out, "replicates-masked" if masked else "replicates"), rep_seeds,
+                                    **train_kw)
+            rep_ckpts = [final_checkpoint(d, cfg.train) for d in rep_dirs]
     with timer.stage("ground truth"):
         sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
                 "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps,
                                                  [traj.timestep_at(s) for s in cfg.lds_steps], "heldout")}
         n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
+        settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha}
+        suffix = "-masked" if masked else ""
         gt = {s: measure_models(sub_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                os.path.join(out, "groundtruth", s), {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha},
-                                device=device, progress=progress)
+                                os.path.join(out, "groundtruth" + suffix, s), settings, device=device,
+                                progress=progress)
               for s, ts in sets.items()}
+        gt_rep = {s: measure_models(rep_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
+                                    os.path.join(out, "groundtruth-replicates" + suffix, s),
+                                    {**settings, "seeds": rep_seeds}, device=device, progress=progress)
+                  for s, ts in sets.items()} if rep_ckpts else None
     with timer.stage("LDS"):
-        tables = _lds_tables(cfg, scores, masks, gt)
+        tables = _lds_tables(cfg, scores, masks, gt, gt_rep)
         acceptance = _acceptance(tables, cfg)
         write_json_atomic(os.path.join(out, "lds.json"), {"steps": list(cfg.lds_steps),
                                                           "timesteps": [traj.timestep_at(s) for s in cfg.lds_steps],
@@ -482,6 +568,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the config's)")
     p.add_argument("--no-audit", action="store_true", help="skip the retrain-without-top-k audit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config setting, e.g. --set lds_mode=masked --set num_replicates=16 "
+                        "--set train.epochs=20 (repeatable; the run folder records the result)")
     ns = p.parse_args(argv)
     try:
         if ns.config.endswith(".json"):
@@ -489,6 +578,7 @@ def main(argv=None) -> int:
                 cfg = EvalConfig.from_dict(json.load(f))
         else:
             cfg = get_config(ns.config)
+        cfg = apply_overrides(cfg, ns.set)
         run(cfg, ns.out, ns.overwrite, ns.device, ns.threads, not ns.quiet, not ns.no_audit)
     except (UserError, DataError, StoreError) as e:
         print(f"evaluations.run: error: {e}", file=sys.stderr)

@@ -99,3 +99,18 @@ def test_two_way_bootstrap():
     _, lo2, hi2 = paired_bootstrap_ci(x, y, n_boot=300, seed=0)
     _, lo1, hi1 = bootstrap_ci([spearman(x[:, j], y[:, j]) for j in range(T)], n_boot=300, seed=0)
     assert hi2 - lo2 > hi1 - lo1
+
+
+def test_replicate_ceiling_bounds_a_perfect_predictor():
+    from evaluations.metrics import replicate_ceiling, split_half
+
+    rng = np.random.default_rng(0)
+    M, T = 4000, 3
+    f = rng.normal(size=(M, T))                       # what the subset explains
+    a, b = f + rng.normal(size=(M, T)), f + rng.normal(size=(M, T))   # two training runs per subset
+    r = split_half(a, b)
+    assert np.allclose(r, 0.5, atol=0.05)
+    c = replicate_ceiling(r)
+    best = np.array([spearman(f[:, j], a[:, j]) for j in range(T)])
+    assert np.allclose(best, c, atol=0.05)          # the perfect predictor reaches the ceiling
+    assert np.allclose(replicate_ceiling([-0.2, 0.0, 1.0]), [0.0, 0.0, 1.0])

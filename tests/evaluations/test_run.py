@@ -6,7 +6,7 @@ import pytest
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
 from diffusion_trak.data import DataArgs
 from evaluations.configs import CONFIGS, ConfigError, EvalConfig, get_config
-from evaluations.run import ConfigMismatch, main, run
+from evaluations.run import ConfigMismatch, apply_overrides, main, run
 
 
 def tiny_config(**kw):
@@ -46,3 +46,30 @@ def test_end_to_end_tiny(tmp_path):
     with pytest.raises(ConfigMismatch):
         run(tiny_config(num_models=5), out, progress=False)
     assert main(["tiny-typo", "--out", str(tmp_path / "x")]) == 2
+    # settings that only add work resume the run: replicates add the seed ceiling to the tables
+    res2 = run(tiny_config(num_replicates=2), out, progress=False, audit=False)
+    entry = res2["tables"]["generated"]["xhat0_loss"]
+    assert entry["methods"]["trak"][0]["values"] == lds["tables"]["generated"]["xhat0_loss"]["methods"]["trak"][0]["values"]
+    assert len(entry["seed_r"]) == 3 and len(entry["seed_r"][0]["values"]) == 4
+    assert all(0 <= v <= 1 for e in entry["seed_ceiling"] for v in e["values"])
+    assert "seed ceiling" in open(os.path.join(out, "report.md")).read()
+    assert len(os.listdir(os.path.join(out, "replicates"))) >= 2
+
+
+def test_masked_lds_mode(tmp_path):
+    out = str(tmp_path / "run")
+    res = run(tiny_config(lds_mode="masked", num_replicates=2, num_models=3), out, progress=False, audit=False)
+    assert os.path.isdir(os.path.join(out, "subsets-masked")) and not os.path.exists(os.path.join(out, "subsets"))
+    assert len(res["tables"]["heldout"]["final_loss_le_t"]["seed_ceiling"]) == 3
+    assert "masked: the attributed run replayed" in open(os.path.join(out, "report.md")).read()
+    with pytest.raises(ConfigMismatch):  # changing how the subset models are trained is not an extension
+        run(tiny_config(lds_mode="retrain", num_replicates=2, num_models=3), out, progress=False, audit=False)
+
+
+def test_overrides():
+    cfg = apply_overrides(get_config("digits-quick"), ["lds_mode=masked", "num_replicates=16", "train.epochs=3",
+                                                       "audit_steps=[50]"])
+    assert (cfg.lds_mode, cfg.num_replicates, cfg.train.epochs, cfg.audit_steps) == ("masked", 16, 3, (50,))
+    for bad in (["nope=1"], ["train.nope=1"], ["lds_mode"], ["lds_mode=sometimes"]):
+        with pytest.raises(ConfigError):
+            apply_overrides(get_config("digits-quick"), bad)
