@@ -17,10 +17,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import List, Optional
 
-from .config import FeaturizeArgs, ScoreArgs, TrainArgs, asdict
+from .config import FeaturizeArgs, ScoreArgs, TrainArgs
 
 DEFAULT_RUN = "runs/digits"
 
@@ -119,8 +118,7 @@ def cmd_featurize(ns):
 
 
 def cmd_generate(ns):
-    import torch
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler
 
     from pipelines import TrajectoryPipeline
 
@@ -156,8 +154,6 @@ def cmd_score(ns):
     features = api.FeatureSet.open(ns.features or os.path.join(ns.run, "features"))
     tpath = ns.trajectory or os.path.join(ns.run, "trajectories", "seed-0.safetensors")
     if ns.images:
-        import numpy as np
-        import torch
         from .data import DataArgs, load_dataset
 
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")

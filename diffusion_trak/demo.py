@@ -10,7 +10,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
 
 from .config import FeaturizeArgs, ScoreArgs, TrainArgs
 

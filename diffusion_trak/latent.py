@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,6 @@ from .config import FeaturizeArgs, ScoreArgs, TrainArgs, asdict
 from .data import ImageDataset
 from .errors import InputError, UserError
 from .featurize.featurizer import Featurizer, model_fingerprint, seed_for
-from .outputs import output_value
 from .store import Store, StoreError, write_json_atomic
 from .text import CAPTION_MODES, CaptionSet, TextConditioner, caption_conditioning
 
@@ -457,7 +456,7 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
     a new one. Rerunning with the same ``run_dir`` resumes from the last finished checkpoint."""
     from accelerate import Accelerator
 
-    from .train import build_scheduler, checkpoint_epochs, list_checkpoints, save_checkpoint
+    from .train import build_scheduler, checkpoint_epochs, fit, list_checkpoints, make_optimizer, resume
 
     if len(latents) == 0:
         raise InputError("cannot train on an empty dataset; check --classes/--limit")
@@ -489,52 +488,20 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
     if unet is None:
         unet = build_latent_unet(args, latents.image_shape, num_classes, table.embeds.shape[-1] if table else None)
     scheduler = build_scheduler(args.unet_args())
-    steps_per_epoch = math.ceil(len(latents) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    warm = min(50, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
-    saves = checkpoint_epochs(args.unet_args())
-    done = list_checkpoints(run_dir)
-    start_epoch = 0
-    if done:
-        last = done[-1]
-        state = torch.load(os.path.join(last, "train_state.pt"), weights_only=False)
-        unet.load_state_dict(load_latent_checkpoint(last)[0].state_dict())
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        start_epoch = state["epoch"]
+    opt, lr_sched = make_optimizer(unet.parameters(), args, len(latents))
+    start_epoch = resume(run_dir, unet, opt, lr_sched, lambda ck: load_latent_checkpoint(ck)[0])
     unet, opt = accelerator.prepare(unet, opt)
-    images, labels = latents.images, latents.labels
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train latent unet", disable=not progress)
-    for epoch in range(start_epoch, args.epochs):
-        g = torch.Generator().manual_seed(seed_for(args.seed, epoch, 11))
-        perm = torch.randperm(len(latents), generator=g)
-        unet.train()
-        for s in range(steps_per_epoch):
-            idx = perm[s * args.batch_size:(s + 1) * args.batch_size]
-            x0 = images[idx].to(accelerator.device)
-            t = torch.randint(0, args.num_train_timesteps, (len(idx),), generator=g).to(accelerator.device)
-            noise = torch.randn(x0.shape, generator=g).to(accelerator.device)
-            if kind == "text":
-                cond = {"encoder_hidden_states": table.draw(idx, g, args.uncond_prob)}
-            elif kind == "class":
-                cond = {"class_labels": labels[idx].to(accelerator.device)}
-            else:
-                cond = None
-            with accelerator.autocast():
-                loss = output_value(unet, scheduler, x0, t, noise, "loss", cond).mean()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
-        if (epoch + 1) in saves and accelerator.is_main_process:
-            save_checkpoint(run_dir, epoch + 1, accelerator.unwrap_model(unet), scheduler, opt, sched)
-    bar.close()
+    labels = latents.labels
+
+    def cond_fn(idx, g):
+        if kind == "text":
+            return {"encoder_hidden_states": table.draw(idx, g, args.uncond_prob)}
+        if kind == "class":
+            return {"class_labels": labels[idx].to(accelerator.device)}
+        return None
+
+    fit(accelerator, unet, scheduler, opt, lr_sched, latents.images, args, checkpoint_epochs(args.unet_args()), run_dir,
+        cond_fn, start_epoch, "train latent unet", progress)
     return list_checkpoints(run_dir)
 
 

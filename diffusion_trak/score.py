@@ -20,7 +20,7 @@ does not grow with the number of training rows either (``evaluations/bench_scori
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import mmap
 

@@ -37,7 +37,6 @@ import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 

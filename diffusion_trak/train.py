@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -78,6 +77,82 @@ def save_checkpoint(run_dir: str, epoch: int, unet, scheduler, optimizer, lr_sch
     return ck
 
 
+# ----------------------------------------------------------------------------------------------
+# The training loop shared by the pixel and latent trainers (and whose draws the stacked
+# retrainer of evaluations/ replays)
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_lambda(total: int):
+    """The learning-rate schedule: linear warm-up over ``min(50, total/10)`` steps, cosine to 10%."""
+    warm = min(50, total // 10)
+    return lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def make_optimizer(parameters, args, num_examples: int):
+    """AdamW (no weight decay) and the :func:`lr_lambda` schedule over ``args.epochs`` epochs."""
+    total = math.ceil(num_examples / args.batch_size) * args.epochs
+    opt = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total))
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int, num_train_timesteps: int, shape: Sequence[int]
+                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator]]:
+    """``(positions, timesteps, noise, generator)`` for every optimiser step of one epoch.
+
+    One generator seeded by ``(seed, epoch, 11)`` draws the permutation of the ``n`` examples, then for
+    every step its timesteps and then its noise. It is yielded too, so a trainer that draws more per
+    step (a caption) continues the same stream; a resumed epoch therefore replays exactly."""
+    g = torch.Generator().manual_seed(seed_for(seed, epoch, 11))
+    perm = torch.randperm(n, generator=g)
+    for s in range(math.ceil(n / batch_size)):
+        idx = perm[s * batch_size:(s + 1) * batch_size]
+        t = torch.randint(0, num_train_timesteps, (len(idx),), generator=g)
+        noise = torch.randn((len(idx), *shape), generator=g)
+        yield idx, t, noise, g
+
+
+def resume(run_dir: str, unet, opt, lr_sched, load_unet: Callable[[str], torch.nn.Module]) -> int:
+    """Load the last finished checkpoint of ``run_dir`` (weights via ``load_unet(folder)``, optimiser and
+    schedule state) into the given objects; return its epoch (0 when there is none)."""
+    done = list_checkpoints(run_dir)
+    if not done:
+        return 0
+    state = torch.load(os.path.join(done[-1], "train_state.pt"), weights_only=False)
+    unet.load_state_dict(load_unet(done[-1]).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_scheduler"])
+    return int(state["epoch"])
+
+
+def fit(accelerator, unet, scheduler, opt, lr_sched, images: torch.Tensor, args, saves: Sequence[int], run_dir: str,
+        cond_fn: Callable, start_epoch: int = 0, desc: str = "train", progress: bool = True) -> None:
+    """Epochs ``start_epoch..args.epochs`` of denoising-loss training on ``images`` (one
+    :func:`epoch_batches` stream per epoch; ``cond_fn(positions, generator)`` gives the conditioning),
+    with gradient clipping at 1 and a :func:`save_checkpoint` after each epoch in ``saves``."""
+    steps_per_epoch = math.ceil(len(images) / args.batch_size)
+    dev = accelerator.device
+    bar = tqdm(total=steps_per_epoch * args.epochs, initial=start_epoch * steps_per_epoch, desc=desc,
+               disable=not progress)
+    for epoch in range(start_epoch, args.epochs):
+        unet.train()
+        for idx, t, noise, g in epoch_batches(args.seed, epoch, len(images), args.batch_size,
+                                              args.num_train_timesteps, images.shape[1:]):
+            cond = cond_fn(idx, g)
+            with accelerator.autocast():
+                loss = output_value(unet, scheduler, images[idx].to(dev), t.to(dev), noise.to(dev), "loss", cond).mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
+        if (epoch + 1) in saves and accelerator.is_main_process:
+            save_checkpoint(run_dir, epoch + 1, accelerator.unwrap_model(unet), scheduler, opt, lr_sched)
+    bar.close()
+
+
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
                overwrite: bool = False) -> List[str]:
     """Train on ``dataset`` (an :class:`~diffusion_trak.data.ImageDataset`) and return checkpoint folders.
@@ -111,48 +186,16 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
         num_classes = int(dataset.labels.max()) + 1
     unet = build_unet(args, dataset.image_shape, num_classes)
     scheduler = build_scheduler(args)
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    warm = min(50, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    opt, lr_sched = make_optimizer(unet.parameters(), args, len(dataset))
 
-    saves = checkpoint_epochs(args)
-    done = list_checkpoints(run_dir)
-    start_epoch = 0
-    if done:
-        last = done[-1]
-        state = torch.load(os.path.join(last, "train_state.pt"), weights_only=False)
+    def load_unet(ck):
         from diffusers import UNet2DModel
-        unet.load_state_dict(UNet2DModel.from_pretrained(os.path.join(last, "unet")).state_dict())
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        start_epoch = state["epoch"]
+        return UNet2DModel.from_pretrained(os.path.join(ck, "unet"))
+
+    start_epoch = resume(run_dir, unet, opt, lr_sched, load_unet)
     unet, opt = accelerator.prepare(unet, opt)
-    images = dataset.images
     labels = dataset.labels
-    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", disable=not progress)
-    for epoch in range(start_epoch, args.epochs):
-        g = torch.Generator().manual_seed(seed_for(args.seed, epoch, 11))
-        perm = torch.randperm(len(dataset), generator=g)
-        unet.train()
-        for s in range(steps_per_epoch):
-            idx = perm[s * args.batch_size:(s + 1) * args.batch_size]
-            x0 = images[idx].to(accelerator.device)
-            t = torch.randint(0, args.num_train_timesteps, (len(idx),), generator=g).to(accelerator.device)
-            noise = torch.randn(x0.shape, generator=g).to(accelerator.device)
-            cond = {"class_labels": labels[idx].to(accelerator.device)} if num_classes else None
-            with accelerator.autocast():
-                loss = output_value(unet, scheduler, x0, t, noise, "loss", cond).mean()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
-        if (epoch + 1) in saves and accelerator.is_main_process:
-            save_checkpoint(run_dir, epoch + 1, accelerator.unwrap_model(unet), scheduler, opt, sched)
-    bar.close()
+    cond_fn = (lambda idx, g: {"class_labels": labels[idx].to(accelerator.device)}) if num_classes else (lambda idx, g: None)
+    fit(accelerator, unet, scheduler, opt, lr_sched, dataset.images, args, checkpoint_epochs(args), run_dir, cond_fn,
+        start_epoch, "train", progress)
     return list_checkpoints(run_dir)

@@ -47,7 +47,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import math
 import statistics
 import sys
 import time

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs, asdict, from_dict
 from diffusion_trak.data import DataArgs

@@ -26,8 +26,7 @@ of the two halves (the correlation over models of two independent measurements o
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np

@@ -14,7 +14,7 @@ whose sign is flipped has a negative LDS.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 from scipy.stats import rankdata

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,40 +39,14 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from diffusion_trak.config import TrainArgs, asdict
-from diffusion_trak.featurize.featurizer import seed_for
 from diffusion_trak.featurize.gradients import use_vmap_friendly_attention
 from diffusion_trak.outputs import output_value
 from diffusion_trak.store import write_json_atomic
-from diffusion_trak.train import build_scheduler, build_unet, checkpoint_epochs, list_checkpoints, train_ddpm
+from diffusion_trak.train import (build_scheduler, build_unet, checkpoint_epochs, epoch_batches, list_checkpoints, lr_lambda,
+                                  train_ddpm)
 
-from .subsets import model_seed
 
 METHODS = ("auto", "sequential", "stacked")
-
-
-# ----------------------------------------------------------------------------------------------
-# The draws shared by both trainers
-# ----------------------------------------------------------------------------------------------
-
-
-def epoch_batches(seed: int, epoch: int, n: int, batch_size: int, num_train_timesteps: int,
-                  shape: Sequence[int]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(positions, timesteps, noise)`` for every optimiser step of one epoch, in
-    :func:`~diffusion_trak.train.train_ddpm`'s order: a generator seeded by ``(seed, epoch, 11)``
-    draws the permutation, then for every step the timesteps and then the noise."""
-    g = torch.Generator().manual_seed(seed_for(seed, epoch, 11))
-    perm = torch.randperm(n, generator=g)
-    for s in range(math.ceil(n / batch_size)):
-        idx = perm[s * batch_size:(s + 1) * batch_size]
-        t = torch.randint(0, num_train_timesteps, (len(idx),), generator=g)
-        noise = torch.randn((len(idx), *shape), generator=g)
-        yield idx, t, noise
-
-
-def lr_lambda(total: int):
-    """``train_ddpm``'s schedule: linear warm-up over ``min(50, total/10)`` steps, cosine to 10%."""
-    warm = min(50, total // 10)
-    return lambda s: min(1.0, (s + 1) / max(1, warm)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
 
 def _run_meta(dataset, args: TrainArgs) -> dict:
@@ -408,10 +382,10 @@ def benchmark_stacked(dataset, args: TrainArgs, positions: Sequence[np.ndarray],
         it = epoch_batches(int(seeds[m]), 0, n, args.batch_size, T, shape)
         for s in range(warmup + steps):
             try:
-                idx, t, noise = next(it)
+                idx, t, noise, _ = next(it)
             except StopIteration:
                 it = epoch_batches(int(seeds[m]), s, n, args.batch_size, T, shape)
-                idx, t, noise = next(it)
+                idx, t, noise, _ = next(it)
             sync()
             t0 = time.perf_counter()
             loss = output_value(unet, scheduler, subsets[m].images[idx].to(dev), t.to(dev), noise.to(dev)).mean()

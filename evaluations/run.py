@@ -317,7 +317,7 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
     L += [f"- training set: {N} images ({cfg.data.name}), held-out targets: {cfg.num_heldout}, "
           f"generated targets: {cfg.num_generated} ({cfg.num_inference_steps} DDPM steps)",
           f"- LDS harness: M = {cfg.num_models} models, each on an α = {cfg.alpha} subset "
-          + (f"(masked: the attributed run replayed with the other examples weighted 0), "
+          + ("(masked: the attributed run replayed with the other examples weighted 0), "
              if cfg.lds_mode == "masked" else f"({cfg.seed_mode} training seeds), ")
           + f"same recipe as the attributed model ({cfg.train.epochs} epochs, UNet {tuple(cfg.train.block_out_channels)})",
           f"- TRAK: T = {cfg.featurize.num_timesteps} timesteps/example, k = {cfg.featurize.proj_dim}, "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_trak.cli import build_parser, main
+from diffusion_trak.cli import main
 
 
 @pytest.mark.parametrize("cmd", ["train", "featurize", "generate", "score", "plot", "demo"])

@@ -1,7 +1,6 @@
 """Scale-out and crash safety: a 2-process accelerate run equals a 1-process run; kill -9 then rerun
 gives bit-identical results."""
 import os
-import shutil
 import signal
 import subprocess
 import sys

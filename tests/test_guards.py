@@ -6,13 +6,12 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
 from diffusion_trak import api
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs
-from diffusion_trak.data import DataError, ImageDataset, load_dataset
+from diffusion_trak.data import ImageDataset, load_dataset
 from diffusion_trak.errors import UserError
 from diffusion_trak.featurize.projectors import ProjectorError, make_projector
 
