@@ -104,7 +104,7 @@ def cmd_train(ns):
 def _featurize_args(ns) -> FeaturizeArgs:
     return FeaturizeArgs(num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy, proj_dim=ns.proj_dim,
                          projector=ns.projector, output=ns.output, seed=ns.seed, batch_size=ns.batch_size,
-                         method=ns.method)
+                         method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None)
 
 
 def cmd_featurize(ns):
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the run's model/ckpt-*")
     sp.add_argument("-T", "--num-timesteps", type=int, default=f.num_timesteps)
     sp.add_argument("--timestep-strategy", default=f.timestep_strategy, choices=["uniform", "evenly_spaced", "stratified"])
+    sp.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="draw training timesteps from LO..HI only (timestep-matched features for one step)")
     sp.add_argument("-k", "--proj-dim", type=int, default=f.proj_dim)
     sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl", "countsketch"])
     sp.add_argument("--output", default=f.output, help="output function: loss, sqnorm, mean, l1, l2")

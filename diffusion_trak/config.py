@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
 
 
+#: field metadata of settings added after results were first saved: written only when set, so the
+#: settings of earlier results still compare equal and those results stay resumable
+ADDED_LATER = {"omit_when_default": True}
+
+
 def asdict(obj) -> dict:
-    """JSON-friendly dict of a settings dataclass (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
+    """JSON-friendly dict of a settings dataclass (tuples become lists); fields marked
+    :data:`ADDED_LATER` are left out while they hold their default."""
+    d = json.loads(json.dumps(dataclasses.asdict(obj)))
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("omit_when_default") and getattr(obj, f.name) == f.default:
+            d.pop(f.name, None)
+    return d
 
 
 def from_dict(cls, d: dict):
@@ -83,6 +93,9 @@ class FeaturizeArgs:
         timestep_strategy: ``uniform`` (i.i.d. uniform over the training timesteps, journey-TRAK),
             ``evenly_spaced`` (the same T evenly spaced timesteps for every example, D-TRAK) or
             ``stratified`` (one uniform draw in each of T equal bins).
+        timestep_range: ``(lo, hi)``: draw the timesteps from ``lo..hi`` (inclusive) only, by the same
+            strategy; None = all training timesteps. Features restricted to a window around the
+            timestep of a sampling step are that step's *timestep-matched* features.
         proj_dim: k, the projected dimension.
         projector: ``auto`` (fast_jl when installed and CUDA is used, else ``torch``), ``torch``
             (dense Rademacher, seeded, generated in blocks) or ``fast_jl`` (error if unusable).
@@ -108,8 +121,14 @@ class FeaturizeArgs:
     seed: int = 0
     batch_size: int = 16
     method: str = "vmap"
+    timestep_range: Optional[Tuple[int, int]] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self):
+        if self.timestep_range is not None:
+            lo, hi = (int(v) for v in self.timestep_range)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo <= hi, got {self.timestep_range}")
+            self.timestep_range = (lo, hi)
         if self.timestep_strategy not in TIMESTEP_STRATEGIES:
             raise ValueError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
         if self.num_timesteps < 1 or self.proj_dim < 1:

@@ -29,7 +29,7 @@ from diffusion_trak.score import TRAKScorer
 from diffusion_trak.store import Store
 from diffusion_trak.targets import target_features, trajectory_target_features
 
-from .metrics import bootstrap_ci, lds
+from .metrics import lds, lds_ci
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -43,6 +43,7 @@ class Variant:
     timestep_strategy: str = "uniform"
     normalize: bool = False          # unit-normalise every feature row before the kernel
     checkpoints: int = 0             # use the last n checkpoints (0 = all)
+    window: int = 0                  # >0: timestep-matched features, drawn from t_s ± window for step s
 
 
 VARIANTS = [
@@ -54,6 +55,9 @@ VARIANTS = [
     Variant("loss/loss, stratified T=10", timestep_strategy="stratified"),
     Variant("loss/loss stratified, normalised", timestep_strategy="stratified", normalize=True),
     Variant("D-TRAK, stratified T=32", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified", num_timesteps=32),
+    Variant("timestep-matched loss/loss, t±100, stratified T=10", timestep_strategy="stratified", window=100),
+    Variant("timestep-matched sqnorm/sqnorm, t±100, stratified T=10", output="sqnorm", target_output="sqnorm",
+            timestep_strategy="stratified", window=100),
 ]
 
 
@@ -67,7 +71,15 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
                                       "timestep_strategy": v.timestep_strategy})
     key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
-    fs = api.featurize(ckpts, train, fargs, os.path.join(run, "ablations", "features", key), device=device)
+    ts = [traj.timestep_at(s) for s in steps]
+    if v.window:  # one feature set per step, drawn from that step's timestep window
+        n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
+        ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
+        fsets = [api.featurize(ckpts, train, dataclasses.replace(fargs, timestep_range=r),
+                               os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}"), device=device)
+                 for r in ranges]
+    else:
+        fsets = [api.featurize(ckpts, train, fargs, os.path.join(run, "ablations", "features", key), device=device)]
     sargs = from_dict(ScoreArgs, cfg["score"])
     tpath = os.path.join(run, "ablations", "targets", f"{key}-{v.target_output}.npz")
     if os.path.exists(tpath):
@@ -75,7 +87,6 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
     else:
         tf = {"generated": [], "heldout": []}
-        ts = [traj.timestep_at(s) for s in steps]
         for ck in ckpts:
             u, sch = api.as_checkpoints([ck], device)[0]
             f = Featurizer(u, sch, fargs, device)
@@ -86,22 +97,27 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         np.savez(tpath + ".tmp.npz", **{f"{s}_{c}": x for s, lst in tf.items() for c, x in enumerate(lst)})
         os.replace(tpath + ".tmp.npz", tpath)
     use = slice(-v.checkpoints, None) if v.checkpoints else slice(None)  # the last n checkpoints
-    phis = [np.asarray(a) for a in fs.arrays][use]
     tf = {s: lst[use] for s, lst in tf.items()}
-    if v.normalize:
-        phis = [_unit(p) for p in phis]
+    phi_sets = []
+    for fs in fsets:
+        phis = [np.asarray(a) for a in fs.arrays][use]
+        phi_sets.append([_unit(p) for p in phis] if v.normalize else phis)
     out = {}
     for sname, per_ckpt in tf.items():
         S, B, k = per_ckpt[0].shape
-        flat = [(_unit(p) if v.normalize else p).reshape(S * B, k) for p in per_ckpt]
+        targets = [(_unit(p) if v.normalize else p) for p in per_ckpt]  # each (S, B, k)
         out[sname] = {}
         for r in RIDGES:
-            out[sname][r] = TRAKScorer(phis, r).score(flat).reshape(S, B, -1)
+            if len(phi_sets) == 1:
+                res = TRAKScorer(phi_sets[0], r).score([t.reshape(S * B, k) for t in targets]).reshape(S, B, -1)
+            else:  # step si is scored with the features of its own window
+                res = np.stack([TRAKScorer(phi_sets[si], r).score([t[si] for t in targets]) for si in range(S)])
+            out[sname][r] = res
     return out
 
 
-def _load_gt(run: str, sname: str) -> Dict[str, np.ndarray]:
-    store = Store.open_existing(os.path.join(run, "groundtruth", sname))
+def _load_gt(run: str, sname: str, suffix: str = "") -> Dict[str, np.ndarray]:
+    store = Store.open_existing(os.path.join(run, "groundtruth" + suffix, sname))
     res = {}
     for name in store.names():
         kind = name[len(sname) + 1:]
@@ -123,8 +139,6 @@ def main(argv=None):
     from diffusion_trak.train import list_checkpoints
     from pipelines import Trajectory
 
-    from . import configs  # noqa: F401
-
     run = ns.run
     cfg = json.load(open(os.path.join(run, "config.json")))
     train = load_dataset(DataArgs.from_dict(cfg["data"]))
@@ -132,10 +146,11 @@ def main(argv=None):
     traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
     steps = list(cfg["lds_steps"])
     ckpts = list_checkpoints(os.path.join(run, "attributed"))
-    masks = np.load(os.path.join(run, "subsets", "masks.npy"))
+    suffix = "-masked" if cfg.get("lds_mode") == "masked" else ""
+    masks = np.load(os.path.join(run, "subsets" + suffix, "masks.npy"))
     M = masks.shape[0]
     sel, rep = np.arange(M // 2), np.arange(M // 2, M)
-    gt = {s: _load_gt(run, s) for s in ("generated", "heldout")}
+    gt = {s: _load_gt(run, s, suffix) for s in ("generated", "heldout")}
     base = np.load(os.path.join(run, "baselines", "scores.npz"))
     rows: List[dict] = []
 
@@ -144,8 +159,7 @@ def main(argv=None):
             for kind, y in gt[sname].items():
                 cells = []
                 for si in range(len(steps)):
-                    vals = lds(sc[si], masks[rep], y[rep, si, :])
-                    cells.append(bootstrap_ci(vals, 2000, seed=si))
+                    cells.append(lds_ci(sc[si], masks[rep], y[rep, si, :], 1000, seed=si))
                 rows.append({"method": name, "set": sname, "gt": kind, "ridge": ridge, "cells": cells})
 
     for key in base.files:
@@ -166,7 +180,7 @@ def main(argv=None):
         json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows,
                    "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
     lines = [f"# Estimator ablations on `{cfg['name']}`", "",
-             f"LDS (Spearman, mean over targets [95% bootstrap CI]) on the report half of the retrained models "
+             f"LDS (Spearman, mean over targets [95% two-way bootstrap CI over models and targets]) on the report half of the retrained models "
              f"({len(rep)} of {M}); the ridge of each variant was chosen on the other half (generated targets, paper output).", ""]
     ts = [traj.timestep_at(s) for s in steps]
     for sname in ("generated", "heldout"):

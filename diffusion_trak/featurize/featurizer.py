@@ -20,24 +20,28 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def sample_timesteps(strategy: str, T: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """T training timesteps by ``uniform`` (i.i.d.), ``evenly_spaced`` or ``stratified`` sampling."""
-    n = num_train_timesteps
+def sample_timesteps(strategy: str, T: int, num_train_timesteps: int, generator: torch.Generator,
+                     timestep_range=None) -> torch.Tensor:
+    """T training timesteps by ``uniform`` (i.i.d.), ``evenly_spaced`` or ``stratified`` sampling,
+    over ``0..num_train_timesteps-1`` or over ``timestep_range = (lo, hi)`` (inclusive)."""
+    lo, hi = (0, num_train_timesteps - 1) if timestep_range is None else (int(timestep_range[0]), int(timestep_range[1]))
+    if hi >= num_train_timesteps:
+        raise ValueError(f"timestep_range {timestep_range} reaches past the model's {num_train_timesteps} timesteps")
     if strategy == "uniform":
-        return torch.randint(0, n, (T,), generator=generator)
+        return torch.randint(lo, hi + 1, (T,), generator=generator)
     if strategy == "evenly_spaced":
-        return torch.linspace(0, n - 1, T).round().long() if T > 1 else torch.tensor([n // 2])
+        return torch.linspace(lo, hi, T).round().long() if T > 1 else torch.tensor([(lo + hi + 1) // 2])
     if strategy == "stratified":
-        edges = torch.linspace(0, n, T + 1)
+        edges = torch.linspace(lo, hi + 1, T + 1)
         u = torch.rand(T, generator=generator)
-        return (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(0, n - 1)
+        return (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(lo, hi)
     raise ValueError(f"unknown timestep strategy {strategy!r}")
 
 
 def example_draws(index: int, args: FeaturizeArgs, num_train_timesteps: int, shape: Sequence[int]):
     """The (timesteps, noises) of training example ``index``: a function of ``(args.seed, index)`` only."""
     g = torch.Generator().manual_seed(seed_for(args.seed, index, 7))
-    t = sample_timesteps(args.timestep_strategy, args.num_timesteps, num_train_timesteps, g)
+    t = sample_timesteps(args.timestep_strategy, args.num_timesteps, num_train_timesteps, g, args.timestep_range)
     noise = torch.randn(args.num_timesteps, *shape, generator=g)
     return t, noise
 
