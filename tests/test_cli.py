@@ -9,7 +9,7 @@ from PIL import Image
 from diffusion_trak.cli import main
 
 
-@pytest.mark.parametrize("cmd", ["train", "featurize", "generate", "score", "plot", "demo"])
+@pytest.mark.parametrize("cmd", ["train", "featurize", "generate", "score", "plot", "demo", "evaluate"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -57,3 +57,14 @@ def test_step_by_step_commands(tmp_path, capsys):
     # changed settings over the existing store refuse with exit code 2
     assert main(["featurize", *common, "-T", "3", "-k", "32"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_evaluate_forwards_to_the_harness(tmp_path, capsys):
+    # an unknown config and a bad override fail with one line and exit code 2, before any work
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "no-such-config", "--out", str(tmp_path / "a")])
+    assert e.value.code == 2 and "unknown benchmark config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "digits-quick", "--out", str(tmp_path / "b"), "--set", "lds_mode=sometimes"])
+    assert e.value.code == 2 and "lds_mode" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
