@@ -153,6 +153,24 @@ def fit(accelerator, unet, scheduler, opt, lr_sched, images: torch.Tensor, args,
     bar.close()
 
 
+def run_meta(dataset, args: TrainArgs) -> dict:
+    """What a run folder was trained with: the recipe and the data (``train_args.json``)."""
+    return {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
+
+
+def check_run_meta(run_dir: str, meta: dict) -> None:
+    """Write ``run_dir/train_args.json``, or refuse (one line) if it holds another recipe or data."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "train_args.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != meta:
+            raise InputError(f"{run_dir} holds a training run with other settings or data; "
+                             "use --overwrite or another --out")
+    write_json_atomic(path, meta)
+
+
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
                overwrite: bool = False) -> List[str]:
     """Train on ``dataset`` (an :class:`~diffusion_trak.data.ImageDataset`) and return checkpoint folders.
@@ -166,16 +184,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     if overwrite and os.path.isdir(run_dir):
         import shutil
         shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    args_path = os.path.join(run_dir, "train_args.json")
-    meta = {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
-    if os.path.exists(args_path):
-        with open(args_path) as f:
-            old = json.load(f)
-        if old != meta:
-            raise InputError(f"{run_dir} holds a training run with other settings or data; "
-                             "use --overwrite or another --out")
-    write_json_atomic(args_path, meta)
+    check_run_meta(run_dir, run_meta(dataset, args))
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=(device == "cpu"))
     torch.manual_seed(args.seed)

@@ -26,7 +26,6 @@ attention processor replaces SDPA, equal up to float error.)
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -41,28 +40,11 @@ from tqdm.auto import tqdm
 from diffusion_trak.config import TrainArgs, asdict
 from diffusion_trak.featurize.gradients import use_vmap_friendly_attention
 from diffusion_trak.outputs import output_value
-from diffusion_trak.store import write_json_atomic
-from diffusion_trak.train import (build_scheduler, build_unet, checkpoint_epochs, epoch_batches, list_checkpoints, lr_lambda,
-                                  train_ddpm)
+from diffusion_trak.train import (build_scheduler, build_unet, check_run_meta, checkpoint_epochs, epoch_batches,
+                                  list_checkpoints, lr_lambda, run_meta, train_ddpm)
 
 
 METHODS = ("auto", "sequential", "stacked")
-
-
-def _run_meta(dataset, args: TrainArgs) -> dict:
-    return {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
-
-
-def _check_or_write_meta(run_dir: str, meta: dict) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "train_args.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != meta:
-            raise ValueError(f"{run_dir} holds a training run with other settings or data; "
-                             "use --overwrite or another --out")
-    write_json_atomic(path, meta)
 
 
 def _last_epoch(run_dir: str) -> int:
@@ -141,7 +123,7 @@ class StackedTrainer:
 
     def _meta(self, m: int) -> dict:
         if not self.masked:
-            return _run_meta(self.subsets[m], self._model_args(m))
+            return run_meta(self.subsets[m], self._model_args(m))
         kept = np.flatnonzero(self.weights[m].numpy())
         return {"train": asdict(self._model_args(m)), "dataset": self.fingerprint, "num_examples": int(self.n),
                 "masked": {"num_kept": int(kept.size), "kept_sha": _sha(kept)}}
@@ -150,7 +132,7 @@ class StackedTrainer:
         """Train (or resume) every model; return each model's checkpoint folders."""
         args = self.args
         for m in range(self.M):
-            _check_or_write_meta(self.run_dirs[m], self._meta(m))
+            check_run_meta(self.run_dirs[m], self._meta(m))
         starts = {_last_epoch(d) for d in self.run_dirs}
         if len(starts) != 1:
             # models at different stages: resume each group separately
