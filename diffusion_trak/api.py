@@ -99,6 +99,10 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         check_compatible(unet, sched, dataset)
     check_finite(dataset.images)
     check_timesteps(ckpts)
+    n_t = int(ckpts[0][1].config.num_train_timesteps)
+    if args.timestep_range is not None and args.timestep_range[1] >= n_t:
+        raise InputError(f"timestep_range {tuple(args.timestep_range)} reaches past the model's {n_t} training "
+                         f"timesteps; use HI <= {n_t - 1}")
     if cond_fn is None and is_class_conditional(ckpts[0][0]):
         if dataset.labels is None:
             raise InputError("the model is class-conditional but the dataset has no labels; use a labelled dataset")

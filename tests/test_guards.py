@@ -101,6 +101,11 @@ def case_scheduler_timesteps(s):
               images=s.data.images[:1], progress=False)
 
 
+def case_timestep_range(s):
+    api.featurize([(s.unet, s.scheduler)], s.data, FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8,
+                                                                  timestep_range=(900, 1000)), s.store, progress=False)
+
+
 def case_missing_step(s):
     api.score(s.fs, [(s.unet, s.scheduler)], s.data.indices.numpy(), ScoreArgs(num_noises=1), trajectory=_traj(s, [0, 3]),
               steps=[1], progress=False)
@@ -162,6 +167,7 @@ CASES = [  # (case, error type, message pattern, store left unchanged?)
     (case_empty_dataset, UserError, r"empty.*--classes/--limit", True),
     (case_empty_dataset_in_memory, UserError, r"dataset is empty", True),
     (case_scheduler_timesteps, UserError, r"num_train_timesteps=500 but the features used 1000; load the scheduler", True),
+    (case_timestep_range, UserError, r"timestep_range \(900, 1000\) reaches past the model's 1000 training timesteps; use HI <= 999", True),
     (case_missing_step, UserError, r"trajectory lacks step 1; recorded steps are \[0, 3\]; regenerate with record_steps", True),
     (case_fast_jl_missing, ProjectorError, r"fast_jl is not installed; pip install --no-build-isolation fast_jl, or use --projector torch", True),
     (case_fast_jl_zeros, ProjectorError, r"fast_jl returned all-zero .* use --projector torch", True),
