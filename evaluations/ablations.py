@@ -50,6 +50,8 @@ VARIANTS = [
     Variant("paper (loss/loss, uniform T=10)"),
     Variant("paper, last checkpoint only", checkpoints=1),
     Variant("D-TRAK (sqnorm/sqnorm, stratified T=10)", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified"),
+    Variant("D-TRAK, last checkpoint only", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified",
+            checkpoints=1),
     Variant("D-TRAK, normalised", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified", normalize=True),
     Variant("sqnorm/loss, stratified T=10", output="sqnorm", target_output="loss", timestep_strategy="stratified"),
     Variant("loss/loss, stratified T=10", timestep_strategy="stratified"),
