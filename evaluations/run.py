@@ -352,7 +352,9 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
         for a in acceptance:
             L.append(f"- {SET_LABELS.get(a['set'], a['set'])}, {GT_LABELS.get(a['kind'], a['kind'])}: TRAK {_fmt(a['trak'])} vs "
                      f"best pixel baseline ({METHOD_LABELS[a['pixel_method']]}) {_fmt(a['pixel'])}: "
-                     f"**{a['verdict']}**")
+                     f"**{a['verdict']}**"
+                     + (f"; seed-replicate r {_fmt(a['seed_r'])} (the share of the output's variance the subset "
+                        "explains; √r bounds every method's LDS)" if a.get("seed_r") else ""))
         L.append("")
     if audit:
         L += ["## Retrain without the top-k proponents", "",
@@ -402,7 +404,10 @@ def _acceptance(tables, cfg) -> list:
                 verdict = "pixel higher, CIs do not overlap"
             else:
                 verdict = "CIs overlap"
-            res.append({"set": sname, "kind": kind, "trak": t, "pixel": p, "pixel_method": best, "verdict": verdict})
+            row = {"set": sname, "kind": kind, "trak": t, "pixel": p, "pixel_method": best, "verdict": verdict}
+            if e.get("seed_r"):
+                row["seed_r"] = e["seed_r"][last]
+            res.append(row)
     return res
 
 
