@@ -1,0 +1,40 @@
+import json
+import os
+
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
+from diffusion_trak.data import DataArgs
+from evaluations.ablations import RIDGES, main
+from evaluations.configs import EvalConfig
+from evaluations.run import run
+
+
+def tiny_config(**kw):
+    base = dict(name="tiny", data=DataArgs(name="digits", limit=48), heldout=DataArgs(name="digits", split="test", limit=4),
+                train=TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=2, batch_size=16, num_checkpoints=2),
+                featurize=FeaturizeArgs(num_timesteps=2, proj_dim=64, projector="torch"), score=ScoreArgs(num_noises=2),
+                num_models=6, train_method="stacked", stack_size=6, num_generated=4, num_inference_steps=10,
+                lds_steps=(0, 5, 9), num_heldout=4, gt_noises=2, gt_final_draws=4, encoder_epochs=1, audit_targets=0, audit_steps=(5,),
+                n_boot=50, threads=1)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+
+def test_ablations_on_a_tiny_run(tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_config(), out, progress=False, audit=False)
+    names = ["paper (loss/loss, uniform T=10)", "timestep-matched loss/loss, t±100, stratified T=10"]
+    assert main([out, "--variants", *names]) == 0
+    res = json.load(open(os.path.join(out, "ablations", "ablations.json")))
+    rows = [r for r in res["rows"] if r["method"] in names]
+    assert {r["method"] for r in rows} == set(names)
+    assert all(r["ridge"] in RIDGES and len(r["cells"]) == 3 for r in rows)
+    # the report half never overlaps the selection half
+    assert not set(res["selection_models"]) & set(res["report_models"])
+    # timestep-matched features: one store per step, each drawn from that step's window only
+    feats = sorted(d for d in os.listdir(os.path.join(out, "ablations", "features")) if "-t" in d)
+    assert len(feats) == 3
+    for d in feats:
+        lo, hi = (int(v) for v in d.rsplit("-t", 1)[1].split("-"))
+        settings = json.load(open(os.path.join(out, "ablations", "features", d, "manifest.json")))["settings"]
+        assert settings["featurize"]["timestep_range"] == [lo, hi] and hi - lo <= 200
