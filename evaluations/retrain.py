@@ -201,13 +201,8 @@ class StackedTrainer:
                 w = (torch.stack([self.weights[m][d[0]] for m, d in enumerate(draws)]).to(self.device)
                      if self.masked else None)
                 losses = step_fn(params, buffers, x0, t, noise, cond, w)
-                grads = torch.autograd.grad(losses.sum(), plist)
-                _clip_per_model_(grads, 1.0)
-                for p, g in zip(plist, grads):
-                    p.grad = g
-                opt.step()
+                _stacked_step(losses, plist, opt)
                 sched.step()
-                opt.zero_grad()
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses.mean().item():.4f}", epoch=epoch + 1)
             if (epoch + 1) in saves:
@@ -233,6 +228,17 @@ def _sha(a: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.asarray(a, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def _stacked_step(losses: torch.Tensor, plist: Sequence[torch.Tensor], opt) -> None:
+    """One optimiser step of every stacked model: backward of the summed per-model losses, clipping
+    of each model's gradient norm at 1 (as ``train_ddpm``), one element-wise AdamW step for all."""
+    grads = torch.autograd.grad(losses.sum(), plist)
+    _clip_per_model_(grads, 1.0)
+    for p, g in zip(plist, grads):
+        p.grad = g
+    opt.step()
+    opt.zero_grad()
 
 
 def _clip_per_model_(grads: Sequence[torch.Tensor], max_norm: float) -> None:
@@ -409,12 +415,7 @@ def benchmark_stacked(dataset, args: TrainArgs, positions: Sequence[np.ndarray],
         sync()
         t0 = time.perf_counter()
         losses = step_fn(params, buffers, x0, t, noise)
-        grads = torch.autograd.grad(losses.sum(), plist)
-        _clip_per_model_(grads, 1.0)
-        for p, g in zip(plist, grads):
-            p.grad = g
-        opt.step()
-        opt.zero_grad()
+        _stacked_step(losses, plist, opt)
         sync()
         if s >= warmup:
             stk += time.perf_counter() - t0
