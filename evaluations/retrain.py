@@ -17,7 +17,7 @@ Three ways to train the ``M`` models of a harness (:func:`train_models`):
   ``m`` with ``m % P == p`` (stacked, because ``train_ddpm`` would wrap a single model in DDP).
 
 Equality with sequential training: both trainers draw each epoch's shuffling, timesteps and noises
-with :func:`epoch_batches`, which reproduces ``train_ddpm``'s draws (generator seeded by
+with :func:`diffusion_trak.train.epoch_batches`, the function ``train_ddpm`` draws with (generator seeded by
 ``(seed, epoch)``; permutation, then per step the timesteps and the noise), and both use the same
 initialisation, learning-rate schedule, AdamW and clipping. The tests check that the two give the
 same weights within float tolerance. (Only attention differs: under ``vmap`` the classic
