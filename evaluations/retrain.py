@@ -37,7 +37,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-from diffusion_trak.config import TrainArgs, asdict
+from diffusion_trak.config import TrainArgs
 from diffusion_trak.featurize.gradients import use_vmap_friendly_attention
 from diffusion_trak.outputs import output_value
 from diffusion_trak.train import (build_scheduler, build_unet, check_run_meta, checkpoint_epochs, epoch_batches,
@@ -96,7 +96,6 @@ class StackedTrainer:
         self.masked = bool(masked)
         self.n = len(dataset) if masked else sizes.pop()
         self.weights = None
-        self.fingerprint = dataset.fingerprint()
         if masked:
             w = torch.zeros(len(positions), len(dataset))
             for m, p in enumerate(positions):
@@ -122,11 +121,11 @@ class StackedTrainer:
         return replace(self.args, seed=self.seeds[m])
 
     def _meta(self, m: int) -> dict:
-        if not self.masked:
-            return run_meta(self.subsets[m], self._model_args(m))
-        kept = np.flatnonzero(self.weights[m].numpy())
-        return {"train": asdict(self._model_args(m)), "dataset": self.fingerprint, "num_examples": int(self.n),
-                "masked": {"num_kept": int(kept.size), "kept_sha": _sha(kept)}}
+        meta = run_meta(self.subsets[m], self._model_args(m))  # masked: the full dataset
+        if self.masked:
+            kept = np.flatnonzero(self.weights[m].numpy())
+            meta["masked"] = {"num_kept": int(kept.size), "kept_sha": _sha(kept)}
+        return meta
 
     def train(self, progress: bool = True) -> List[List[str]]:
         """Train (or resume) every model; return each model's checkpoint folders."""
