@@ -208,12 +208,9 @@ def cmd_demo(ns):
 
 
 def cmd_evaluate(ns):
-    from evaluations.run import main as run_main
+    from evaluations.run import run_from_args
 
-    argv = [ns.config, "--out", ns.out, "--device", ns.device or "cpu", "--threads", str(ns.threads)]
-    argv += sum([["--set", kv] for kv in ns.set], [])
-    argv += [flag for flag, on in (("--overwrite", ns.overwrite), ("--no-audit", ns.no_audit), ("--quiet", ns.quiet)) if on]
-    rc = run_main(argv)
+    rc = run_from_args(ns)
     if rc:
         raise SystemExit(rc)
 
@@ -310,17 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
+    from evaluations.arguments import add_arguments as add_evaluate_arguments
+
     sp = sub.add_parser("evaluate", help="counterfactual validation: per-step LDS against baselines and the "
                         "retrain-without-top-k audit (same as python -m evaluations.run)")
-    sp.add_argument("config", help="benchmark config (digits-quick, fmnist-2) or a config.json file")
-    sp.add_argument("--out", required=True, help="run folder (rerunning the same command resumes it)")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a setting, e.g. --set lds_mode=masked --set num_replicates=16")
-    sp.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    sp.add_argument("--threads", type=int, default=0, help="torch threads (default: the config's)")
-    sp.add_argument("--no-audit", action="store_true", help="skip the retrain-without-top-k audit")
-    sp.add_argument("--quiet", action="store_true", help="no progress bars")
-    sp.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+    add_evaluate_arguments(sp)
     sp.set_defaults(func=cmd_evaluate)
     return p
 

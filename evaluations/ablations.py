@@ -30,6 +30,7 @@ from diffusion_trak.store import Store
 from diffusion_trak.targets import target_features, trajectory_target_features
 
 from .metrics import lds, lds_ci
+from .run import lds_folder
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -118,8 +119,8 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     return out
 
 
-def _load_gt(run: str, sname: str, suffix: str = "") -> Dict[str, np.ndarray]:
-    store = Store.open_existing(os.path.join(run, "groundtruth" + suffix, sname))
+def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.ndarray]:
+    store = Store.open_existing(os.path.join(run, lds_folder("groundtruth", lds_mode), sname))
     res = {}
     for name in store.names():
         kind = name[len(sname) + 1:]
@@ -148,11 +149,11 @@ def main(argv=None):
     traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
     steps = list(cfg["lds_steps"])
     ckpts = list_checkpoints(os.path.join(run, "attributed"))
-    suffix = "-masked" if cfg.get("lds_mode") == "masked" else ""
-    masks = np.load(os.path.join(run, "subsets" + suffix, "masks.npy"))
+    lds_mode = cfg.get("lds_mode", "retrain")
+    masks = np.load(os.path.join(run, lds_folder("subsets", lds_mode), "masks.npy"))
     M = masks.shape[0]
     sel, rep = np.arange(M // 2), np.arange(M // 2, M)
-    gt = {s: _load_gt(run, s, suffix) for s in ("generated", "heldout")}
+    gt = {s: _load_gt(run, s, lds_mode) for s in ("generated", "heldout")}
     base = np.load(os.path.join(run, "baselines", "scores.npz"))
     rows: List[dict] = []
 

@@ -33,7 +33,7 @@ import torch
 from diffusion_trak.errors import UserError
 from diffusion_trak.store import write_json_atomic
 
-from .configs import CONFIGS, ConfigError, EvalConfig, get_config
+from .configs import ConfigError, EvalConfig, get_config
 
 METHOD_LABELS = {
     "random": "random",
@@ -243,6 +243,12 @@ def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
     return res
 
 
+def lds_folder(name: str, lds_mode: str) -> str:
+    """Run-folder name of the LDS models and their ground truth: ``name``, or ``name-masked`` for
+    ``lds_mode="masked"``, so that both kinds of harness can live in one run folder."""
+    return name + ("-masked" if lds_mode == "masked" else "")
+
+
 def _subset_seeds(cfg: EvalConfig):
     """Training seeds of the ``M`` subset models and of the ``num_replicates`` replicate models.
 
@@ -258,18 +264,33 @@ def _subset_seeds(cfg: EvalConfig):
             [model_seed(base + 1, m, cfg.seed_mode) for m in range(R)])
 
 
+def _ceiling_rows(a, b, ceiling, n_boot: int):
+    """Per step: the per-target correlation over models of two measurements ``a``, ``b`` (``(M, S, B)``:
+    split halves, or two replicate runs) with its two-way CI, and ``ceiling(r)`` averaged over targets."""
+    from .metrics import bootstrap_ci, paired_bootstrap_ci, split_half
+
+    rs, cs = [], []
+    for si in range(a.shape[1]):
+        r = split_half(a[:, si, :], b[:, si, :])
+        mean, lo, hi = paired_bootstrap_ci(a[:, si, :], b[:, si, :], n_boot, seed=si)
+        rs.append({"mean": mean, "lo": lo, "hi": hi, "values": r.tolist()})
+        c = ceiling(r)
+        mean, lo, hi = bootstrap_ci(c, n_boot, seed=si)
+        cs.append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
+    return rs, cs
+
+
 def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
     """``{set: {kind: {"methods": {m: [per step {mean, lo, hi, values}]}, "ceiling": [...],
     "split_half": [...], "seed_r": [...], "seed_ceiling": [...]}}}`` (the last two with replicates)."""
-    from .metrics import (bootstrap_ci, lds, lds_ceiling, lds_ci, paired_bootstrap_ci, replicate_ceiling,
-                          split_half)
+    from .metrics import bootstrap_ci, lds, lds_ceiling, lds_ci, replicate_ceiling
 
     out = {}
     for sname, methods in scores.items():
         out[sname] = {}
         for kind, y in gt[sname].items():  # y: (M, 2, S, B)
             ym = y.mean(1)
-            entry = {"methods": {}, "ceiling": [], "split_half": []}
+            entry = {"methods": {}}
             for m, sc in methods.items():
                 rows = []
                 for si in range(len(cfg.lds_steps)):
@@ -278,23 +299,10 @@ def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
                     _, tlo, thi = bootstrap_ci(v, cfg.n_boot, seed=si)
                     rows.append({"mean": mean, "lo": lo, "hi": hi, "targets_only_ci": [tlo, thi], "values": v.tolist()})
                 entry["methods"][m] = rows
-            for si in range(len(cfg.lds_steps)):
-                r = split_half(y[:, 0, si, :], y[:, 1, si, :])
-                mean, lo, hi = paired_bootstrap_ci(y[:, 0, si, :], y[:, 1, si, :], cfg.n_boot, seed=si)
-                entry["split_half"].append({"mean": mean, "lo": lo, "hi": hi, "values": r.tolist()})
-                c = lds_ceiling(r)
-                mean, lo, hi = bootstrap_ci(c, cfg.n_boot, seed=si)
-                entry["ceiling"].append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
+            entry["split_half"], entry["ceiling"] = _ceiling_rows(y[:, 0], y[:, 1], lds_ceiling, cfg.n_boot)
             if gt_rep is not None:
-                a, b = ym[:cfg.num_replicates], gt_rep[sname][kind].mean(1)
-                entry["seed_r"], entry["seed_ceiling"] = [], []
-                for si in range(len(cfg.lds_steps)):
-                    r = split_half(a[:, si, :], b[:, si, :])
-                    mean, lo, hi = paired_bootstrap_ci(a[:, si, :], b[:, si, :], cfg.n_boot, seed=si)
-                    entry["seed_r"].append({"mean": mean, "lo": lo, "hi": hi, "values": r.tolist()})
-                    c = replicate_ceiling(r)
-                    mean, lo, hi = bootstrap_ci(c, cfg.n_boot, seed=si)
-                    entry["seed_ceiling"].append({"mean": mean, "lo": lo, "hi": hi, "values": c.tolist()})
+                entry["seed_r"], entry["seed_ceiling"] = _ceiling_rows(ym[:cfg.num_replicates], gt_rep[sname][kind].mean(1),
+                                                                       replicate_ceiling, cfg.n_boot)
             out[sname][kind] = entry
     return out
 
@@ -494,7 +502,7 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
 
     masks = subset_masks(N, cfg.num_models, cfg.alpha, cfg.subset_seed)
     masked = cfg.lds_mode == "masked"
-    sub_dir = os.path.join(out, "subsets-masked" if masked else "subsets")
+    sub_dir = os.path.join(out, lds_folder("subsets", cfg.lds_mode))
     os.makedirs(sub_dir, exist_ok=True)
     np.save(os.path.join(sub_dir, "masks.npy"), masks)
     seeds, rep_seeds = _subset_seeds(cfg)
@@ -517,7 +525,7 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     if cfg.num_replicates:
         with timer.stage("train replicate models"):
             rep_dirs = train_models(train, cfg.train, masks[:cfg.num_replicates],
-                                    os.path.join(out, "replicates-masked" if masked else "replicates"), rep_seeds,
+                                    os.path.join(out, lds_folder("replicates", cfg.lds_mode)), rep_seeds,
                                     **train_kw)
             rep_ckpts = [final_checkpoint(d, cfg.train) for d in rep_dirs]
     with timer.stage("ground truth"):
@@ -526,13 +534,12 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
                                                  [traj.timestep_at(s) for s in cfg.lds_steps], "heldout")}
         n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
         settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha}
-        suffix = "-masked" if masked else ""
         gt = {s: measure_models(sub_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                os.path.join(out, "groundtruth" + suffix, s), settings, device=device,
+                                os.path.join(out, lds_folder("groundtruth", cfg.lds_mode), s), settings, device=device,
                                 progress=progress)
               for s, ts in sets.items()}
         gt_rep = {s: measure_models(rep_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                    os.path.join(out, "groundtruth-replicates" + suffix, s),
+                                    os.path.join(out, lds_folder("groundtruth-replicates", cfg.lds_mode), s),
                                     {**settings, "seeds": rep_seeds}, device=device, progress=progress)
                   for s, ts in sets.items()} if rep_ckpts else None
     with timer.stage("LDS"):
@@ -561,22 +568,12 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     return {"tables": tables, "acceptance": acceptance, "audit": audit_res, "speedup": speedup, "report": path}
 
 
-def main(argv=None) -> int:
+def run_from_args(ns: argparse.Namespace) -> int:
+    """Run the benchmark named by parsed :func:`evaluations.arguments.add_arguments` arguments; a
+    user-fixable error prints one line and returns 2."""
     from diffusion_trak.data import DataError
     from diffusion_trak.store import StoreError
 
-    p = argparse.ArgumentParser(prog="python -m evaluations.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help=f"benchmark config: {', '.join(sorted(CONFIGS))}, or a config.json file")
-    p.add_argument("--out", required=True, help="run folder (rerunning the same command resumes it)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the config's)")
-    p.add_argument("--no-audit", action="store_true", help="skip the retrain-without-top-k audit")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config setting, e.g. --set lds_mode=masked --set num_replicates=16 "
-                        "--set train.epochs=20 (repeatable; the run folder records the result)")
-    ns = p.parse_args(argv)
     try:
         if ns.config.endswith(".json"):
             with open(ns.config) as f:
@@ -589,6 +586,13 @@ def main(argv=None) -> int:
         print(f"evaluations.run: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    from .arguments import add_arguments
+
+    p = argparse.ArgumentParser(prog="python -m evaluations.run", description=__doc__.split("\n\n")[0])
+    return run_from_args(add_arguments(p).parse_args(argv))
 
 
 if __name__ == "__main__":
