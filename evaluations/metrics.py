@@ -26,11 +26,7 @@ def spearman(a, b) -> float:
     b = np.asarray(b, dtype=np.float64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"spearman needs equal lengths, got {a.shape[0]} and {b.shape[0]}")
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    return float(_colwise_spearman(a[:, None], b[:, None])[0])
 
 
 def subset_sums(scores, masks) -> np.ndarray:
@@ -60,7 +56,7 @@ def lds(scores, masks, outputs) -> np.ndarray:
     pred = subset_sums(scores, masks)
     if outputs.shape != pred.shape:
         raise ValueError(f"outputs must be (M, targets) = {pred.shape}, got {outputs.shape}")
-    return np.array([spearman(pred[:, j], -outputs[:, j]) for j in range(pred.shape[1])])
+    return _colwise_spearman(pred, -outputs)
 
 
 def split_half(outputs_a, outputs_b) -> np.ndarray:
@@ -70,7 +66,7 @@ def split_half(outputs_a, outputs_b) -> np.ndarray:
     b = np.asarray(outputs_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"split_half needs two (M, targets) arrays of one shape, got {a.shape} and {b.shape}")
-    return np.array([spearman(a[:, j], b[:, j]) for j in range(a.shape[1])])
+    return _colwise_spearman(a, b)
 
 
 def spearman_brown(r) -> np.ndarray:
