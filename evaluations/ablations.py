@@ -45,6 +45,8 @@ class Variant:
     normalize: bool = False          # unit-normalise every feature row before the kernel
     checkpoints: int = 0             # use the last n checkpoints (0 = all)
     window: int = 0                  # >0: timestep-matched features, drawn from t_s ± window for step s
+    models: int = 0                  # >0: ensemble of the attributed model's last checkpoint and models-1
+                                     # independently trained models (their final checkpoints)
 
 
 VARIANTS = [
@@ -58,6 +60,15 @@ VARIANTS = [
     Variant("loss/loss, stratified T=10", timestep_strategy="stratified"),
     Variant("loss/loss stratified, normalised", timestep_strategy="stratified", normalize=True),
     Variant("D-TRAK, stratified T=32", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified", num_timesteps=32),
+    Variant("D-TRAK, stratified T=100, last checkpoint", output="sqnorm", target_output="sqnorm",
+            timestep_strategy="stratified", num_timesteps=100, checkpoints=1),
+    Variant("paper, ensemble of 4 models", models=4),
+    Variant("paper, ensemble of 8 models", models=8),
+    Variant("paper, ensemble of 16 models", models=16),
+    Variant("loss/loss stratified, ensemble of 8 models", timestep_strategy="stratified", models=8),
+    Variant("loss/loss stratified, ensemble of 16 models", timestep_strategy="stratified", models=16),
+    Variant("D-TRAK, ensemble of 8 models", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified",
+            models=8),
     Variant("timestep-matched loss/loss, t±100, stratified T=10", timestep_strategy="stratified", window=100),
     Variant("timestep-matched sqnorm/sqnorm, t±100, stratified T=10", output="sqnorm", target_output="sqnorm",
             timestep_strategy="stratified", window=100),
@@ -69,22 +80,28 @@ def _unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu") -> Dict[str, Dict[float, np.ndarray]]:
-    """``{set: {ridge: (S, B, N)}}`` for one variant."""
-    fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
-                                      "timestep_strategy": v.timestep_strategy})
-    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
+def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", progress: bool = True) -> List[str]:
+    """Final checkpoints of ``num`` models trained independently of the attributed one: the same
+    recipe on the full training set, seeds :func:`~evaluations.subsets.model_seed` of base seed
+    ``train.seed + 2`` (the subset models use ``+0``, the seed replicates ``+1``). Trained into
+    ``RUN/ablations/ensemble/model-XXXX`` (resumable)."""
+    from diffusion_trak.config import TrainArgs
+
+    from .retrain import final_checkpoint, train_models
+    from .subsets import model_seed
+
+    targs = from_dict(TrainArgs, cfg["train"])
+    seeds = [model_seed(targs.seed + 2, m) for m in range(num)]
+    dirs = train_models(train, targs, np.ones((num, len(train)), dtype=bool), os.path.join(run, "ablations", "ensemble"),
+                        seeds, method="sequential", device=device, progress=progress)
+    return [final_checkpoint(d, targs) for d in dirs]
+
+
+def _features_and_targets(ckpts, fpath, tpath, fargs, sargs, v, train, heldout, traj, steps, device):
+    """Training features (one array per checkpoint) and target features ``{set: [(S, B, k) per checkpoint]}``
+    of some checkpoints, both cached in the run folder."""
     ts = [traj.timestep_at(s) for s in steps]
-    if v.window:  # one feature set per step, drawn from that step's timestep window
-        n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
-        ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
-        fsets = [api.featurize(ckpts, train, dataclasses.replace(fargs, timestep_range=r),
-                               os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}"), device=device)
-                 for r in ranges]
-    else:
-        fsets = [api.featurize(ckpts, train, fargs, os.path.join(run, "ablations", "features", key), device=device)]
-    sargs = from_dict(ScoreArgs, cfg["score"])
-    tpath = os.path.join(run, "ablations", "targets", f"{key}-{v.target_output}.npz")
+    fs = api.featurize(ckpts, train, fargs, fpath, device=device)
     if os.path.exists(tpath):
         z = np.load(tpath)
         tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
@@ -99,12 +116,45 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         os.makedirs(os.path.dirname(tpath), exist_ok=True)
         np.savez(tpath + ".tmp.npz", **{f"{s}_{c}": x for s, lst in tf.items() for c, x in enumerate(lst)})
         os.replace(tpath + ".tmp.npz", tpath)
-    use = slice(-v.checkpoints, None) if v.checkpoints else slice(None)  # the last n checkpoints
+    return fs, tf
+
+
+def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu") -> Dict[str, Dict[float, np.ndarray]]:
+    """``{set: {ridge: (S, B, N)}}`` for one variant."""
+    fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
+                                      "timestep_strategy": v.timestep_strategy})
+    sargs = from_dict(ScoreArgs, cfg["score"])
+    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
+    ts = [traj.timestep_at(s) for s in steps]
+    n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
+    fpath, tpath = (os.path.join(run, "ablations", d, key) for d in ("features", "targets"))
+    if n_use < len(ckpts) and not os.path.exists(os.path.join(fpath, "manifest.json")):
+        # featurize only the checkpoints used; a checkpoint's features do not depend on the others
+        ckpts, fpath, tpath = ckpts[-n_use:], f"{fpath}-last{n_use}", f"{tpath}-last{n_use}"
+    fs, tf = _features_and_targets(ckpts, fpath, f"{tpath}-{v.target_output}.npz", fargs, sargs, v, train, heldout,
+                                   traj, steps, device)
+    use = slice(-n_use, None)
     tf = {s: lst[use] for s, lst in tf.items()}
-    phi_sets = []
-    for fs in fsets:
-        phis = [np.asarray(a) for a in fs.arrays][use]
-        phi_sets.append([_unit(p) for p in phis] if v.normalize else phis)
+    phis = [np.asarray(a) for a in fs.arrays][use]
+    if v.models > 1:  # the attributed model's last checkpoint, then models-1 independently trained ones
+        for ck in ensemble_checkpoints(run, cfg, train, v.models - 1, device):
+            member = os.path.basename(os.path.dirname(ck))
+            mfs, mtf = _features_and_targets([ck], os.path.join(run, "ablations", "features", "ensemble", member, key),
+                                             os.path.join(run, "ablations", "targets", "ensemble", member,
+                                                          f"{key}-{v.target_output}.npz"),
+                                             fargs, sargs, v, train, heldout, traj, steps, device)
+            phis += [np.asarray(a) for a in mfs.arrays]
+            for s in tf:
+                tf[s] = tf[s] + mtf[s]
+    phi_sets = [phis]
+    if v.window:  # one feature set per step, drawn from that step's timestep window
+        n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
+        ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
+        phi_sets = [[np.asarray(a) for a in api.featurize(ckpts, train, dataclasses.replace(fargs, timestep_range=r),
+                                                           os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}"),
+                                                           device=device).arrays][use] for r in ranges]
+    if v.normalize:
+        phi_sets = [[_unit(p) for p in phis] for phis in phi_sets]
     out = {}
     for sname, per_ckpt in tf.items():
         S, B, k = per_ckpt[0].shape

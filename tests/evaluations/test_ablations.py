@@ -38,3 +38,25 @@ def test_ablations_on_a_tiny_run(tmp_path):
         lo, hi = (int(v) for v in d.rsplit("-t", 1)[1].split("-"))
         settings = json.load(open(os.path.join(out, "ablations", "features", d, "manifest.json")))["settings"]
         assert settings["featurize"]["timestep_range"] == [lo, hi] and hi - lo <= 200
+
+
+def test_ensemble_variant_trains_independent_models(tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_config(), out, progress=False, audit=False)
+    name = "paper, ensemble of 4 models"
+    assert main([out, "--variants", name, "paper, last checkpoint only"]) == 0
+    res = json.load(open(os.path.join(out, "ablations", "ablations.json")))
+    assert {r["method"] for r in res["rows"] if not r["method"].startswith("baseline")} == {name, "paper, last checkpoint only"}
+    ens = os.path.join(out, "ablations", "ensemble")
+    members = sorted(os.listdir(ens))
+    assert members == ["model-0000", "model-0001", "model-0002"]
+    seeds = {json.load(open(os.path.join(ens, m, "train_args.json")))["train"]["seed"] for m in members}
+    attributed = json.load(open(os.path.join(out, "attributed", "train_args.json")))["train"]["seed"]
+    assert len(seeds) == 3 and attributed not in seeds
+    # each member is featurized with its own final checkpoint, on the full training set
+    prints = set()
+    for m in members:
+        st = json.load(open(os.path.join(out, "ablations", "features", "ensemble", m, "loss-uniform-T10", "manifest.json")))
+        assert st["settings"]["dataset"]["size"] == 48 and len(st["settings"]["checkpoints"]) == 1
+        prints.add(st["settings"]["checkpoints"][0])
+    assert len(prints) == 3
