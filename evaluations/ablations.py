@@ -32,7 +32,7 @@ from diffusion_trak.targets import target_features, trajectory_target_features
 from .metrics import lds, lds_ci
 from .run import lds_folder
 
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
 
 @dataclasses.dataclass
@@ -66,10 +66,13 @@ VARIANTS = [
     Variant("paper, ensemble of 8 models", models=8),
     Variant("paper, ensemble of 16 models", models=16),
     Variant("loss/loss stratified, ensemble of 8 models", timestep_strategy="stratified", models=8),
-    Variant("loss/loss stratified, ensemble of 16 models", timestep_strategy="stratified", models=16),
     Variant("D-TRAK, ensemble of 8 models", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified",
             models=8),
+    Variant("D-TRAK, ensemble of 16 models", output="sqnorm", target_output="sqnorm", timestep_strategy="stratified",
+            models=16),
     Variant("timestep-matched loss/loss, t±100, stratified T=10", timestep_strategy="stratified", window=100),
+    Variant("timestep-matched loss/loss, t±100, last checkpoint", timestep_strategy="stratified", window=100,
+            checkpoints=1),
     Variant("timestep-matched sqnorm/sqnorm, t±100, stratified T=10", output="sqnorm", target_output="sqnorm",
             timestep_strategy="stratified", window=100),
 ]
@@ -128,9 +131,11 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
     fpath, tpath = (os.path.join(run, "ablations", d, key) for d in ("features", "targets"))
-    if n_use < len(ckpts) and not os.path.exists(os.path.join(fpath, "manifest.json")):
+    last = f"-last{n_use}" if n_use < len(ckpts) else ""
+    used = ckpts[-n_use:]
+    if last and not os.path.exists(os.path.join(fpath, "manifest.json")):
         # featurize only the checkpoints used; a checkpoint's features do not depend on the others
-        ckpts, fpath, tpath = ckpts[-n_use:], f"{fpath}-last{n_use}", f"{tpath}-last{n_use}"
+        ckpts, fpath, tpath = used, fpath + last, tpath + last
     fs, tf = _features_and_targets(ckpts, fpath, f"{tpath}-{v.target_output}.npz", fargs, sargs, v, train, heldout,
                                    traj, steps, device)
     use = slice(-n_use, None)
@@ -150,9 +155,9 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     if v.window:  # one feature set per step, drawn from that step's timestep window
         n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
         ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
-        phi_sets = [[np.asarray(a) for a in api.featurize(ckpts, train, dataclasses.replace(fargs, timestep_range=r),
-                                                           os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}"),
-                                                           device=device).arrays][use] for r in ranges]
+        phi_sets = [[np.asarray(a) for a in api.featurize(used, train, dataclasses.replace(fargs, timestep_range=r),
+                                                           os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}{last}"),
+                                                           device=device).arrays] for r in ranges]
     if v.normalize:
         phi_sets = [[_unit(p) for p in phis] for phis in phi_sets]
     out = {}
@@ -219,6 +224,9 @@ def main(argv=None):
         sname, m = key.split("__")
         if m in ("pixel_neg_l2", "random", "embedding"):
             evaluate(f"baseline: {m}", {sname: base[key]})
+    unknown = sorted(set(ns.variants or ()) - {v.name for v in VARIANTS})
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from: " + "; ".join(repr(v.name) for v in VARIANTS))
     variants = [v for v in VARIANTS if ns.variants is None or v.name in ns.variants]
     for v in variants:
         print(f"variant: {v.name}", flush=True)

@@ -68,3 +68,27 @@ def test_evaluate_forwards_to_the_harness(tmp_path, capsys):
         main(["evaluate", "digits-quick", "--out", str(tmp_path / "b"), "--set", "lds_mode=sometimes"])
     assert e.value.code == 2 and "lds_mode" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_ensemble_of_independent_runs(tmp_path, capsys):
+    """TRAK's ensemble from the CLI: two runs on other seeds, featurized and scored together; the
+    ensemble's scores are the mean of each model's own scores."""
+    data = ["--data", "digits", "--limit", "40"]
+    tiny = ["--epochs", "2", "--batch-size", "20", "--channels-per-level", "8", "16", "--num-checkpoints", "1"]
+    runs = [str(tmp_path / f"run{s}") for s in (0, 1)]
+    for s, r in enumerate(runs):
+        assert main(["train", "--run", r, "--device", "cpu", *data, *tiny, "--seed", str(s)]) == 0
+    cks = [os.path.join(r, "model", "ckpt-0002") for r in runs]
+    a = ["--run", runs[0], "--device", "cpu"]
+    assert main(["generate", *a, "--steps", "6", "--num-record", "3"]) == 0
+    outs = []
+    for name, ck in (("ens", cks), ("m0", cks[:1]), ("m1", cks[1:])):
+        feats = str(tmp_path / f"features-{name}")
+        assert main(["featurize", *a, "-T", "2", "-k", "32", "--checkpoints", *ck, "--out", feats]) == 0
+        out = str(tmp_path / f"scores-{name}")
+        assert main(["score", *a, "-R", "2", "--features", feats, "--checkpoints", *ck, "--out", out]) == 0
+        outs.append(np.load(os.path.join(out, "scores.npy")))
+    ens, m0, m1 = outs
+    assert ens.shape == (3, 1, 40)
+    assert not np.allclose(m0, m1)
+    np.testing.assert_allclose(ens, (m0 + m1) / 2, rtol=1e-4, atol=1e-6 * np.abs(ens).max())
