@@ -174,6 +174,32 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     return out
 
 
+def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str, gen_scores, steps, device) -> List[dict]:
+    """The run's retrain-without-top-k audit (its steps, targets, k and modes) with this variant's scores
+    ``gen_scores`` (S, B, N), in the run's ``audit/`` folder, so the random controls are shared."""
+    import re
+
+    from diffusion_trak.config import TrainArgs
+
+    from .audit import run_audit
+    from .baselines import train_encoder
+
+    missing = [s for s in cfg["audit_steps"] if s not in steps]
+    if missing:
+        raise SystemExit(f"audit steps {missing} are not LDS steps of this run; the ablations score only {steps}")
+    label = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
+    encoder = train_encoder(train.images, epochs=cfg["encoder_epochs"], seed=cfg["train"]["seed"],
+                            path=os.path.join(run, "baselines", "encoder.pt"))
+    rows = []
+    for mode in cfg.get("audit_modes", ["masked"]):
+        res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt,
+                        {s: gen_scores[steps.index(s)] for s in cfg["audit_steps"]}, list(range(cfg["audit_targets"])),
+                        cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
+                        method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode, label=label)
+        rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
+    return rows
+
+
 def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.ndarray]:
     store = Store.open_existing(os.path.join(run, lds_folder("groundtruth", lds_mode), sname))
     res = {}
@@ -192,6 +218,9 @@ def main(argv=None):
     p.add_argument("run", help="a finished `python -m evaluations.run` folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="*", default=None, help="names (default: all)")
+    p.add_argument("--audit", action="store_true",
+                   help="also run the retrain-without-top-k audit with each variant's scores (the run's audit "
+                        "settings; random controls are shared with the run's own audit)")
     ns = p.parse_args(argv)
     from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.train import list_checkpoints
@@ -211,6 +240,7 @@ def main(argv=None):
     gt = {s: _load_gt(run, s, lds_mode) for s in ("generated", "heldout")}
     base = np.load(os.path.join(run, "baselines", "scores.npz"))
     rows: List[dict] = []
+    audits: List[dict] = []
 
     def evaluate(name, scores_by_set, ridge=None):
         for sname, sc in scores_by_set.items():
@@ -235,10 +265,12 @@ def main(argv=None):
                                   for si in range(len(steps))]) for r in RIDGES}
         best = max(sel_lds, key=lambda r: sel_lds[r])
         evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
+        if ns.audit:
+            audits += _audit_variant(v, run, cfg, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device)
     out = os.path.join(run, "ablations")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ablations.json"), "w") as f:
-        json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows,
+        json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows, "audits": audits,
                    "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
     lines = [f"# Estimator ablations on `{cfg['name']}`", "",
              f"LDS (Spearman, mean over targets [95% two-way bootstrap CI over models and targets]) on the report half of the retrained models "
@@ -254,6 +286,18 @@ def main(argv=None):
                     lines.append(f"| {r['method']} | {r['ridge'] if r['ridge'] is not None else ''} | " +
                                  " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in r["cells"]) + " |")
             lines.append("")
+    if audits:
+        lines += ["## Retrain without top-k, per variant (generated targets)", "",
+                  "Median image change over targets (pixel L2) after removing the variant's top-k proponents of "
+                  "the step, vs the same number of random examples (shared controls); `top wins`: fraction of "
+                  "targets where top-k moved the image more; p: one-sided Wilcoxon signed-rank.", "",
+                  "| method | mode | step | k | targets | top-k median | random median | top wins | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for a in audits:
+            lines.append(f"| {a['method']} | {a['mode']} | {a['step']} | {a['k']} | {a['num_targets']} | "
+                         f"{a['top_quartiles'][1]:.3f} | {a['random_quartiles'][1]:.3f} | {a['top_wins']:.2f} | "
+                         f"{a['wilcoxon_p_greater']:.2f} |")
+        lines.append("")
     with open(os.path.join(out, "ablations.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

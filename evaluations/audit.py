@@ -70,14 +70,18 @@ class Case:
     k: int
     kind: str
     removed: np.ndarray
+    label: str = ""   # names the scores behind a top-k case, so audits of several estimators share a folder
 
     @property
     def name(self) -> str:
-        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-{self.kind}"
+        tag = f"-{self.label}" if self.label and self.kind == "top" else ""
+        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-{self.kind}{tag}"
 
 
-def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequence, n: int, seed: int = 0) -> List[Case]:
-    """Every (step, target, k, kind) case. ``scores_by_step[s]`` is ``(B, n)``."""
+def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequence, n: int, seed: int = 0,
+         label: str = "") -> List[Case]:
+    """Every (step, target, k, kind) case. ``scores_by_step[s]`` is ``(B, n)``. The random controls do not
+    depend on the scores, so audits of several estimators (``label``) in one folder share them."""
     cases = []
     for s, sc in scores_by_step.items():
         for b in targets:
@@ -85,7 +89,7 @@ def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequ
                 kk = resolve_k(k, n)
                 for kind in KINDS:
                     cases.append(Case(int(s), int(b), kk, kind,
-                                      removed_positions(sc[b], kk, kind, seed_for(seed, s, b, kk, 47))))
+                                      removed_positions(sc[b], kk, kind, seed_for(seed, s, b, kk, 47)), label))
     return cases
 
 
@@ -103,14 +107,15 @@ def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Te
 def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
-              mode: str = "masked") -> dict:
-    """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit.json``."""
+              mode: str = "masked", label: str = "") -> dict:
+    """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit-MODE.json``
+    (``audit-MODE-LABEL.json`` for the scores named ``label``)."""
     if mode not in MODES:
         raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
     from .baselines import embedding_distance
 
     n = len(dataset)
-    cases = plan(scores_by_step, targets, ks, n, seed)
+    cases = plan(scores_by_step, targets, ks, n, seed, label)
     os.makedirs(out_dir, exist_ok=True)
     masks = np.ones((len(cases), n), dtype=bool)
     for j, c in enumerate(cases):
@@ -149,7 +154,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])
         rows.append(row)
     result = {"mode": mode, "cases": rows, "summary": summarize(rows), "restart_check_max_abs": restart_err}
-    write_json_atomic(os.path.join(out_dir, f"audit-{mode}.json"), result)
+    write_json_atomic(os.path.join(out_dir, f"audit-{mode}{'-' + label if label else ''}.json"), result)
     return result
 
 

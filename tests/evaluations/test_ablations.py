@@ -60,3 +60,24 @@ def test_ensemble_variant_trains_independent_models(tmp_path):
         assert st["settings"]["dataset"]["size"] == 48 and len(st["settings"]["checkpoints"]) == 1
         prints.add(st["settings"]["checkpoints"][0])
     assert len(prints) == 3
+
+
+def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_config(audit_targets=2, audit_ks=(0.1,)), out, progress=False, audit=True)
+    models = os.path.join(out, "audit", "models-masked")
+    before = {d: os.path.getmtime(os.path.join(models, d, "train_args.json")) for d in os.listdir(models)}
+    assert sorted(before) == ["s0005-b000-k5-random", "s0005-b000-k5-top", "s0005-b001-k5-random", "s0005-b001-k5-top"]
+    name = "paper, last checkpoint only"
+    assert main([out, "--variants", name, "--audit"]) == 0
+    after = sorted(os.listdir(models))
+    assert after == sorted([*before, "s0005-b000-k5-top-paper-last-checkpoint-only", "s0005-b001-k5-top-paper-last-checkpoint-only"])
+    for d, t in before.items():  # the run's own models, the random controls included, were not retrained
+        assert os.path.getmtime(os.path.join(models, d, "train_args.json")) == t
+    res = json.load(open(os.path.join(out, "ablations", "ablations.json")))
+    (a,) = res["audits"]
+    assert a["method"] == name and a["step"] == 5 and a["k"] == 5 and a["num_targets"] == 2
+    mine = json.load(open(os.path.join(out, "audit", "audit-masked-paper-last-checkpoint-only.json")))
+    tops = [c for c in mine["cases"] if c["kind"] == "top"]
+    assert len(tops) == 2 and all(len(c["removed"]) == 5 for c in tops)
+    assert "Retrain without top-k, per variant" in open(os.path.join(out, "ablations", "ablations.md")).read()
