@@ -115,3 +115,22 @@ def test_masked_replays_the_full_run(data, tmp_path):
     p_re = _params(final_checkpoint(re[0], ARGS))
     assert (p_drop - ref).norm() > 10 * (p_all - ref).norm()
     assert (p_drop - ref).norm() < (p_re - ref).norm()
+
+
+@pytest.mark.parametrize("method,masked", [("sequential", False), ("stacked", False), ("stacked", True)])
+def test_finished_model_on_other_examples_is_refused(data, tmp_path, method, masked):
+    """A rerun whose masks changed (e.g. an audit whose top-k changed) must not reuse a finished model."""
+    from diffusion_trak.errors import InputError
+
+    args = TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=1, batch_size=8, num_checkpoints=1)
+    masks = subset_masks(len(data), 2, 0.5, seed=1)
+    out = str(tmp_path / "m")
+    kw = dict(method=method, progress=False, device="cpu", masked=masked)
+    train_models(data, args, masks, out, [1, 2], **kw)
+    train_models(data, args, masks, out, [1, 2], **kw)  # same masks: reused
+    other = masks.copy()
+    other[1] = ~other[1]
+    with pytest.raises(InputError, match="delete that folder"):
+        train_models(data, args, other, out, [1, 2], **kw)
+    with pytest.raises(InputError, match="delete that folder"):
+        train_models(data, args, masks, out, [1, 3], **kw)  # another seed
