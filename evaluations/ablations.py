@@ -174,26 +174,43 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     return out
 
 
-def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str, gen_scores, steps, device) -> List[dict]:
+def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str, gen_scores, steps, device,
+                   run_missing: bool = True) -> List[dict]:
     """The run's retrain-without-top-k audit (its steps, targets, k and modes) with this variant's scores
-    ``gen_scores`` (S, B, N), in the run's ``audit/`` folder, so the random controls are shared."""
+    ``gen_scores`` (S, B, N), in the run's ``audit/`` folder, so the random controls are shared.
+    ``run_missing=False``: only report an audit already on disk whose top-k sets are these scores'."""
     import re
 
     from diffusion_trak.config import TrainArgs
 
-    from .audit import run_audit
+    from .audit import Case, plan, run_audit
     from .baselines import train_encoder
 
     missing = [s for s in cfg["audit_steps"] if s not in steps]
     if missing:
+        if not run_missing:
+            return []
         raise SystemExit(f"audit steps {missing} are not LDS steps of this run; the ablations score only {steps}")
     label = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
+    by_step = {s: gen_scores[steps.index(s)] for s in cfg["audit_steps"]}
+    targets = list(range(cfg["audit_targets"]))
+    rows = []
+    if not run_missing:
+        want = {c.name: c.removed.tolist() for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label)}
+        for mode in cfg.get("audit_modes", ["masked"]):
+            path = os.path.join(run, "audit", f"audit-{mode}-{label}.json")
+            if os.path.exists(path):
+                res = json.load(open(path))
+                have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label).name: c["removed"]
+                        for c in res["cases"]}
+                if have == want:
+                    rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
+        return rows
     encoder = train_encoder(train.images, epochs=cfg["encoder_epochs"], seed=cfg["train"]["seed"],
                             path=os.path.join(run, "baselines", "encoder.pt"))
-    rows = []
     for mode in cfg.get("audit_modes", ["masked"]):
         res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt,
-                        {s: gen_scores[steps.index(s)] for s in cfg["audit_steps"]}, list(range(cfg["audit_targets"])),
+                        by_step, targets,
                         cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
                         method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode, label=label)
         rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
@@ -265,8 +282,8 @@ def main(argv=None):
                                   for si in range(len(steps))]) for r in RIDGES}
         best = max(sel_lds, key=lambda r: sel_lds[r])
         evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
-        if ns.audit:
-            audits += _audit_variant(v, run, cfg, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device)
+        audits += _audit_variant(v, run, cfg, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
+                                 run_missing=ns.audit)
     out = os.path.join(run, "ablations")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ablations.json"), "w") as f:

@@ -81,3 +81,11 @@ def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
     tops = [c for c in mine["cases"] if c["kind"] == "top"]
     assert len(tops) == 2 and all(len(c["removed"]) == 5 for c in tops)
     assert "Retrain without top-k, per variant" in open(os.path.join(out, "ablations", "ablations.md")).read()
+    # without --audit, an audit on disk is reported only while its top-k sets are the variant's
+    assert main([out, "--variants", name]) == 0
+    assert len(json.load(open(os.path.join(out, "ablations", "ablations.json")))["audits"]) == 1
+    path = os.path.join(out, "audit", "audit-masked-paper-last-checkpoint-only.json")
+    mine["cases"][0]["removed"] = mine["cases"][0]["removed"][::-1][:4] + [47]
+    json.dump(mine, open(path, "w"))
+    assert main([out, "--variants", name]) == 0
+    assert json.load(open(os.path.join(out, "ablations", "ablations.json")))["audits"] == []
