@@ -3,8 +3,10 @@
 ``python -m evaluations.ablations runs/eval-digits`` reuses a run of :mod:`evaluations.run` (its
 attributed checkpoints, trajectory, held-out images, subset masks and ground truth) and scores
 variants of the estimator: output functions for training features and targets, timestep strategy and
-count, feature normalisation, number of checkpoints. Results go to ``ablations/`` (resumable: every
-variant's features are a store) and ``ablations/ablations.md``.
+count, feature normalisation, number of checkpoints, and ensembles of independently trained models
+(TRAK's recipe; trained into ``ablations/ensemble/``). Results go to ``ablations/`` (resumable: every
+variant's features are a store) and ``ablations/ablations.md``. With ``--audit`` each variant's top-k
+proponents also go through the run's retrain-without-top-k audit (random controls shared with the run's).
 
 λ is never tuned on the ground truth that is reported: the retrained models are split in two halves
 by index; the relative ridge of each variant is picked from a fixed grid by the mean LDS on the
