@@ -158,16 +158,17 @@ def run_meta(dataset, args: TrainArgs) -> dict:
     return {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
 
 
-def check_run_meta(run_dir: str, meta: dict) -> None:
-    """Write ``run_dir/train_args.json``, or refuse (one line) if it holds another recipe or data."""
+def check_run_meta(run_dir: str, meta: dict, fix: str = "use --overwrite or another --out") -> None:
+    """Write ``run_dir/train_args.json``, or refuse (one line ending in ``fix``) if it holds another
+    recipe or data. An equal file is left as it is."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "train_args.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old != meta:
-            raise InputError(f"{run_dir} holds a training run with other settings or data; "
-                             "use --overwrite or another --out")
+            raise InputError(f"{run_dir} holds a training run with other settings or data; {fix}")
+        return
     write_json_atomic(path, meta)
 
 

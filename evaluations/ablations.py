@@ -185,7 +185,7 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
 
     from diffusion_trak.config import TrainArgs
 
-    from .audit import Case, plan, run_audit
+    from .audit import plan, run_audit
     from .baselines import train_encoder
 
     missing = [s for s in cfg["audit_steps"] if s not in steps]
@@ -196,27 +196,36 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
     label = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
     by_step = {s: gen_scores[steps.index(s)] for s in cfg["audit_steps"]}
     targets = list(range(cfg["audit_targets"]))
-    rows = []
-    if not run_missing:
-        want = {c.name: c.removed.tolist() for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label)}
-        for mode in cfg.get("audit_modes", ["masked"]):
-            path = os.path.join(run, "audit", f"audit-{mode}-{label}.json")
-            if os.path.exists(path):
-                res = json.load(open(path))
-                have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label).name: c["removed"]
-                        for c in res["cases"]}
-                if have == want:
-                    rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
-        return rows
+    want = {c.name: c.removed.tolist() for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label)}
     encoder = train_encoder(train.images, epochs=cfg["encoder_epochs"], seed=cfg["train"]["seed"],
-                            path=os.path.join(run, "baselines", "encoder.pt"))
+                            path=os.path.join(run, "baselines", "encoder.pt")) if run_missing else None
+    rows = []
     for mode in cfg.get("audit_modes", ["masked"]):
-        res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt,
-                        by_step, targets,
-                        cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
-                        method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode, label=label)
+        if run_missing:
+            res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt, by_step, targets,
+                            cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
+                            method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode,
+                            label=label)
+        else:
+            res = _audit_on_disk(os.path.join(run, "audit", f"audit-{mode}-{label}.json"), want, label)
+            if res is None:
+                continue
         rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
     return rows
+
+
+def _audit_on_disk(path: str, want: Dict[str, list], label: str):
+    """The audit result at ``path`` if it exists and its cases removed exactly ``want`` (case name →
+    removed positions), i.e. it was made with the same scores; else None."""
+    from .audit import Case
+
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label).name: c["removed"]
+            for c in res["cases"]}
+    return res if have == want else None
 
 
 def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.ndarray]:

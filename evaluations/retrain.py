@@ -26,7 +26,6 @@ attention processor replaces SDPA, equal up to float error.)
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -39,7 +38,6 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from diffusion_trak.config import TrainArgs
-from diffusion_trak.errors import InputError
 from diffusion_trak.featurize.gradients import use_vmap_friendly_attention
 from diffusion_trak.outputs import output_value
 from diffusion_trak.train import (build_scheduler, build_unet, check_run_meta, checkpoint_epochs, epoch_batches,
@@ -232,14 +230,6 @@ def model_meta(train_set, args: TrainArgs, masked_kept: Optional[np.ndarray] = N
     return meta
 
 
-def _check_finished(run_dir: str, meta: dict) -> None:
-    """A finished model is reused only if it was trained on the same examples with the same recipe."""
-    with open(os.path.join(run_dir, "train_args.json")) as f:
-        if json.load(f) != meta:
-            raise InputError(f"{run_dir} holds a finished model trained on other examples or settings "
-                             "(the scores or the subsets changed); delete that folder to retrain it")
-
-
 def _sha(a: np.ndarray) -> str:
     import hashlib
 
@@ -316,11 +306,12 @@ def train_models(dataset, args: TrainArgs, masks: np.ndarray, out_dir: str, seed
     run_dirs = [os.path.join(out_dir, nm) for nm in names]
     todo = list(range(M)) if models is None else [int(m) for m in models]
     todo = [m for m in todo if m in set(process_share(M, state.process_index, state.num_processes))]
-    for m in todo:
+    for m in todo:  # a finished model is reused only if it was trained on these examples with this recipe
         if is_finished(run_dirs[m], args):
             kept = np.flatnonzero(masks[m])
-            _check_finished(run_dirs[m], model_meta(dataset if masked else dataset.subset(kept),
-                                                    replace(args, seed=int(seeds[m])), kept if masked else None))
+            check_run_meta(run_dirs[m], model_meta(dataset if masked else dataset.subset(kept),
+                                                   replace(args, seed=int(seeds[m])), kept if masked else None),
+                           fix="the scores or the subsets changed; delete that folder to retrain it")
     todo = [m for m in todo if not is_finished(run_dirs[m], args)]
     if method == "auto":
         method = "stacked" if (dev.type == "cuda" or state.num_processes > 1 or masked) else "sequential"
