@@ -196,7 +196,11 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
     label = re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")
     by_step = {s: gen_scores[steps.index(s)] for s in cfg["audit_steps"]}
     targets = list(range(cfg["audit_targets"]))
-    want = {c.name: c.removed.tolist() for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label)}
+    from .configs import EvalConfig
+
+    draws = cfg.get("audit_random_draws", EvalConfig.audit_random_draws)
+    want = {c.name: c.removed.tolist()
+            for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label, draws)}
     encoder = train_encoder(train.images, epochs=cfg["encoder_epochs"], seed=cfg["train"]["seed"],
                             path=os.path.join(run, "baselines", "encoder.pt")) if run_missing else None
     rows = []
@@ -205,7 +209,7 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
             res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt, by_step, targets,
                             cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
                             method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode,
-                            label=label)
+                            label=label, random_draws=draws)
         else:
             res = _audit_on_disk(os.path.join(run, "audit", f"audit-{mode}-{label}.json"), want, label)
             if res is None:
@@ -223,8 +227,8 @@ def _audit_on_disk(path: str, want: Dict[str, list], label: str):
         return None
     with open(path) as f:
         res = json.load(f)
-    have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label).name: c["removed"]
-            for c in res["cases"]}
+    have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label, c.get("draw", 0)).name:
+            c["removed"] for c in res["cases"]}
     return res if have == want else None
 
 
@@ -317,14 +321,16 @@ def main(argv=None):
     if audits:
         lines += ["## Retrain without top-k, per variant (generated targets)", "",
                   "Median image change over targets (pixel L2) after removing the variant's top-k proponents of "
-                  "the step, vs the same number of random examples (shared controls); `top wins`: fraction of "
-                  "targets where top-k moved the image more; p: one-sided Wilcoxon signed-rank.", "",
-                  "| method | mode | step | k | targets | top-k median | random median | top wins | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "the step, vs the same number of random examples (shared controls, all draws pooled); paired: "
+                  "median over targets of (top-k change − mean change of the target's random draws); `top wins`: "
+                  "fraction of targets where top-k moved the image more than that mean; p: one-sided Wilcoxon "
+                  "signed-rank.", "",
+                  "| method | mode | step | k | targets | random draws | top-k median | random median | paired | top wins | p |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in audits:
             lines.append(f"| {a['method']} | {a['mode']} | {a['step']} | {a['k']} | {a['num_targets']} | "
-                         f"{a['top_quartiles'][1]:.3f} | {a['random_quartiles'][1]:.3f} | {a['top_wins']:.2f} | "
-                         f"{a['wilcoxon_p_greater']:.2f} |")
+                         f"{a.get('random_draws', 1)} | {a['top_quartiles'][1]:.3f} | {a['random_quartiles'][1]:.3f} | "
+                         f"{a['median_difference']:+.3f} | {a['top_wins']:.2f} | {a['wilcoxon_p_greater']:.2f} |")
         lines.append("")
     with open(os.path.join(out, "ablations.md"), "w") as f:
         f.write("\n".join(lines))

@@ -4,7 +4,8 @@ For a generated target ``b`` and a step ``s`` of its recorded trajectory:
 
 1. remove the ``k`` training examples with the highest scores at step ``s`` (``k`` a count, or a
    fraction of the training set when ``0 < k < 1``), and, as the control, ``k`` examples drawn at
-   random (seeded by the target, step and k);
+   random (seeded by the target, step, k and draw; ``random_draws`` independent draws per case, so
+   the control is a distribution for each target rather than one noisy sample);
 2. retrain with the attributed model's recipe and seed on what is left. ``mode="masked"`` (default)
    replays the attributed model's own training run (same initialisation, batch order, timesteps
    and noises, same number of steps) with the removed examples weighted 0, so the counterfactual
@@ -19,7 +20,8 @@ For a generated target ``b`` and a step ``s`` of its recorded trajectory:
 If attribution finds the examples that matter for the step, removing them moves the image more than
 removing the same number of random examples. Because SGD is chaotic, even random removal changes the
 model, so the comparison is made target by target and reported as a distribution (quartiles and
-the fraction of targets where top-k moved the image more), not only as a mean.
+the fraction of targets where top-k moved the image more than the mean of its random draws), not
+only as a mean.
 """
 from __future__ import annotations
 
@@ -71,25 +73,36 @@ class Case:
     kind: str
     removed: np.ndarray
     label: str = ""   # names the scores behind a top-k case, so audits of several estimators share a folder
+    draw: int = 0     # which random control (0, 1, ...); always 0 for top-k
 
     @property
     def name(self) -> str:
         tag = f"-{self.label}" if self.label and self.kind == "top" else ""
-        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-{self.kind}{tag}"
+        draw = str(self.draw + 1) if self.kind == "random" and self.draw else ""
+        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-{self.kind}{draw}{tag}"
+
+
+def random_seed(seed: int, step: int, target: int, k: int, draw: int) -> int:
+    """Seed of a random control; draw 0 keeps the seed it had before controls had several draws."""
+    return seed_for(seed, step, target, k, 47) if draw == 0 else seed_for(seed, step, target, k, 47, draw)
 
 
 def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequence, n: int, seed: int = 0,
-         label: str = "") -> List[Case]:
-    """Every (step, target, k, kind) case. ``scores_by_step[s]`` is ``(B, n)``. The random controls do not
-    depend on the scores, so audits of several estimators (``label``) in one folder share them."""
+         label: str = "", random_draws: int = 1) -> List[Case]:
+    """Every (step, target, k) top-k case and its ``random_draws`` random controls. ``scores_by_step[s]``
+    is ``(B, n)``. The random controls do not depend on the scores, so audits of several estimators
+    (``label``) in one folder share them."""
+    if random_draws < 1:
+        raise ValueError(f"random_draws must be at least 1, got {random_draws}")
     cases = []
     for s, sc in scores_by_step.items():
         for b in targets:
             for k in ks:
                 kk = resolve_k(k, n)
-                for kind in KINDS:
-                    cases.append(Case(int(s), int(b), kk, kind,
-                                      removed_positions(sc[b], kk, kind, seed_for(seed, s, b, kk, 47)), label))
+                cases.append(Case(int(s), int(b), kk, "top", removed_positions(sc[b], kk, "top", 0), label))
+                for r in range(random_draws):
+                    cases.append(Case(int(s), int(b), kk, "random",
+                                      removed_positions(sc[b], kk, "random", random_seed(seed, s, b, kk, r)), label, r))
     return cases
 
 
@@ -107,7 +120,7 @@ def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Te
 def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
-              mode: str = "masked", label: str = "") -> dict:
+              mode: str = "masked", label: str = "", random_draws: int = 1) -> dict:
     """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit-MODE.json``
     (``audit-MODE-LABEL.json`` for the scores named ``label``)."""
     if mode not in MODES:
@@ -115,7 +128,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
     from .baselines import embedding_distance
 
     n = len(dataset)
-    cases = plan(scores_by_step, targets, ks, n, seed, label)
+    cases = plan(scores_by_step, targets, ks, n, seed, label, random_draws)
     os.makedirs(out_dir, exist_ok=True)
     masks = np.ones((len(cases), n), dtype=bool)
     for j, c in enumerate(cases):
@@ -149,7 +162,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
         new = images[c.name][None]
         ref = original[c.target:c.target + 1].numpy()
         row = {"step": c.step, "timestep": trajectory.timestep_at(c.step), "target": c.target, "k": c.k,
-               "kind": c.kind, "removed": c.removed.tolist(), "pixel_l2": float(l2_distance(new, ref)[0])}
+               "kind": c.kind, "draw": c.draw, "removed": c.removed.tolist(), "pixel_l2": float(l2_distance(new, ref)[0])}
         if encoder is not None:
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])
         rows.append(row)
@@ -159,28 +172,35 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
 
 
 def summarize(rows: Sequence[dict]) -> List[dict]:
-    """Per (step, k, distance): quartiles of top-k and random removal over targets, the fraction of
-    targets where top-k moved the image more (paired), and a one-sided Wilcoxon signed-rank p-value."""
+    """Per (step, k, distance): quartiles over targets of the top-k removal's distance and of the random
+    removals' (all draws pooled: the distribution of the control), and the paired comparison of each
+    target's top-k distance with the mean of its random draws: the fraction of targets where top-k moved
+    the image more, the median difference and a one-sided Wilcoxon signed-rank p-value."""
     from scipy.stats import wilcoxon
 
     out = []
     keys = sorted({(r["step"], r["k"]) for r in rows})
     metrics = [m for m in ("pixel_l2", "embedding_l2") if all(m in r for r in rows)]
     for step, k in keys:
-        sel = {kind: {r["target"]: r for r in rows if r["step"] == step and r["k"] == k and r["kind"] == kind}
-               for kind in KINDS}
-        common = sorted(set(sel["top"]) & set(sel["random"]))
+        mine = [r for r in rows if r["step"] == step and r["k"] == k]
+        top = {r["target"]: r for r in mine if r["kind"] == "top"}
+        rnd: Dict[int, list] = {}
+        for r in mine:
+            if r["kind"] == "random":
+                rnd.setdefault(r["target"], []).append(r)
+        common = sorted(set(top) & set(rnd))
         for m in metrics:
-            top = np.array([sel["top"][b][m] for b in common])
-            rnd = np.array([sel["random"][b][m] for b in common])
-            diff = top - rnd
+            t = np.array([top[b][m] for b in common])
+            pooled = np.array([r[m] for b in common for r in rnd[b]])
+            control = np.array([np.mean([r[m] for r in rnd[b]]) for b in common])
+            diff = t - control
             try:
-                p = float(wilcoxon(top, rnd, alternative="greater").pvalue) if len(common) > 1 and np.any(diff != 0) else float("nan")
+                p = float(wilcoxon(t, control, alternative="greater").pvalue) if len(common) > 1 and np.any(diff != 0) else float("nan")
             except ValueError:
                 p = float("nan")
-            out.append({"step": step, "timestep": next(r["timestep"] for r in rows if r["step"] == step),
-                        "k": k, "metric": m, "num_targets": len(common),
-                        "top_quartiles": quartiles(top), "random_quartiles": quartiles(rnd),
+            out.append({"step": step, "timestep": mine[0]["timestep"], "k": k, "metric": m,
+                        "num_targets": len(common), "random_draws": min((len(rnd[b]) for b in common), default=0),
+                        "top_quartiles": quartiles(t), "random_quartiles": quartiles(pooled),
                         "top_wins": float((diff > 0).mean()) if len(common) else float("nan"),
                         "median_difference": float(np.median(diff)) if len(common) else float("nan"),
                         "wilcoxon_p_greater": p})

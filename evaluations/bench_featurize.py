@@ -387,7 +387,7 @@ def bench_fidelity(checkpoint, n_train, n_targets, k, T, seeds, ridge, progress=
 def print_fidelity(r):
     print(f"\n== fidelity: trained UNet p = {r['p']:,}, {r['n_train']} training rows, {r['n_targets']} held-out targets, "
           f"T = {r['T']}, k = {r['k']}, ridge {r['ridge']} (λ = {r['lambda']:.3g}), {len(r['seeds'])} projection seeds")
-    print(f"   Spearman with exact-gradient TRAK scores, per target (mean ± sd over seeds):")
+    print("   Spearman with exact-gradient TRAK scores, per target (mean ± sd over seeds):")
     print(f"     dense JL (reference) {r['dense_mean']:.3f} ± {r['dense_sd']:.3f}   (all pairs {r['dense_all_mean']:.3f})")
     print(f"     fast (CountSketch)   {r['fast_mean']:.3f} ± {r['fast_sd']:.3f}   (all pairs {r['fast_all_mean']:.3f})")
     print(f"     dense − fast: {r['gap']:+.3f} (target: ≤ 0.03); fast features vs CountSketch of exact gradients: "

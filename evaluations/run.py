@@ -80,7 +80,8 @@ class Timer:
 
 #: Settings that only add work to a run (each stage keys its own results by them), so changing them
 #: resumes the run instead of refusing it.
-EXTENDABLE = ("num_replicates", "audit_targets", "audit_steps", "audit_ks", "audit_modes", "audit_seed", "n_boot",
+EXTENDABLE = ("num_replicates", "audit_targets", "audit_steps", "audit_ks", "audit_modes", "audit_seed",
+              "audit_random_draws", "n_boot",
               "threads", "description")
 
 
@@ -367,19 +368,25 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
     if audit:
         L += ["## Retrain without the top-k proponents", "",
               "Distance of the regenerated image (restart from x_t of the step, same noise) to the original; "
-              "median [quartiles] over targets. `top wins` = fraction of targets where removing the top-k moved the "
-              "image more than removing k random examples; p = one-sided Wilcoxon signed-rank. Modes: `masked` "
+              "median [quartiles] over targets (random: over targets and random draws). `paired` = median over "
+              "targets of (top-k distance − mean distance of the target's random draws); `top wins` = fraction of "
+              "targets where removing the top-k moved the image more than that mean; p = one-sided Wilcoxon "
+              "signed-rank. Modes: `masked` "
               "replays the attributed model's training run with the removed examples weighted 0 (only the removal "
               "differs); `retrain` trains from scratch on what is left (the removal plus reshuffled batches).", ""]
         for mode, res in audit.items():
             L += [f"### mode `{mode}`", "",
                   f"Restart check (attributed model regenerates the original): max |Δ| = {res['restart_check_max_abs']:.2e}", "",
-                  "| step (t) | k | distance | top-k removed | k random removed | top wins | p |", "|---|---|---|---|---|---|---|"]
+                  "| step (t) | k | distance | top-k removed | k random removed (draws) | paired | top wins | p |",
+                  "|---|---|---|---|---|---|---|---|"]
             for s in res["summary"]:
                 tq, rq = s["top_quartiles"], s["random_quartiles"]
                 L.append(f"| {s['step']} ({s['timestep']}) | {s['k']} | {s['metric']} | {tq[1]:.3f} [{tq[0]:.3f}, {tq[2]:.3f}] | "
-                         f"{rq[1]:.3f} [{rq[0]:.3f}, {rq[2]:.3f}] | {s['top_wins']:.2f} | {s['wilcoxon_p_greater']:.3g} |")
+                         f"{rq[1]:.3f} [{rq[0]:.3f}, {rq[2]:.3f}] ({s.get('random_draws', 1)}) | "
+                         f"{s['median_difference']:+.3f} | {s['top_wins']:.2f} | {s['wilcoxon_p_greater']:.3g} |")
             L.append("")
+            if len({c["k"] for c in res["cases"]}) > 1:
+                L += [f"![audit {mode} against k](plots/audit_{mode}_vs_k.png)", ""]
             for s, k in sorted({(c["step"], c["k"]) for c in res["cases"]}):
                 L += [f"![audit {mode} step {s} k {k}](plots/audit_{mode}_s{s}_k{k}.png)", ""]
     if timing:
@@ -445,6 +452,16 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
             image_grid_png(os.path.join(out, "plots", f"audit_{mode}_s{s}_k{k}.png"), rows,
                            ["original", f"−top {k}", f"−random {k}"], [f"target {b}" for b in targets],
                            title=f"{mode}: without top-k vs random k, restart at step {s} (t={traj.timestep_at(s)})")
+        ks = sorted({c["k"] for c in res["cases"]})
+        if len(ks) > 1:  # image change against k: median and quartiles over targets, top-k vs random
+            series = {}
+            for s in sorted({c["step"] for c in res["cases"]}):
+                summ = {r["k"]: r for r in res["summary"] if r["step"] == s and r["metric"] == "pixel_l2"}
+                for kind in ("top", "random"):
+                    q = np.array([summ[k][f"{kind}_quartiles"] if k in summ else [np.nan] * 3 for k in ks])
+                    series[f"step {s}: {'top-k' if kind == 'top' else 'random k'}"] = (q[:, 1], q[:, 0], q[:, 2])
+            plot_lines(os.path.join(out, "plots", f"audit_{mode}_vs_k.png"), ks, series, xlabel="k (examples removed)",
+                       ylabel="pixel L2 change of the image", title=f"{cfg.name}: {mode} retrain without top-k vs random k")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +573,8 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
                                             {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
                                             list(range(cfg.audit_targets)), cfg.audit_ks, os.path.join(out, "audit"),
                                             encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
-                                            stack_size=cfg.stack_size, device=device, progress=progress, mode=mode)
+                                            stack_size=cfg.stack_size, device=device, progress=progress, mode=mode,
+                                            random_draws=cfg.audit_random_draws)
     with timer.stage("report"):
         _plots(cfg, out, tables, traj, audit_res, traj.final)
         path = _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)

@@ -67,7 +67,7 @@ def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
     run(tiny_config(audit_targets=2, audit_ks=(0.1,)), out, progress=False, audit=True)
     models = os.path.join(out, "audit", "models-masked")
     before = {d: os.path.getmtime(os.path.join(models, d, "train_args.json")) for d in os.listdir(models)}
-    assert sorted(before) == ["s0005-b000-k5-random", "s0005-b000-k5-top", "s0005-b001-k5-random", "s0005-b001-k5-top"]
+    assert sorted(before) == sorted(f"s0005-b00{b}-k5-{kind}" for b in (0, 1) for kind in ("random", "random2", "top"))
     name = "paper, last checkpoint only"
     assert main([out, "--variants", name, "--audit"]) == 0
     after = sorted(os.listdir(models))
@@ -76,7 +76,7 @@ def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
         assert os.path.getmtime(os.path.join(models, d, "train_args.json")) == t
     res = json.load(open(os.path.join(out, "ablations", "ablations.json")))
     (a,) = res["audits"]
-    assert a["method"] == name and a["step"] == 5 and a["k"] == 5 and a["num_targets"] == 2
+    assert a["method"] == name and a["step"] == 5 and a["k"] == 5 and a["num_targets"] == 2 and a["random_draws"] == 2
     mine = json.load(open(os.path.join(out, "audit", "audit-masked-paper-last-checkpoint-only.json")))
     tops = [c for c in mine["cases"] if c["kind"] == "top"]
     assert len(tops) == 2 and all(len(c["removed"]) == 5 for c in tops)

@@ -54,6 +54,18 @@ def test_end_to_end_tiny(tmp_path):
     assert all(0 <= v <= 1 for e in entry["seed_ceiling"] for v in e["values"])
     assert "seed ceiling" in open(os.path.join(out, "report.md")).read()
     assert len(os.listdir(os.path.join(out, "replicates"))) >= 2
+    # extending the audit to another k reuses the finished cases and plots the image change against k
+    cases = res["audit"]["masked"]["cases"]
+    assert sorted((c["kind"], c["draw"]) for c in cases if c["target"] == 0) == [("random", 0), ("random", 1), ("top", 0)]
+    models = os.path.join(out, "audit", "models-masked")
+    before = {d: os.path.getmtime(os.path.join(models, d)) for d in os.listdir(models)}
+    res3 = run(tiny_config(num_replicates=2, audit_ks=(0.1, 0.2)), out, progress=False)
+    summary = res3["audit"]["masked"]["summary"]
+    assert {s["k"] for s in summary} == {5, 10} and all(s["random_draws"] == 2 for s in summary)
+    assert all(os.path.getmtime(os.path.join(models, d)) == t for d, t in before.items())
+    assert len(os.listdir(models)) == 2 * len(before)
+    assert os.path.getsize(os.path.join(out, "plots", "audit_masked_vs_k.png")) > 0
+    assert "audit_masked_vs_k.png" in open(os.path.join(out, "report.md")).read()
 
 
 def test_masked_lds_mode(tmp_path):
