@@ -203,5 +203,6 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                         "top_quartiles": quartiles(t), "random_quartiles": quartiles(pooled),
                         "top_wins": float((diff > 0).mean()) if len(common) else float("nan"),
                         "median_difference": float(np.median(diff)) if len(common) else float("nan"),
+                        "difference_quartiles": quartiles(diff),
                         "wilcoxon_p_greater": p})
     return out

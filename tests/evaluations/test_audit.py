@@ -70,3 +70,4 @@ def test_summarize_pools_random_draws_and_pairs_with_their_mean():
     assert s["top_wins"] == pytest.approx(1 / 3) and s["median_difference"] == pytest.approx(0.0)
     # the control's distribution pools the draws: median of [1, 3.5, 1.5, 2.5, 2, 0]
     assert s["random_quartiles"][1] == pytest.approx(1.75) and s["top_quartiles"][1] == pytest.approx(2.0)
+    assert s["difference_quartiles"] == pytest.approx([-0.125, 0.0, 0.5])
