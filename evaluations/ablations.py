@@ -330,7 +330,7 @@ def main(argv=None):
         for a in audits:
             lines.append(f"| {a['method']} | {a['mode']} | {a['step']} | {a['k']} | {a['num_targets']} | "
                          f"{a.get('random_draws', 1)} | {a['top_quartiles'][1]:.3f} | {a['random_quartiles'][1]:.3f} | "
-                         f"{a['median_difference']:+.3f} | {a['top_wins']:.2f} | {a['wilcoxon_p_greater']:.2f} |")
+                         f"{a['median_difference']:+.3f} | {a['top_wins']:.2f} | {a['wilcoxon_p_greater']:.2g} |")
         lines.append("")
     with open(os.path.join(out, "ablations.md"), "w") as f:
         f.write("\n".join(lines))
