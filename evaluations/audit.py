@@ -40,7 +40,6 @@ from diffusion_trak.store import write_json_atomic
 from .metrics import l2_distance, quartiles
 from .retrain import final_checkpoint, train_models
 
-KINDS = ("top", "random")
 MODES = ("masked", "retrain")
 
 
