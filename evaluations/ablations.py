@@ -227,8 +227,7 @@ def _audit_on_disk(path: str, want: Dict[str, list], label: str):
         return None
     with open(path) as f:
         res = json.load(f)
-    have = {Case(c["step"], c["target"], c["k"], c["kind"], np.asarray(c["removed"]), label, c.get("draw", 0)).name:
-            c["removed"] for c in res["cases"]}
+    have = {Case.from_row(c, label).name: c["removed"] for c in res["cases"]}
     return res if have == want else None
 
 

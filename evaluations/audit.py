@@ -4,8 +4,9 @@ For a generated target ``b`` and a step ``s`` of its recorded trajectory:
 
 1. remove the ``k`` training examples with the highest scores at step ``s`` (``k`` a count, or a
    fraction of the training set when ``0 < k < 1``), and, as the control, ``k`` examples drawn at
-   random (seeded by the target, step, k and draw; ``random_draws`` independent draws per case, so
-   the control is a distribution for each target rather than one noisy sample);
+   random. A random removal does not depend on the target or the step, so each of the
+   ``random_draws`` random models (seeded by k and the draw) is shared: it regenerates every
+   target from every audited step, and each target's control is the mean over all the draws;
 2. retrain with the attributed model's recipe and seed on what is left. ``mode="masked"`` (default)
    replays the attributed model's own training run (same initialisation, batch order, timesteps
    and noises, same number of steps) with the removed examples weighted 0, so the counterfactual
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +67,10 @@ def removed_positions(scores_row, k: int, kind: str, seed: int) -> np.ndarray:
 
 @dataclass
 class Case:
-    step: int
-    target: int
+    """One retrained model: the training set without ``removed``. A top-k case belongs to one
+    (``step``, ``target``); a random control (``step`` and ``target`` None) serves every target and step."""
+    step: Optional[int]
+    target: Optional[int]
     k: int
     kind: str
     removed: np.ndarray
@@ -76,32 +79,53 @@ class Case:
 
     @property
     def name(self) -> str:
-        tag = f"-{self.label}" if self.label and self.kind == "top" else ""
-        draw = str(self.draw + 1) if self.kind == "random" and self.draw else ""
-        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-{self.kind}{draw}{tag}"
+        if self.kind == "random":
+            return f"k{self.k}-random{self.draw}"
+        tag = f"-{self.label}" if self.label else ""
+        return f"s{self.step:04d}-b{self.target:03d}-k{self.k}-top{tag}"
+
+    @classmethod
+    def from_row(cls, row: dict, label: str = "") -> "Case":
+        """The case behind a row of ``audit-MODE.json``'s ``cases``."""
+        shared = row["kind"] == "random"
+        return cls(None if shared else row["step"], None if shared else row["target"], row["k"], row["kind"],
+                   np.asarray(row["removed"]), label, row.get("draw", 0))
+
+    def image_file(self, regen_dir: str, step: int) -> str:
+        """Cache of what this case's model regenerates from ``step``: the target's image for a top-k
+        case, the whole batch for a random control."""
+        if self.kind == "top":
+            return os.path.join(regen_dir, f"{self.name}.npy")
+        return os.path.join(regen_dir, f"{self.name}-s{step:04d}.npy")
+
+    def image(self, regen_dir: str, step: int, target: int) -> np.ndarray:
+        x = np.load(self.image_file(regen_dir, step))
+        return x if self.kind == "top" else x[target]
 
 
-def random_seed(seed: int, step: int, target: int, k: int, draw: int) -> int:
-    """Seed of a random control; draw 0 keeps the seed it had before controls had several draws."""
-    return seed_for(seed, step, target, k, 47) if draw == 0 else seed_for(seed, step, target, k, 47, draw)
+def random_seed(seed: int, k: int, draw: int) -> int:
+    """Seed of the random control ``draw`` for ``k`` removed examples."""
+    return seed_for(seed, k, 47, draw)
 
 
 def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequence, n: int, seed: int = 0,
          label: str = "", random_draws: int = 1) -> List[Case]:
-    """Every (step, target, k) top-k case and its ``random_draws`` random controls. ``scores_by_step[s]``
-    is ``(B, n)``. The random controls do not depend on the scores, so audits of several estimators
+    """Every (step, target, k) top-k case, then ``random_draws`` random controls per k.
+    ``scores_by_step[s]`` is ``(B, n)``. The random controls depend on neither the scores nor the
+    target nor the step, so they serve every target and step, and audits of several estimators
     (``label``) in one folder share them."""
     if random_draws < 1:
         raise ValueError(f"random_draws must be at least 1, got {random_draws}")
     cases = []
+    kks = list(dict.fromkeys(resolve_k(k, n) for k in ks))
     for s, sc in scores_by_step.items():
         for b in targets:
-            for k in ks:
-                kk = resolve_k(k, n)
+            for kk in kks:
                 cases.append(Case(int(s), int(b), kk, "top", removed_positions(sc[b], kk, "top", 0), label))
-                for r in range(random_draws):
-                    cases.append(Case(int(s), int(b), kk, "random",
-                                      removed_positions(sc[b], kk, "random", random_seed(seed, s, b, kk, r)), label, r))
+    for kk in kks:
+        for r in range(random_draws):
+            cases.append(Case(None, None, kk, "random", removed_positions(np.zeros(n), kk, "random",
+                                                                          random_seed(seed, kk, r)), label, r))
     return cases
 
 
@@ -137,30 +161,38 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
                             method="stacked" if mode == "masked" else method, stack_size=stack_size, device=device,
                             progress=progress, names=names, masked=(mode == "masked"))
     original = trajectory.final.float().clamp(-1, 1)
+    steps = sorted(int(st) for st in scores_by_step)
     # the restart with the attributed model itself must give back the original image
     check_path = os.path.join(out_dir, "restart_check.json")
-    if not os.path.exists(check_path):
-        steps = sorted({c.step for c in cases})
-        err = max(float((regenerate(attributed_checkpoint, trajectory, s, device).clamp(-1, 1) - original).abs().max())
-                  for s in steps)
-        write_json_atomic(check_path, {"max_abs_difference": err})
-    with open(check_path) as f:
-        restart_err = json.load(f)["max_abs_difference"]
+    checked = {}
+    if os.path.exists(check_path):
+        with open(check_path) as f:
+            checked = json.load(f).get("by_step", {})
+    for st in steps:
+        if str(st) not in checked:
+            regen = regenerate(attributed_checkpoint, trajectory, st, device).clamp(-1, 1)
+            checked[str(st)] = float((regen - original).abs().max())
+            write_json_atomic(check_path, {"by_step": checked})
+    restart_err = max(checked[str(st)] for st in steps)
     regen_dir = os.path.join(out_dir, f"regenerated-{mode}")
     os.makedirs(regen_dir, exist_ok=True)
-    images = {}
-    for c, rd in tqdm(list(zip(cases, run_dirs)), desc="regenerate", disable=not progress):
-        path = os.path.join(regen_dir, f"{c.name}.npy")
+    # (case, step, target) measured: a top-k case at its own step and target, a random control at all of them
+    measured = [(c, st, b) for c in cases for st, b in ([(c.step, c.target)] if c.kind == "top"
+                                                        else [(st, b) for st in steps for b in targets])]
+    jobs = list(dict.fromkeys((j, st) for j, c in enumerate(cases)
+                              for st in ([c.step] if c.kind == "top" else steps)))
+    for j, st in tqdm(jobs, desc="regenerate", disable=not progress):
+        c = cases[j]
+        path = c.image_file(regen_dir, st)
         if not os.path.exists(path):
-            img = regenerate(final_checkpoint(rd, args), trajectory, c.step, device)[c.target].clamp(-1, 1).numpy()
-            np.save(path + ".tmp.npy", img)
+            img = regenerate(final_checkpoint(run_dirs[j], args), trajectory, st, device).clamp(-1, 1).numpy()
+            np.save(path + ".tmp.npy", img[c.target] if c.kind == "top" else img)
             os.replace(path + ".tmp.npy", path)
-        images[c.name] = np.load(path)
     rows = []
-    for c in cases:
-        new = images[c.name][None]
-        ref = original[c.target:c.target + 1].numpy()
-        row = {"step": c.step, "timestep": trajectory.timestep_at(c.step), "target": c.target, "k": c.k,
+    for c, st, b in measured:
+        new = c.image(regen_dir, st, b)[None]
+        ref = original[b:b + 1].numpy()
+        row = {"step": st, "timestep": trajectory.timestep_at(st), "target": b, "k": c.k,
                "kind": c.kind, "draw": c.draw, "removed": c.removed.tolist(), "pixel_l2": float(l2_distance(new, ref)[0])}
         if encoder is not None:
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])

@@ -368,10 +368,12 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
     if audit:
         L += ["## Retrain without the top-k proponents", "",
               "Distance of the regenerated image (restart from x_t of the step, same noise) to the original; "
-              "median [quartiles] over targets (random: over targets and random draws). `paired` = median over "
-              "targets of (top-k distance − mean distance of the target's random draws); `top wins` = fraction of "
-              "targets where removing the top-k moved the image more than that mean; p = one-sided Wilcoxon "
-              "signed-rank. Modes: `masked` "
+              "median [quartiles] over targets (random: over targets and random draws). Each random draw is one "
+              "model trained without k random examples; it regenerates every target from every step, so all "
+              "targets share the draws. `paired` = median over "
+              "targets of (top-k distance − the target's mean distance over the random draws); `top wins` = "
+              "fraction of targets where removing the top-k moved the image more than that mean; p = one-sided "
+              "Wilcoxon signed-rank. Modes: `masked` "
               "replays the attributed model's training run with the removed examples weighted 0 (only the removal "
               "differs); `retrain` trains from scratch on what is left (the removal plus reshuffled batches).", ""]
         for mode, res in audit.items():
@@ -429,6 +431,8 @@ def _acceptance(tables, cfg) -> list:
 def _plots(cfg, out, tables, traj, audit, trajectory_final):
     from diffusion_trak.report import image_grid_png, plot_lines
 
+    from .audit import Case
+
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     ts = [traj.timestep_at(s) for s in cfg.lds_steps]
     for sname, kinds in tables.items():
@@ -445,10 +449,10 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
         regen = os.path.join(out, "audit", f"regenerated-{mode}")
         for s, k in sorted({(c["step"], c["k"]) for c in res["cases"]}):
             targets = sorted({c["target"] for c in res["cases"] if c["step"] == s and c["k"] == k})
-            name = lambda b, kind: os.path.join(regen, f"s{s:04d}-b{b:03d}-k{k}-{kind}.npy")
-            rows = [trajectory_final[targets].clamp(-1, 1),
-                    torch.from_numpy(np.stack([np.load(name(b, "top")) for b in targets])),
-                    torch.from_numpy(np.stack([np.load(name(b, "random")) for b in targets]))]
+            first = {(c["kind"], c["target"]): Case.from_row(c) for c in res["cases"]
+                     if c["step"] == s and c["k"] == k and c["draw"] == 0}
+            rows = [trajectory_final[targets].clamp(-1, 1)] + [
+                torch.from_numpy(np.stack([first[kind, b].image(regen, s, b) for b in targets])) for kind in ("top", "random")]
             image_grid_png(os.path.join(out, "plots", f"audit_{mode}_s{s}_k{k}.png"), rows,
                            ["original", f"−top {k}", f"−random {k}"], [f"target {b}" for b in targets],
                            title=f"{mode}: without top-k vs random k, restart at step {s} (t={traj.timestep_at(s)})")

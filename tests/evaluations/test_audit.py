@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from diffusion_trak.featurize.featurizer import seed_for
-from evaluations.audit import plan, removed_positions, resolve_k, summarize
+from evaluations.audit import Case, plan, removed_positions, resolve_k, summarize
 
 
 def test_resolve_k():
@@ -24,10 +24,14 @@ def test_plan_cases():
     rng = np.random.default_rng(0)
     scores = {10: rng.standard_normal((4, 50)), 20: rng.standard_normal((4, 50))}
     cases = plan(scores, targets=[0, 2], ks=[3, 0.1], n=50, seed=0)
-    assert len(cases) == 2 * 2 * 2 * 2
+    # a top-k case per (step, target, k); one random control per k, shared by every step and target
+    assert len(cases) == 2 * 2 * 2 + 2
     assert len({c.name for c in cases}) == len(cases)
-    top = [c for c in cases if c.step == 10 and c.target == 2 and c.k == 5 and c.kind == "top"][0]
-    assert sorted(top.removed.tolist()) == sorted(np.argsort(-scores[10][2])[:5].tolist())
+    top = [c for c in cases if c.step == 20 and c.target == 2 and c.k == 5 and c.kind == "top"][0]
+    assert top.name == "s0020-b002-k5-top"
+    assert sorted(top.removed.tolist()) == sorted(np.argsort(-scores[20][2])[:5].tolist())
+    rnd = [c for c in cases if c.kind == "random"]
+    assert [(c.step, c.target, c.k, len(c.removed)) for c in rnd] == [(None, None, 3, 3), (None, None, 5, 5)]
 
 
 def test_summarize_paired():
@@ -46,14 +50,33 @@ def test_plan_random_draws():
     scores = {10: rng.standard_normal((3, 40))}
     cases = plan(scores, targets=[1], ks=[4], n=40, seed=3, random_draws=3)
     assert [c.kind for c in cases] == ["top", "random", "random", "random"]
-    assert [c.name for c in cases] == ["s0010-b001-k4-top", "s0010-b001-k4-random", "s0010-b001-k4-random2",
-                                       "s0010-b001-k4-random3"]
-    # draw 0 keeps its seed, so audits made with one draw are reused; later draws remove other examples
-    assert cases[1].removed.tolist() == removed_positions(scores[10][1], 4, "random", seed_for(3, 10, 1, 4, 47)).tolist()
+    assert [c.name for c in cases] == ["s0010-b001-k4-top", "k4-random0", "k4-random1", "k4-random2"]
+    assert cases[2].removed.tolist() == removed_positions(np.zeros(40), 4, "random", seed_for(3, 4, 47, 1)).tolist()
     assert len({tuple(c.removed.tolist()) for c in cases[1:]}) == 3
-    assert [c.name for c in plan(scores, [1], [4], 40, 3, random_draws=1)] == [c.name for c in cases[:2]]
+    # the controls depend on neither the scores nor the targets, and more draws keep the first ones
+    other = plan({30: rng.standard_normal((3, 40))}, [0, 2], [4], 40, 3, random_draws=2)
+    assert [(c.name, c.removed.tolist()) for c in other if c.kind == "random"] == \
+        [(c.name, c.removed.tolist()) for c in cases[1:3]]
+    # a label names the top-k cases only, so estimators audited in one folder share the controls
+    assert [c.name for c in plan(scores, [1], [4], 40, 3, "ens", 1)] == ["s0010-b001-k4-top-ens", "k4-random0"]
     with pytest.raises(ValueError):
         plan(scores, [1], [4], 40, 3, random_draws=0)
+
+
+def test_case_round_trips_through_a_row(tmp_path):
+    rng = np.random.default_rng(2)
+    cases = plan({10: rng.standard_normal((2, 30))}, [1], [3], 30, 0, "lbl", 2)
+    for c in cases:
+        row = {"step": 10, "target": 1, "k": c.k, "kind": c.kind, "draw": c.draw, "removed": c.removed.tolist()}
+        assert Case.from_row(row, "lbl").name == c.name
+    # a top-k case caches its target's image, a random control the whole batch per step
+    top, rnd = cases[0], cases[1]
+    np.save(top.image_file(str(tmp_path), 10), np.full((1, 2, 2), 7.0))
+    batch = rng.standard_normal((2, 1, 2, 2))
+    np.save(rnd.image_file(str(tmp_path), 10), batch)
+    assert top.image(str(tmp_path), 10, 1)[0, 0, 0] == 7.0
+    np.testing.assert_array_equal(rnd.image(str(tmp_path), 10, 1), batch[1])
+    assert rnd.image_file(str(tmp_path), 10) != rnd.image_file(str(tmp_path), 20)
 
 
 def test_summarize_pools_random_draws_and_pairs_with_their_mean():

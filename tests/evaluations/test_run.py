@@ -15,7 +15,7 @@ def tiny_config(**kw):
                 featurize=FeaturizeArgs(num_timesteps=2, proj_dim=64, projector="torch"), score=ScoreArgs(num_noises=2),
                 num_models=4, train_method="stacked", stack_size=4, num_generated=4, num_inference_steps=10,
                 lds_steps=(0, 5, 9), num_heldout=4, gt_noises=2, gt_final_draws=4, encoder_epochs=1, audit_targets=2,
-                audit_steps=(5,), audit_ks=(0.1,), n_boot=50, threads=1)
+                audit_steps=(5,), audit_ks=(0.1,), audit_random_draws=2, n_boot=50, threads=1)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -57,7 +57,12 @@ def test_end_to_end_tiny(tmp_path):
     # extending the audit to another k reuses the finished cases and plots the image change against k
     cases = res["audit"]["masked"]["cases"]
     assert sorted((c["kind"], c["draw"]) for c in cases if c["target"] == 0) == [("random", 0), ("random", 1), ("top", 0)]
+    # each random control is one model, measured on every target
+    rnd = [c for c in cases if c["kind"] == "random" and c["draw"] == 1]
+    assert sorted(c["target"] for c in rnd) == [0, 1] and rnd[0]["removed"] == rnd[1]["removed"]
+    assert rnd[0]["pixel_l2"] != rnd[1]["pixel_l2"]
     models = os.path.join(out, "audit", "models-masked")
+    assert sorted(os.listdir(models)) == ["k5-random0", "k5-random1", "s0005-b000-k5-top", "s0005-b001-k5-top"]
     before = {d: os.path.getmtime(os.path.join(models, d)) for d in os.listdir(models)}
     res3 = run(tiny_config(num_replicates=2, audit_ks=(0.1, 0.2)), out, progress=False)
     summary = res3["audit"]["masked"]["summary"]
