@@ -143,9 +143,10 @@ def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Te
 def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
-              mode: str = "masked", label: str = "", random_draws: int = 1) -> dict:
+              mode: str = "masked", label: str = "", random_draws: int = 8) -> dict:
     """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit-MODE.json``
-    (``audit-MODE-LABEL.json`` for the scores named ``label``)."""
+    (``audit-MODE-LABEL.json`` for the scores named ``label``). ``random_draws`` random-removal models
+    per k serve as the control of every target and step."""
     if mode not in MODES:
         raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
     from .baselines import embedding_distance
