@@ -178,10 +178,9 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
     regen_dir = os.path.join(out_dir, f"regenerated-{mode}")
     os.makedirs(regen_dir, exist_ok=True)
     # (case, step, target) measured: a top-k case at its own step and target, a random control at all of them
-    measured = [(c, st, b) for c in cases for st, b in ([(c.step, c.target)] if c.kind == "top"
-                                                        else [(st, b) for st in steps for b in targets])]
-    jobs = list(dict.fromkeys((j, st) for j, c in enumerate(cases)
-                              for st in ([c.step] if c.kind == "top" else steps)))
+    measured = [(j, st, b) for j, c in enumerate(cases)
+                for st, b in ([(c.step, c.target)] if c.kind == "top" else [(st, b) for st in steps for b in targets])]
+    jobs = list(dict.fromkeys((j, st) for j, st, _ in measured))  # one regeneration per (case, step)
     for j, st in tqdm(jobs, desc="regenerate", disable=not progress):
         c = cases[j]
         path = c.image_file(regen_dir, st)
@@ -190,7 +189,8 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
             np.save(path + ".tmp.npy", img[c.target] if c.kind == "top" else img)
             os.replace(path + ".tmp.npy", path)
     rows = []
-    for c, st, b in measured:
+    for j, st, b in measured:
+        c = cases[j]
         new = c.image(regen_dir, st, b)[None]
         ref = original[b:b + 1].numpy()
         row = {"step": st, "timestep": trajectory.timestep_at(st), "target": b, "k": c.k,
