@@ -19,7 +19,7 @@ from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, write_json_atomic
-from .targets import target_features, trajectory_target_features
+from .targets import destination_target_features, target_features, trajectory_target_features
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
 
@@ -140,17 +140,27 @@ class Scores:
     """Scores of every training example for every (step, target).
 
     ``values[s, b, i]``: score of training row ``i`` (stable index ``train_indices[i]``) for target
-    ``b`` at step ``steps[s]`` (scheduler timestep ``timesteps[s]``)."""
+    ``b`` at step ``steps[s]`` (scheduler timestep ``timesteps[s]``): the journey.
+    ``destination[b, i]`` (or None): the same for the final image, its target averaged over the whole
+    range of timesteps (:func:`~diffusion_trak.targets.destination_target_features`)."""
 
     values: np.ndarray
     steps: List[int]
     timesteps: List[int]
     train_indices: np.ndarray
     meta: dict = field(default_factory=dict)
+    destination: Optional[np.ndarray] = None
 
     def top(self, k: int = 8):
         """``(top_idx, top_val, bottom_idx, bottom_val)`` as stable dataset indices, each (S, B, k)."""
         ti, tv, bi, bv = top_k(self.values, k)
+        return self.train_indices[ti], tv, self.train_indices[bi], bv
+
+    def top_destination(self, k: int = 8):
+        """The same for the destination row, each (B, k); None without a destination."""
+        if self.destination is None:
+            return None
+        ti, tv, bi, bv = top_k(np.asarray(self.destination), k)
         return self.train_indices[ti], tv, self.train_indices[bi], bv
 
     def save(self, out: str, k: int = 8) -> str:
@@ -162,6 +172,13 @@ class Scores:
                    "top": [[{"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[s, b], tv[s, b])],
                              "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[s, b], bv[s, b])]}
                             for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
+        if self.destination is not None:
+            np.save(os.path.join(out, "destination.npy"), np.asarray(self.destination, dtype=np.float32))
+            ti, tv, bi, bv = self.top_destination(k)
+            summary["destination"] = [
+                {"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[b], tv[b])],
+                 "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[b], bv[b])]}
+                for b in range(ti.shape[0])]
         write_json_atomic(os.path.join(out, "scores.json"), summary)
         return out
 
@@ -169,8 +186,10 @@ class Scores:
     def load(cls, out: str) -> "Scores":
         with open(os.path.join(out, "scores.json")) as f:
             s = json.load(f)
+        dest = os.path.join(out, "destination.npy")
         return cls(np.load(os.path.join(out, "scores.npy"), mmap_mode="r"), s["steps"], s["timesteps"],
-                   np.asarray(s["train_indices"]), s.get("meta", {}))
+                   np.asarray(s["train_indices"]), s.get("meta", {}),
+                   np.load(dest) if "destination" in s and os.path.exists(dest) else None)
 
 
 def _target_key(x: torch.Tensor) -> str:
@@ -182,7 +201,11 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
           image_timesteps: Sequence[int] = (10,), out: Optional[str] = None, overwrite: bool = False,
           device="cpu", progress: bool = True, cond: Optional[dict] = None) -> Scores:
     """TRAK scores for every step of a trajectory (``trajectory`` + ``steps``), or for real ``images``
-    at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store."""
+    at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store.
+
+    With ``args.destination_draws > 0`` the result also holds the destination row (``Scores.destination``):
+    the final images (the trajectory's samples, or ``images``) scored with their target averaged over that
+    many timesteps spread over the whole range."""
     ckpts = as_checkpoints(checkpoints, device)
     fset = features.store.settings
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
@@ -203,11 +226,13 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                 raise InputError(str(e)) from None
         timesteps = [int(trajectory.timesteps[s]) for s in steps]
         key = _target_key(trajectory.final)
+        finals = trajectory.final
         make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
     elif images is not None:
         check_finite(images, "target images")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
+        finals = images
         make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)
                                       for t in timesteps])
     else:
@@ -231,7 +256,12 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         values = np.asarray(arr.read()).reshape(S, B, n)
     else:
         values = scorer.score(flat).reshape(S, B, n)
-    result = Scores(values, steps, timesteps, np.asarray(train_indices), meta)
+    destination = None
+    if args.destination_draws > 0:
+        dest = [destination_target_features(f, finals.float(), args.destination_draws, args.seed, output, cond).numpy()
+                for f in featurizers]
+        destination = scorer.score(dest)
+    result = Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
     if out is not None and distributed.state().is_main_process:
         result.save(out, args.top_k)
     return result
@@ -246,7 +276,9 @@ def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, 
     cond = None
     if dataset.labels is not None and is_class_conditional(as_checkpoints(checkpoints[:1], device)[0][0]):
         cond = {"class_labels": dataset.labels[torch.as_tensor(pos)]}
-    sc = score(features, checkpoints, dataset.indices.numpy(), args, images=dataset.images[pos],
+    from dataclasses import replace
+
+    sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.images[pos],
                image_timesteps=[timestep], device=device, progress=False, cond=cond)
     best = sc.values[0].argmax(axis=1)
     return float((best == pos).mean()), pos

@@ -142,7 +142,8 @@ def cmd_generate(ns):
 
 
 def _score_args(ns) -> ScoreArgs:
-    return ScoreArgs(num_noises=ns.num_noises, ridge=ns.ridge, target_output=ns.target_output, top_k=ns.top_k)
+    return ScoreArgs(num_noises=ns.num_noises, ridge=ns.ridge, target_output=ns.target_output, top_k=ns.top_k,
+                     destination_draws=ns.destination_draws)
 
 
 def cmd_score(ns):
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-timesteps", type=int, nargs="+", default=[10, 100, 500])
     sp.add_argument("-R", "--num-noises", type=int, default=s.num_noises)
     sp.add_argument("--ridge", type=float, default=s.ridge, help="relative ridge: λ = ridge·tr(ΦᵀΦ)/k")
+    sp.add_argument("--destination-draws", type=int, default=s.destination_draws,
+                    help="(timestep, noise) pairs over the whole range for the final image's row (0 = none)")
     sp.add_argument("--target-output", default=None, help="output function for targets (default: the features')")
     sp.add_argument("--top-k", type=int, default=s.top_k)
     sp.add_argument("--out", default=None)

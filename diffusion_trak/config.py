@@ -60,6 +60,10 @@ class TrainArgs:
             resumed run is identical to an uninterrupted one.
         class_conditional: condition the UNet on the dataset's labels (``class_labels``).
         mixed_precision: passed to ``accelerate`` ("no", "fp16", "bf16").
+        init_seed: seeds the initial weights only (None: ``seed``). Models that share it start from the
+            same weights and differ only in their data and in the shuffling and noise that ``seed`` draws;
+            the counterfactual benchmarks use it so that retrained models differ by their data more than
+            by their initialisation.
     """
 
     block_out_channels: tuple = (32, 64)
@@ -75,6 +79,11 @@ class TrainArgs:
     seed: int = 0
     class_conditional: bool = False
     mixed_precision: str = "no"
+    init_seed: Optional[int] = field(default=None, metadata=ADDED_LATER)
+
+    def initial_seed(self) -> int:
+        """The seed of the initial weights: ``init_seed`` if set, else ``seed``."""
+        return int(self.seed if self.init_seed is None else self.init_seed)
 
 
 @dataclass
@@ -150,6 +159,10 @@ class ScoreArgs:
         seed: seeds the target noises.
         block_size: training rows per block when streaming scores.
         top_k: proponents/opponents saved per step.
+        destination_draws: D, the (timestep, noise) pairs of the *destination* target: the final image's
+            output averaged over D timesteps stratified over the whole range
+            (:func:`diffusion_trak.targets.destination_target_features`), scored beside the per-step
+            rows (``Scores.destination``). 0 = no destination row.
     """
 
     num_noises: int = 20
@@ -158,3 +171,4 @@ class ScoreArgs:
     seed: int = 1
     block_size: int = 4096
     top_k: int = 8
+    destination_draws: int = field(default=100, metadata=ADDED_LATER)

@@ -188,7 +188,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     check_run_meta(run_dir, run_meta(dataset, args))
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=(device == "cpu"))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.initial_seed())
     num_classes = None
     if args.class_conditional:
         if dataset.labels is None:

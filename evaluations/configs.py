@@ -57,6 +57,10 @@ class EvalConfig:
         gt_outputs: ground-truth outputs (:data:`evaluations.groundtruth.OUTPUT_KINDS`).
         gt_noises: noises per half for ``xhat0_loss``; gt_final_draws: (timestep, noise) pairs per half
             for ``final_loss_le_t``; gt_seed: their seed.
+        gt_destination_draws: (timestep, noise) pairs per half for the *destination* ground truth (the final
+            image's loss with timesteps stratified over the whole range), against which TRAK's destination
+            row (``score.destination_draws``) and the baselines with the final image as query are compared;
+            0 = no destination column.
         methods: attribution methods compared (:data:`METHODS`).
         encoder_epochs: epochs of the baseline autoencoder.
         audit_targets, audit_steps, audit_ks: retrain-without-top-k cases (k a count, or a fraction
@@ -93,6 +97,7 @@ class EvalConfig:
     gt_noises: int = 16
     gt_final_draws: int = 32
     gt_seed: int = 5
+    gt_destination_draws: int = 0
     methods: Tuple[str, ...] = METHODS
     encoder_epochs: int = 30
     audit_targets: int = 8
@@ -207,7 +212,59 @@ def fmnist_2() -> EvalConfig:
     )
 
 
-CONFIGS = {"digits-quick": digits_quick, "fmnist-2": fmnist_2}
+def _power(name: str, description: str, data: DataArgs, heldout: DataArgs) -> EvalConfig:
+    """The benchmark with statistical power (issue 15), on any 8×8 data set of a few hundred images.
+
+    Design, so that the retrained models differ by their data more than by their training randomness:
+
+    - every model (attributed, subset, replicate) starts from the same initial weights (``init_seed``)
+      and trains to convergence: 250 epochs of batches of 32, i.e. 2,000 optimiser steps on a half
+      subset of 500 images (stacked 32 at a time);
+    - the final image's ground truth (the *destination*) is its denoising loss averaged over 200
+      (timestep, noise) pairs per half, timesteps stratified over the whole range, common to every model;
+      the per-step ground truth is the paper's (x̂0_t's loss at t);
+    - 64 subset models, 16 seed replicates (the same subsets, other shuffling and noise) for the seed
+      ceiling, 64 generated and 64 held-out targets.
+
+    TRAK here is the candidate default, fixed before the benchmark was run: the fast featurizer, T = 100
+    timesteps stratified over the range, the loss output, ridge 1, R = 20 target noises and a destination
+    target of 100 draws. Other estimators (the paper's among them) are measured on the same run with
+    ``python -m evaluations.ablations``."""
+    return EvalConfig(
+        name=name, description=description, data=data, heldout=heldout,
+        train=TrainArgs(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
+                        epochs=250, batch_size=32, learning_rate=2e-3, num_checkpoints=3, seed=0, init_seed=0),
+        featurize=FeaturizeArgs(num_timesteps=100, timestep_strategy="stratified", proj_dim=2048, projector="auto",
+                                output="loss", seed=0, batch_size=16, method="fast"),
+        score=ScoreArgs(num_noises=20, ridge=1.0, target_output="loss", seed=1, destination_draws=100),
+        num_models=64, alpha=0.5, seed_mode="distinct", lds_mode="retrain", num_replicates=16,
+        train_method="stacked", stack_size=32,
+        num_generated=64, num_inference_steps=100, lds_steps=(10, 30, 50, 70, 90), num_heldout=64,
+        gt_outputs=("xhat0_loss",), gt_noises=16, gt_final_draws=32, gt_destination_draws=200,
+        audit_targets=8, audit_steps=(50,), audit_ks=(0.1,), audit_modes=("masked",), audit_random_draws=8,
+        threads=2,
+    )
+
+
+def fmnist_power() -> EvalConfig:
+    """Fashion-MNIST, all ten classes, 500 training images average-pooled to 8×8: the benchmark on which
+    estimator choices are made (see :func:`_power`)."""
+    return _power("fmnist-power", "Fashion-MNIST 8×8 (10 classes), 500 training images, M=64 half-subsets from one "
+                  "initialisation, trained to convergence; 64 generated + 64 held-out targets",
+                  DataArgs(name="fmnist", split="train", limit=500, image_size=8),
+                  DataArgs(name="fmnist", split="test", limit=64, image_size=8))
+
+
+def digits_power() -> EvalConfig:
+    """scikit-learn digits (8×8), 500 training images: the second data set, on which nothing was tuned."""
+    return _power("digits-power", "digits 8×8, 500 training images, M=64 half-subsets from one initialisation, "
+                  "trained to convergence; 64 generated + 64 held-out targets (nothing tuned on it)",
+                  DataArgs(name="digits", split="train", limit=500),
+                  DataArgs(name="digits", split="test", limit=64))
+
+
+CONFIGS = {"digits-quick": digits_quick, "fmnist-2": fmnist_2, "fmnist-power": fmnist_power,
+           "digits-power": digits_power}
 
 
 def get_config(name: str) -> EvalConfig:

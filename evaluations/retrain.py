@@ -151,7 +151,7 @@ class StackedTrainer:
 
         models = []
         for m in range(self.M):
-            torch.manual_seed(self.seeds[m])
+            torch.manual_seed(self._model_args(m).initial_seed())
             unet = build_unet(self._model_args(m), self.shape, self.num_classes)
             if start_epoch:
                 from diffusers import UNet2DModel
@@ -376,7 +376,7 @@ def benchmark_stacked(dataset, args: TrainArgs, positions: Sequence[np.ndarray],
     # (a) one at a time
     seq = 0.0
     for m in range(M):
-        torch.manual_seed(int(seeds[m]))
+        torch.manual_seed(replace(args, seed=int(seeds[m])).initial_seed())
         unet = build_unet(args, shape).to(dev)
         opt = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
         it = epoch_batches(int(seeds[m]), 0, n, args.batch_size, T, shape)
@@ -399,7 +399,7 @@ def benchmark_stacked(dataset, args: TrainArgs, positions: Sequence[np.ndarray],
     # (b) stacked
     models = []
     for m in range(M):
-        torch.manual_seed(int(seeds[m]))
+        torch.manual_seed(replace(args, seed=int(seeds[m])).initial_seed())
         models.append(build_unet(args, shape).to(dev))
     base = copy.deepcopy(models[0])
     use_vmap_friendly_attention(base)

@@ -20,6 +20,7 @@ Stages (each skipped when its result is already in ``--out``):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ METHOD_LABELS = {
     "trak": "TRAK (paper target)",
 }
 SET_LABELS = {"generated": "generated targets", "heldout": "held-out real images"}
-GT_LABELS = {"xhat0_loss": "loss of x̂0_t at t (paper)", "final_loss_le_t": "loss of the final image at timesteps ≤ t"}
+GT_LABELS = {"xhat0_loss": "loss of x̂0_t at t (paper)", "final_loss_le_t": "loss of the final image at timesteps ≤ t",
+             "destination": "destination: loss of the final image over the whole range of timesteps"}
 
 
 class ConfigMismatch(UserError):
@@ -150,24 +152,27 @@ def _trajectory(cfg: EvalConfig, out: str, ckpt: str, device):
     return Trajectory.load(path)
 
 
-def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device) -> Dict[str, np.ndarray]:
+def _score_args(cfg: EvalConfig):
+    """The run's scoring settings: with no destination ground truth (``gt_destination_draws = 0``) no
+    destination row is scored either."""
+    return cfg.score if cfg.gt_destination_draws else dataclasses.replace(cfg.score, destination_draws=0)
+
+
+def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device):
+    """``({set: (S, B, N)}, {set: (B, N) destination scores or None})``, read back when already on disk."""
     from diffusion_trak.api import Scores, score
 
-    res = {}
-    gpath = os.path.join(out, "scores", "generated")
-    if os.path.exists(os.path.join(gpath, "scores.json")):
-        res["generated"] = np.asarray(Scores.load(gpath).values)
-    else:
-        res["generated"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, trajectory=traj, steps=steps,
-                                            out=gpath, device=device).values)
-    hpath = os.path.join(out, "scores", "heldout")
-    if os.path.exists(os.path.join(hpath, "scores.json")):
-        res["heldout"] = np.asarray(Scores.load(hpath).values)
-    else:
-        res["heldout"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, images=heldout.images,
-                                          image_timesteps=[traj.timestep_at(s) for s in steps], out=hpath,
-                                          device=device).values)
-    return res
+    args = _score_args(cfg)
+    res, dest = {}, {}
+    for sname, kw in (("generated", dict(trajectory=traj, steps=steps)),
+                      ("heldout", dict(images=heldout.images, image_timesteps=[traj.timestep_at(s) for s in steps]))):
+        path = os.path.join(out, "scores", sname)
+        sc = Scores.load(path) if os.path.exists(os.path.join(path, "scores.json")) else None
+        if sc is None or (args.destination_draws and sc.destination is None):
+            sc = score(features, ckpts, train.indices.numpy(), args, out=path, device=device, **kw)
+        res[sname] = np.asarray(sc.values)
+        dest[sname] = None if sc.destination is None else np.asarray(sc.destination)
+    return res, dest
 
 
 def _target_features(cfg, out, ckpts, heldout, traj, steps, device) -> Dict[str, List[np.ndarray]]:
@@ -199,6 +204,80 @@ def _target_features(cfg, out, ckpts, heldout, traj, steps, device) -> Dict[str,
     return res
 
 
+def _destination_features(cfg, out, ckpts, heldout, traj, device) -> Dict[str, List[np.ndarray]]:
+    """Per-checkpoint destination target features (1, B, k), exactly as ``api.score`` computes them, for
+    the gradient-similarity baselines."""
+    from diffusion_trak.featurize.featurizer import Featurizer
+    from diffusion_trak.targets import destination_target_features
+    from diffusion_trak.train import load_checkpoint
+
+    path = os.path.join(out, "baselines", "destination_features.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        return {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
+    output = cfg.score.target_output or cfg.featurize.output
+    res = {"generated": [], "heldout": []}
+    for ck in ckpts:
+        unet, sched = load_checkpoint(ck, device)
+        f = Featurizer(unet, sched, cfg.featurize, device)
+        for sname, images in (("generated", traj.final.float()), ("heldout", heldout.images)):
+            res[sname].append(destination_target_features(f, images, cfg.score.destination_draws, cfg.score.seed,
+                                                          output).numpy()[None])
+        del f
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **{f"{s}_{c}": v for s, lst in res.items() for c, v in enumerate(lst)})
+    os.replace(path + ".tmp.npz", path)
+    return res
+
+
+def _baseline_scores(cfg, train, queries, tfeats, features, encoder, seed_base: int) -> Dict[str, np.ndarray]:
+    """``{method: (S, B, N)}`` of every non-TRAK method for per-step queries ``[(B, C, H, W)] * S`` with
+    per-checkpoint target features ``[(S, B, k)] * C``."""
+    from . import baselines as bl
+
+    N, B = len(train), queries[0].shape[0]
+    train_feats = features.arrays
+    res = {}
+    for m in cfg.methods:
+        if m == "trak":
+            continue
+        per_step = []
+        for si, q in enumerate(queries):
+            if m == "random":
+                v = bl.random_scores(B, N, seed=1000 * si + seed_base)
+            elif m == "pixel_neg_l2":
+                v = bl.pixel_similarity(q, train.images, "neg_l2")
+            elif m == "pixel_cosine":
+                v = bl.pixel_similarity(q, train.images, "cosine")
+            elif m == "embedding":
+                v = bl.embedding_similarity(encoder, q, train.images)
+            elif m == "grad_dot":
+                v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats], "dot")
+            elif m == "grad_cosine":
+                v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats], "cosine")
+            per_step.append(v)
+        res[m] = np.stack(per_step).astype(np.float32)
+    return res
+
+
+def _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: (1, B, N)}}``: the baselines with the final image as the query."""
+    path = os.path.join(out, "baselines", "destination.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        res = {}
+        for key in z.files:
+            s, m = key.split("__")
+            res.setdefault(s, {})[m] = z[key]
+        return res
+    res = {"generated": _baseline_scores(cfg, train, [traj.final.float()], dfeats["generated"], features, encoder, 7),
+           "heldout": _baseline_scores(cfg, train, [heldout.images], dfeats["heldout"], features, encoder, 8)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
+    os.replace(path + ".tmp.npz", path)
+    return res
+
+
 def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
     """``{set: {method: (S, B, N)}}`` for every non-TRAK method."""
     from . import baselines as bl
@@ -211,33 +290,10 @@ def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
             s, m = key.split("__")
             res.setdefault(s, {})[m] = z[key]
         return res
-    N = len(train)
     queries = {"generated": [traj.x0_pred_at(s).float() for s in steps],
                "heldout": [heldout.images for _ in steps]}
-    train_feats = features.arrays
-    res = {}
-    for sname, qs in queries.items():
-        res[sname] = {}
-        B = qs[0].shape[0]
-        for m in cfg.methods:
-            if m == "trak":
-                continue
-            per_step = []
-            for si, q in enumerate(qs):
-                if m == "random":
-                    v = bl.random_scores(B, N, seed=1000 * si + (0 if sname == "generated" else 1))
-                elif m == "pixel_neg_l2":
-                    v = bl.pixel_similarity(q, train.images, "neg_l2")
-                elif m == "pixel_cosine":
-                    v = bl.pixel_similarity(q, train.images, "cosine")
-                elif m == "embedding":
-                    v = bl.embedding_similarity(encoder, q, train.images)
-                elif m == "grad_dot":
-                    v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats[sname]], "dot")
-                elif m == "grad_cosine":
-                    v = bl.gradient_similarity(train_feats, [t[si] for t in tfeats[sname]], "cosine")
-                per_step.append(v)
-            res[sname][m] = np.stack(per_step).astype(np.float32)
+    res = {sname: _baseline_scores(cfg, train, qs, tfeats[sname], features, encoder, 0 if sname == "generated" else 1)
+           for sname, qs in queries.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
     os.replace(path + ".tmp.npz", path)
@@ -281,6 +337,29 @@ def _ceiling_rows(a, b, ceiling, n_boot: int):
     return rs, cs
 
 
+def _destination_ground_truth(cfg, out, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds, device, progress):
+    """``({set: {"destination": (M, 2, 1, B)}}, the same for the replicates or None)``: the loss of the final
+    image averaged over ``gt_destination_draws`` (timestep, noise) pairs per half, timesteps stratified
+    over the whole range (``final_loss_le_t`` at the last training timestep), common to every model."""
+    from .groundtruth import TargetSet, measure_models
+
+    last_t = int(cfg.train.num_train_timesteps) - 1
+    sets = {"generated": traj.final.float(), "heldout": heldout.images}
+    kind, n = "final_loss_le_t", {"final_loss_le_t": cfg.gt_destination_draws}
+    seed = cfg.gt_seed + 1000  # draws of their own, not those of the per-step columns
+    settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha, "destination": True}
+
+    def measure(ckpts, folder, extra):
+        return {s: {"destination": measure_models(
+            ckpts, TargetSet(f"{s}-destination", [cfg.num_inference_steps], [last_t], x[None].clone(), x.clone()),
+            [kind], n, seed, os.path.join(out, lds_folder(folder, cfg.lds_mode), f"{s}-destination"),
+            {**settings, **extra}, device=device, progress=progress)[kind]} for s, x in sets.items()}
+
+    gt = measure(sub_ckpts, "groundtruth", {})
+    rep = measure(rep_ckpts, "groundtruth-replicates", {"seeds": rep_seeds}) if rep_ckpts else None
+    return gt, rep
+
+
 def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
     """``{set: {kind: {"methods": {m: [per step {mean, lo, hi, values}]}, "ceiling": [...],
     "split_half": [...], "seed_r": [...], "seed_ceiling": [...]}}}`` (the last two with replicates)."""
@@ -294,7 +373,7 @@ def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
             entry = {"methods": {}}
             for m, sc in methods.items():
                 rows = []
-                for si in range(len(cfg.lds_steps)):
+                for si in range(ym.shape[1]):
                     v = lds(sc[si], masks, ym[:, si, :])
                     mean, lo, hi = lds_ci(sc[si], masks, ym[:, si, :], cfg.n_boot, seed=si)
                     _, tlo, thi = bootstrap_ci(v, cfg.n_boot, seed=si)
@@ -332,7 +411,9 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
           f"- TRAK: T = {cfg.featurize.num_timesteps} timesteps/example, k = {cfg.featurize.proj_dim}, "
           f"{cfg.train.num_checkpoints} checkpoints, R = {cfg.score.num_noises} target noises, ridge = {cfg.score.ridge}",
           f"- ground truth: {cfg.gt_noises} noises per half (x̂0 loss), {cfg.gt_final_draws} (timestep, noise) "
-          f"pairs per half (final-image loss), common to all models",
+          f"pairs per half (final-image loss), common to all models"
+          + (f"; destination: {cfg.gt_destination_draws} (timestep, noise) pairs per half over the whole range, "
+             f"TRAK's destination target averaged over {cfg.score.destination_draws}" if cfg.gt_destination_draws else ""),
           "- LDS = Spearman over models of (sum of scores in the subset) vs (−measured loss), averaged over "
           f"targets; [95% two-way bootstrap CI resampling models and targets, {cfg.n_boot} resamples; "
           "`lds.json` also has the narrower targets-only interval]", ""]
@@ -345,8 +426,8 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
     for sname, kinds in tables.items():
         for kind, entry in kinds.items():
             L += [f"### {SET_LABELS.get(sname, sname)}: {GT_LABELS.get(kind, kind)}", ""]
-            L += ["| method | " + " | ".join(f"step {s} (t={t})" for s, t in zip(steps, ts)) + " |",
-                  "|---|" + "---|" * len(steps)]
+            cols = ["final image"] if kind == "destination" else [f"step {s} (t={t})" for s, t in zip(steps, ts)]
+            L += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
             for m, rows in entry["methods"].items():
                 L.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(_fmt(r) for r in rows) + " |")
             L.append("| *noise ceiling: split-half r* | " + " | ".join(_fmt(r) for r in entry["split_half"]) + " |")
@@ -355,7 +436,7 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
                 L.append(f"| *seed replicates: r over {cfg.num_replicates} subsets* | "
                          + " | ".join(_fmt(r) for r in entry["seed_r"]) + " |")
                 L.append("| *seed ceiling: max LDS √r* | " + " | ".join(_fmt(r) for r in entry["seed_ceiling"]) + " |")
-            L += ["", f"![LDS](plots/lds_{sname}_{kind}.png)", ""]
+            L += [""] if kind == "destination" else ["", f"![LDS](plots/lds_{sname}_{kind}.png)", ""]
     if acceptance:
         L += ["## TRAK vs pixel similarity at the last step", ""]
         for a in acceptance:
@@ -405,11 +486,11 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
 
 def _acceptance(tables, cfg) -> list:
     res = []
-    last = len(cfg.lds_steps) - 1
     for sname, kinds in tables.items():
         for kind, e in kinds.items():
             if "trak" not in e["methods"]:
                 continue
+            last = len(e["methods"]["trak"]) - 1  # the last step, or the destination's one column
             pix = [m for m in ("pixel_neg_l2", "pixel_cosine") if m in e["methods"]]
             if not pix:
                 continue
@@ -437,6 +518,8 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
     ts = [traj.timestep_at(s) for s in cfg.lds_steps]
     for sname, kinds in tables.items():
         for kind, e in kinds.items():
+            if kind == "destination":  # one column: the report's table says it all
+                continue
             series = {METHOD_LABELS.get(m, m): tuple(np.array([r[x] for r in rows]) for x in ("mean", "lo", "hi"))
                       for m, rows in e["methods"].items()}
             series["max LDS (noise ceiling)"] = tuple(np.array([r[x] for r in e["ceiling"]]) for x in ("mean", "lo", "hi"))
@@ -508,13 +591,19 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
         features = featurize(ckpts, train, cfg.featurize, out=os.path.join(out, "features"), device=device,
                              progress=progress)
     with timer.stage("TRAK scores"):
-        trak = _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
+        trak, trak_dest = _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
     with timer.stage("baselines"):
         encoder = train_encoder(train.images, epochs=cfg.encoder_epochs, seed=cfg.train.seed,
                                 path=os.path.join(out, "baselines", "encoder.pt"))
         tfeats = _target_features(cfg, out, ckpts, heldout, traj, steps, device)
         lds_idx = [pos[s] for s in cfg.lds_steps]
         base = _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
+        dest_scores = None
+        if cfg.gt_destination_draws:
+            dfeats = _destination_features(cfg, out, ckpts, heldout, traj, device)
+            dbase = _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, encoder)
+            dest_scores = {sname: {m: (trak_dest[sname][None] if m == "trak" else dbase[sname][m]) for m in cfg.methods}
+                           for sname in ("generated", "heldout")}
     scores = {}
     for sname in ("generated", "heldout"):
         scores[sname] = {}
@@ -564,8 +653,14 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
                                     os.path.join(out, lds_folder("groundtruth-replicates", cfg.lds_mode), s),
                                     {**settings, "seeds": rep_seeds}, device=device, progress=progress)
                   for s, ts in sets.items()} if rep_ckpts else None
+        if dest_scores is not None:
+            gt_dest, gt_rep_dest = _destination_ground_truth(cfg, out, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds,
+                                                             device, progress)
     with timer.stage("LDS"):
         tables = _lds_tables(cfg, scores, masks, gt, gt_rep)
+        if dest_scores is not None:
+            for sname, kinds in _lds_tables(cfg, dest_scores, masks, gt_dest, gt_rep_dest).items():
+                tables[sname].update(kinds)
         acceptance = _acceptance(tables, cfg)
         write_json_atomic(os.path.join(out, "lds.json"), {"steps": list(cfg.lds_steps),
                                                           "timesteps": [traj.timestep_at(s) for s in cfg.lds_steps],

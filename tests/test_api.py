@@ -48,7 +48,7 @@ def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data
     ckpts = [(tiny_unet, scheduler), (unet2, scheduler)]
     fs = api.featurize(ckpts, tiny_data, args, str(tmp_path / "f"), progress=False)
     images = tiny_data.images[:3]
-    sa = ScoreArgs(num_noises=2, ridge=0.1)
+    sa = ScoreArgs(num_noises=2, ridge=0.1, destination_draws=0)
     sc = api.score(fs, ckpts, tiny_data.indices.numpy(), sa, images=images, image_timesteps=[5, 50], progress=False)
     from diffusion_trak.featurize.featurizer import Featurizer
     from diffusion_trak.targets import target_features
@@ -65,6 +65,35 @@ def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data
     np.testing.assert_allclose(sc.values, expected.numpy(), rtol=1e-4, atol=1e-6)
     top, _, bottom, _ = sc.top(3)
     assert top.shape == (2, 3, 3) and set(top.reshape(-1)) <= set(tiny_data.indices.tolist())
+    assert sc.destination is None  # destination_draws=0 below; ScoreArgs' default scores it
+
+
+def test_destination_row_equals_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data):
+    """The destination row: the final image's output averaged over D timesteps stratified over the whole
+    range, scored with the same estimator and saved beside the per-step rows."""
+    from diffusion_trak.featurize.featurizer import Featurizer
+    from diffusion_trak.targets import destination_draws
+
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8)
+    fs = api.featurize([(tiny_unet, scheduler)], tiny_data, args, str(tmp_path / "f"), progress=False)
+    images = tiny_data.images[:3]
+    sa = ScoreArgs(num_noises=2, ridge=0.1, destination_draws=5)
+    sc = api.score(fs, [(tiny_unet, scheduler)], tiny_data.indices.numpy(), sa, images=images, image_timesteps=[5],
+                   out=str(tmp_path / "s"), progress=False)
+    f = Featurizer(tiny_unet, scheduler, args)
+    phi = torch.as_tensor(np.asarray(fs.arrays[0]), dtype=torch.float64)
+    G = phi.T @ phi
+    inv = torch.linalg.inv(G + 0.1 * torch.trace(G) / G.shape[0] * torch.eye(G.shape[0], dtype=torch.float64))
+    n_t = scheduler.config.num_train_timesteps
+    psi = []
+    for b in range(3):
+        t, noise = destination_draws(sa.seed, b, 5, n_t, images.shape[1:])
+        assert sorted(t.tolist()) == t.tolist() and t[0] < n_t / 5 and t[-1] >= n_t * 4 / 5  # one per fifth
+        psi.append(f.features(images[b:b + 1], t[None], noise[None]))
+    expected = torch.cat(psi).double() @ inv @ phi.T
+    np.testing.assert_allclose(sc.destination, expected.numpy(), rtol=1e-4, atol=1e-6)
+    loaded = api.Scores.load(str(tmp_path / "s"))
+    np.testing.assert_array_equal(loaded.destination, np.asarray(sc.destination, dtype=np.float32))
 
 
 def test_self_attribution_above_half(tmp_path):

@@ -90,3 +90,49 @@ def test_overrides():
     for bad in (["nope=1"], ["train.nope=1"], ["lds_mode"], ["lds_mode=sometimes"]):
         with pytest.raises(ConfigError):
             apply_overrides(get_config("digits-quick"), bad)
+
+
+def test_destination_column_and_shared_initialisation(tmp_path):
+    """A run with a destination ground truth reports the final image's LDS for every method, and models
+    that share ``init_seed`` start from the same weights."""
+    out = str(tmp_path / "run")
+    cfg = tiny_config(gt_destination_draws=4, score=ScoreArgs(num_noises=2, destination_draws=6), num_replicates=2,
+                      train=TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=2, batch_size=16,
+                                      num_checkpoints=2, init_seed=3))
+    res = run(cfg, out, progress=False, audit=False)
+    for sname in ("generated", "heldout"):
+        entry = res["tables"][sname]["destination"]
+        assert set(entry["methods"]) == set(cfg.methods)
+        assert all(len(rows) == 1 and len(rows[0]["values"]) == 4 for rows in entry["methods"].values())
+        assert len(entry["seed_r"]) == 1
+    assert any(a["kind"] == "destination" for a in res["acceptance"])
+    assert "| method | final image |" in open(os.path.join(out, "report.md")).read()
+    # the TRAK destination row is the one api.score saved beside the per-step rows
+    from diffusion_trak.api import Scores
+    sc = Scores.load(os.path.join(out, "scores", "generated"))
+    assert sc.destination.shape == (4, 48)
+
+
+def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
+    """With lr 0 a checkpoint holds the initial weights: models with other seeds (shuffling, noise) but
+    one ``init_seed`` are identical, and without it they differ."""
+    import numpy as np
+    import torch
+    from diffusers import UNet2DModel
+    from diffusion_trak.data import load_dataset
+    from diffusion_trak.train import train_ddpm
+    from evaluations.retrain import final_checkpoint, train_models
+
+    data = load_dataset(DataArgs(name="digits", limit=32))
+    masks = np.ones((2, 32), dtype=bool)
+    masks[0, :8] = False
+    for init_seed, same in ((7, True), (None, False)):
+        args = TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=1, batch_size=16, num_checkpoints=1,
+                         learning_rate=0.0, init_seed=init_seed)
+        dirs = train_models(data, args, masks, str(tmp_path / f"m{init_seed}"), [1, 2], method="stacked", stack_size=2,
+                            progress=False)
+        single = train_ddpm(data, args, str(tmp_path / f"one{init_seed}"), progress=False)[-1]
+        w = [UNet2DModel.from_pretrained(os.path.join(final_checkpoint(d, args), "unet")).state_dict() for d in dirs]
+        w.append(UNet2DModel.from_pretrained(os.path.join(single, "unet")).state_dict())
+        for other in w[1:]:
+            assert all(torch.equal(w[0][k], other[k]) for k in w[0]) == same
