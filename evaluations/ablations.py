@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from diffusion_trak.config import FeaturizeArgs, ScoreArgs, from_dict
 from diffusion_trak.featurize.featurizer import Featurizer
 from diffusion_trak.score import TRAKScorer
 from diffusion_trak.store import Store
-from diffusion_trak.targets import target_features, trajectory_target_features
+from diffusion_trak.targets import destination_target_features, target_features, trajectory_target_features
 
 from .metrics import lds, lds_ci
 from .run import lds_folder
@@ -49,6 +49,9 @@ class Variant:
     window: int = 0                  # >0: timestep-matched features, drawn from t_s ± window for step s
     models: int = 0                  # >0: ensemble of the attributed model's last checkpoint and models-1
                                      # independently trained models (their final checkpoints)
+    ridge: Optional[float] = None    # a relative ridge fixed in advance (reported on ALL models); None: picked
+                                     # from RIDGES on the selection half, reported on the other half
+    num_noises: int = 0              # R, target noises (0: the run's)
 
 
 VARIANTS = [
@@ -80,6 +83,37 @@ VARIANTS = [
 ]
 
 
+#: Estimator choices measured on the power benchmarks (``--group choices``), every one with the fast
+#: featurizer. Ridges are fixed in advance (the paper's 0.01; 1 for the rest, chosen before these
+#: benchmarks were run) and reported on all models; the ``selected`` variant picks its ridge on the
+#: selection half and is reported on the other half; the ridge sweep shows sensitivity, not a choice.
+CHOICES = [
+    Variant("paper: loss/loss, uniform T=10, ridge 0.01", ridge=0.01),
+    Variant("loss/loss, stratified T=10, ridge 1", timestep_strategy="stratified", ridge=1.0),
+    Variant("loss/loss, stratified T=32, ridge 1", timestep_strategy="stratified", num_timesteps=32, ridge=1.0),
+    Variant("loss/loss, stratified T=100, ridge 1", timestep_strategy="stratified", num_timesteps=100, ridge=1.0),
+    Variant("loss/loss, uniform T=100, ridge 1", num_timesteps=100, ridge=1.0),
+    Variant("loss/loss, stratified T=100, ridge selected", timestep_strategy="stratified", num_timesteps=100),
+    Variant("loss/loss, stratified T=100, ridge 0.01", timestep_strategy="stratified", num_timesteps=100, ridge=0.01),
+    Variant("loss/loss, stratified T=100, ridge 0.1", timestep_strategy="stratified", num_timesteps=100, ridge=0.1),
+    Variant("loss/loss, stratified T=100, ridge 10", timestep_strategy="stratified", num_timesteps=100, ridge=10.0),
+    Variant("loss/loss, stratified T=100, ridge 100", timestep_strategy="stratified", num_timesteps=100, ridge=100.0),
+    Variant("sqnorm/sqnorm (D-TRAK), stratified T=100, ridge 1", output="sqnorm", target_output="sqnorm",
+            timestep_strategy="stratified", num_timesteps=100, ridge=1.0),
+    Variant("sqnorm/loss, stratified T=100, ridge 1", output="sqnorm", target_output="loss",
+            timestep_strategy="stratified", num_timesteps=100, ridge=1.0),
+    Variant("loss/loss, stratified T=100, last checkpoint, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            checkpoints=1, ridge=1.0),
+    Variant("loss/loss, stratified T=100, R=5, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            num_noises=5, ridge=1.0),
+    Variant("loss/loss, stratified T=100, R=50, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            num_noises=50, ridge=1.0),
+    Variant("timestep-matched loss/loss, t±100, stratified T=32, ridge 1", timestep_strategy="stratified",
+            num_timesteps=32, window=100, ridge=1.0),
+]
+GROUPS = {"all": VARIANTS, "choices": CHOICES}
+
+
 def _unit(x):
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -104,20 +138,26 @@ def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", pro
 
 def _features_and_targets(ckpts, fpath, tpath, fargs, sargs, v, train, heldout, traj, steps, device):
     """Training features (one array per checkpoint) and target features ``{set: [(S, B, k) per checkpoint]}``
-    of some checkpoints, both cached in the run folder."""
+    of some checkpoints, both cached in the run folder. With ``sargs.destination_draws`` the sets
+    ``generated-destination`` and ``heldout-destination`` (each (1, B, k)) hold the destination targets."""
     ts = [traj.timestep_at(s) for s in steps]
     fs = api.featurize(ckpts, train, fargs, fpath, device=device)
+    sets = ("generated", "heldout") + (("generated-destination", "heldout-destination") if sargs.destination_draws else ())
     if os.path.exists(tpath):
         z = np.load(tpath)
-        tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
+        tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in sets}
     else:
-        tf = {"generated": [], "heldout": []}
+        tf = {s: [] for s in sets}
         for ck in ckpts:
             u, sch = api.as_checkpoints([ck], device)[0]
             f = Featurizer(u, sch, fargs, device)
             tf["generated"].append(trajectory_target_features(f, traj, steps, sargs.num_noises, sargs.seed, v.target_output).numpy())
             tf["heldout"].append(torch.stack([target_features(f, heldout.images, t, sargs.num_noises, sargs.seed, key=t,
                                                               output=v.target_output) for t in ts]).numpy())
+            if sargs.destination_draws:
+                for sname, images in (("generated", traj.final.float()), ("heldout", heldout.images)):
+                    tf[f"{sname}-destination"].append(destination_target_features(
+                        f, images, sargs.destination_draws, sargs.seed, v.target_output).numpy()[None])
         os.makedirs(os.path.dirname(tpath), exist_ok=True)
         np.savez(tpath + ".tmp.npz", **{f"{s}_{c}": x for s, lst in tf.items() for c, x in enumerate(lst)})
         os.replace(tpath + ".tmp.npz", tpath)
@@ -125,11 +165,17 @@ def _features_and_targets(ckpts, fpath, tpath, fargs, sargs, v, train, heldout, 
 
 
 def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu") -> Dict[str, Dict[float, np.ndarray]]:
-    """``{set: {ridge: (S, B, N)}}`` for one variant."""
+    """``{set: {ridge: (S, B, N)}}`` for one variant (sets ``*-destination``: S = 1, scored with the
+    whole-range features, also for timestep-matched variants)."""
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
                                       "timestep_strategy": v.timestep_strategy})
     sargs = from_dict(ScoreArgs, cfg["score"])
+    if not cfg.get("gt_destination_draws"):
+        sargs = dataclasses.replace(sargs, destination_draws=0)
+    if v.num_noises:
+        sargs = dataclasses.replace(sargs, num_noises=v.num_noises)
     key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
+    rkey = f"-R{v.num_noises}" if v.num_noises else ""
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
     fpath, tpath = (os.path.join(run, "ablations", d, key) for d in ("features", "targets"))
@@ -138,7 +184,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     if last and not os.path.exists(os.path.join(fpath, "manifest.json")):
         # featurize only the checkpoints used; a checkpoint's features do not depend on the others
         ckpts, fpath, tpath = used, fpath + last, tpath + last
-    fs, tf = _features_and_targets(ckpts, fpath, f"{tpath}-{v.target_output}.npz", fargs, sargs, v, train, heldout,
+    fs, tf = _features_and_targets(ckpts, fpath, f"{tpath}-{v.target_output}{rkey}.npz", fargs, sargs, v, train, heldout,
                                    traj, steps, device)
     use = slice(-n_use, None)
     tf = {s: lst[use] for s, lst in tf.items()}
@@ -148,7 +194,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
             member = os.path.basename(os.path.dirname(ck))
             mfs, mtf = _features_and_targets([ck], os.path.join(run, "ablations", "features", "ensemble", member, key),
                                              os.path.join(run, "ablations", "targets", "ensemble", member,
-                                                          f"{key}-{v.target_output}.npz"),
+                                                          f"{key}-{v.target_output}{rkey}.npz"),
                                              fargs, sargs, v, train, heldout, traj, steps, device)
             phis += [np.asarray(a) for a in mfs.arrays]
             for s in tf:
@@ -160,6 +206,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         phi_sets = [[np.asarray(a) for a in api.featurize(used, train, dataclasses.replace(fargs, timestep_range=r),
                                                            os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}{last}"),
                                                            device=device).arrays] for r in ranges]
+    whole = [_unit(p) for p in phis] if v.normalize else phis  # whole-range features (the destination's)
     if v.normalize:
         phi_sets = [[_unit(p) for p in phis] for phis in phi_sets]
     out = {}
@@ -167,9 +214,9 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         S, B, k = per_ckpt[0].shape
         targets = [(_unit(p) if v.normalize else p) for p in per_ckpt]  # each (S, B, k)
         out[sname] = {}
-        for r in RIDGES:
-            if len(phi_sets) == 1:
-                res = TRAKScorer(phi_sets[0], r).score([t.reshape(S * B, k) for t in targets]).reshape(S, B, -1)
+        for r in (RIDGES if v.ridge is None else (v.ridge,)):
+            if len(phi_sets) == 1 or sname.endswith("-destination"):
+                res = TRAKScorer(whole, r).score([t.reshape(S * B, k) for t in targets]).reshape(S, B, -1)
             else:  # step si is scored with the features of its own window
                 res = np.stack([TRAKScorer(phi_sets[si], r).score([t[si] for t in targets]) for si in range(S)])
             out[sname][r] = res
@@ -232,10 +279,12 @@ def _audit_on_disk(path: str, want: Dict[str, list], label: str):
 
 
 def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.ndarray]:
+    """``{kind: (M, S, B)}`` of a ground-truth store; the destination's (``*-destination``) kind is
+    ``destination``."""
     store = Store.open_existing(os.path.join(run, lds_folder("groundtruth", lds_mode), sname))
     res = {}
     for name in store.names():
-        kind = name[len(sname) + 1:]
+        kind = "destination" if sname.endswith("-destination") else name[len(sname) + 1:]
         spec = store.manifest["arrays"][name]
         M = spec["shape"][0]
         arr = np.asarray(store.get(name).read(), dtype=np.float64)
@@ -248,7 +297,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", help="a finished `python -m evaluations.run` folder")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--variants", nargs="*", default=None, help="names (default: all)")
+    p.add_argument("--variants", nargs="*", default=None, help="names (default: all of the group)")
+    p.add_argument("--group", default="all", choices=sorted(GROUPS),
+                   help="which list of variants: all (the original ablations) or choices (the power benchmarks')")
     p.add_argument("--audit", action="store_true",
                    help="also run the retrain-without-top-k audit with each variant's scores (the run's audit "
                         "settings; random controls are shared with the run's own audit)")
@@ -267,54 +318,72 @@ def main(argv=None):
     lds_mode = cfg.get("lds_mode", "retrain")
     masks = np.load(os.path.join(run, lds_folder("subsets", lds_mode), "masks.npy"))
     M = masks.shape[0]
-    sel, rep = np.arange(M // 2), np.arange(M // 2, M)
-    gt = {s: _load_gt(run, s, lds_mode) for s in ("generated", "heldout")}
-    base = np.load(os.path.join(run, "baselines", "scores.npz"))
+    sel, rep, everyone = np.arange(M // 2), np.arange(M // 2, M), np.arange(M)
+    sets = ["generated", "heldout"]
+    if cfg.get("gt_destination_draws"):
+        sets += ["generated-destination", "heldout-destination"]
+    gt = {s: _load_gt(run, s, lds_mode) for s in sets}
+    base = dict(np.load(os.path.join(run, "baselines", "scores.npz")))
+    if cfg.get("gt_destination_draws"):
+        base.update({k.replace("__", "-destination__"): v
+                     for k, v in np.load(os.path.join(run, "baselines", "destination.npz")).items()})
     rows: List[dict] = []
     audits: List[dict] = []
 
-    def evaluate(name, scores_by_set, ridge=None):
+    def evaluate(name, scores_by_set, ridge=None, models=rep):
         for sname, sc in scores_by_set.items():
             for kind, y in gt[sname].items():
-                cells = []
-                for si in range(len(steps)):
-                    cells.append(lds_ci(sc[si], masks[rep], y[rep, si, :], 1000, seed=si))
-                rows.append({"method": name, "set": sname, "gt": kind, "ridge": ridge, "cells": cells})
+                cells = [lds_ci(sc[si], masks[models], y[models, si, :], 1000, seed=si) for si in range(sc.shape[0])]
+                rows.append({"method": name, "set": sname, "gt": kind, "ridge": ridge, "cells": cells,
+                             "models": "all" if len(models) == M else "report half"})
 
-    for key in base.files:
+    fixed = ns.group == "choices" or any(v.ridge is not None for v in GROUPS[ns.group])
+    for key in base:
         sname, m = key.split("__")
-        if m in ("pixel_neg_l2", "random", "embedding"):
+        if m in ("pixel_neg_l2", "pixel_cosine", "random", "embedding"):
             evaluate(f"baseline: {m}", {sname: base[key]})
-    unknown = sorted(set(ns.variants or ()) - {v.name for v in VARIANTS})
+            if fixed:
+                evaluate(f"baseline: {m}", {sname: base[key]}, models=everyone)
+    pool = GROUPS[ns.group]
+    unknown = sorted(set(ns.variants or ()) - {v.name for v in pool})
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from: " + "; ".join(repr(v.name) for v in VARIANTS))
-    variants = [v for v in VARIANTS if ns.variants is None or v.name in ns.variants]
+        p.error(f"unknown variant(s) {unknown}; choose from: " + "; ".join(repr(v.name) for v in pool))
+    variants = [v for v in pool if ns.variants is None or v.name in ns.variants]
     for v in variants:
         print(f"variant: {v.name}", flush=True)
         by_ridge = variant_scores(v, run, cfg, ckpts, train, heldout, traj, steps, ns.device)
-        sel_lds = {r: np.nanmean([np.nanmean(lds(by_ridge["generated"][r][si], masks[sel], gt["generated"]["xhat0_loss"][sel, si, :]))
-                                  for si in range(len(steps))]) for r in RIDGES}
-        best = max(sel_lds, key=lambda r: sel_lds[r])
-        evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
+        if v.ridge is not None:  # fixed in advance: every model reports
+            best = v.ridge
+            evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best, models=everyone)
+        else:
+            sel_lds = {r: np.nanmean([np.nanmean(lds(by_ridge["generated"][r][si], masks[sel],
+                                                     gt["generated"]["xhat0_loss"][sel, si, :]))
+                                      for si in range(len(steps))]) for r in RIDGES}
+            best = max(sel_lds, key=lambda r: sel_lds[r])
+            evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
         audits += _audit_variant(v, run, cfg, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
                                  run_missing=ns.audit)
     out = os.path.join(run, "ablations")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ablations.json"), "w") as f:
+    suffix = "" if ns.group == "all" else f"-{ns.group}"
+    with open(os.path.join(out, f"ablations{suffix}.json"), "w") as f:
         json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows, "audits": audits,
                    "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
     lines = [f"# Estimator ablations on `{cfg['name']}`", "",
-             f"LDS (Spearman, mean over targets [95% two-way bootstrap CI over models and targets]) on the report half of the retrained models "
-             f"({len(rep)} of {M}); the ridge of each variant was chosen on the other half (generated targets, paper output).", ""]
+             f"LDS (Spearman, mean over targets [95% two-way bootstrap CI over models and targets]). A variant whose "
+             f"ridge was fixed in advance is reported on all {M} retrained models; a variant without one had its "
+             f"ridge chosen on the selection half (models 0…{M // 2 - 1}; generated targets, paper output) and is "
+             f"reported on the other half ({len(rep)} models). Baselines are given on both.", ""]
     ts = [traj.timestep_at(s) for s in steps]
-    for sname in ("generated", "heldout"):
+    for sname in sets:
         for kind in gt[sname]:
+            cols = ["final image"] if sname.endswith("-destination") else [f"step {s} (t={t})" for s, t in zip(steps, ts)]
             lines += [f"## {sname} targets, ground truth `{kind}`", "",
-                      "| method | ridge | " + " | ".join(f"step {s} (t={t})" for s, t in zip(steps, ts)) + " |",
-                      "|---|---|" + "---|" * len(steps)]
+                      "| method | ridge | models | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
             for r in rows:
                 if r["set"] == sname and r["gt"] == kind:
-                    lines.append(f"| {r['method']} | {r['ridge'] if r['ridge'] is not None else ''} | " +
+                    lines.append(f"| {r['method']} | {r['ridge'] if r['ridge'] is not None else ''} | "
+                                 f"{r.get('models', 'report half')} | " +
                                  " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in r["cells"]) + " |")
             lines.append("")
     if audits:
@@ -331,7 +400,7 @@ def main(argv=None):
                          f"{a.get('random_draws', 1)} | {a['top_quartiles'][1]:.3f} | {a['random_quartiles'][1]:.3f} | "
                          f"{a['median_difference']:+.3f} | {a['top_wins']:.2f} | {a['wilcoxon_p_greater']:.2g} |")
         lines.append("")
-    with open(os.path.join(out, "ablations.md"), "w") as f:
+    with open(os.path.join(out, f"ablations{suffix}.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
     return 0

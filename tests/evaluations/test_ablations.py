@@ -89,3 +89,27 @@ def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
     json.dump(mine, open(path, "w"))
     assert main([out, "--variants", name]) == 0
     assert json.load(open(os.path.join(out, "ablations", "ablations.json")))["audits"] == []
+
+
+def test_choices_group_fixed_ridges_report_all_models_and_the_destination(tmp_path):
+    """The power benchmarks' group: a ridge fixed in advance is reported on every model, a selected one on
+    the report half; every variant and baseline gets the destination column."""
+    from evaluations.ablations import CHOICES
+
+    out = str(tmp_path / "run")
+    run(tiny_config(gt_destination_draws=4, score=ScoreArgs(num_noises=2, destination_draws=4)), out, progress=False,
+        audit=False)
+    names = [CHOICES[0].name, "loss/loss, stratified T=100, ridge selected", "loss/loss, stratified T=100, R=5, ridge 1"]
+    assert main([out, "--group", "choices", "--variants", *names]) == 0
+    res = json.load(open(os.path.join(out, "ablations", "ablations-choices.json")))
+    rows = {(r["method"], r["set"], r["models"]): r for r in res["rows"]}
+    assert rows[(names[0], "generated", "all")]["ridge"] == 0.01
+    assert rows[(names[1], "generated", "report half")]["ridge"] in RIDGES
+    for name in names[::2]:
+        for sname in ("generated-destination", "heldout-destination"):
+            r = rows[(name, sname, "all")]
+            assert r["gt"] == "destination" and len(r["cells"]) == 1
+    assert ("baseline: pixel_neg_l2", "heldout-destination", "all") in rows
+    assert os.path.exists(os.path.join(out, "ablations", "targets", "loss-stratified-T100-loss-R5.npz"))
+    md = open(os.path.join(out, "ablations", "ablations-choices.md")).read()
+    assert "| method | ridge | models | final image |" in md
