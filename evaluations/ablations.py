@@ -108,6 +108,8 @@ CHOICES = [
             num_noises=5, ridge=1.0),
     Variant("loss/loss, stratified T=100, R=50, ridge 1", timestep_strategy="stratified", num_timesteps=100,
             num_noises=50, ridge=1.0),
+    Variant("loss/loss, stratified T=100, ensemble of 4 models, ridge 1", timestep_strategy="stratified",
+            num_timesteps=100, models=4, ridge=1.0),
     Variant("timestep-matched loss/loss, t±100, stratified T=32, ridge 1", timestep_strategy="stratified",
             num_timesteps=32, window=100, ridge=1.0),
 ]
@@ -119,7 +121,8 @@ def _unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", progress: bool = True) -> List[str]:
+def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", progress: bool = True,
+                         method: str = "sequential") -> List[str]:
     """Final checkpoints of ``num`` models trained independently of the attributed one: the same
     recipe on the full training set, seeds :func:`~evaluations.subsets.model_seed` of base seed
     ``train.seed + 2`` (the subset models use ``+0``, the seed replicates ``+1``). Trained into
@@ -132,7 +135,7 @@ def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", pro
     targs = from_dict(TrainArgs, cfg["train"])
     seeds = [model_seed(targs.seed + 2, m) for m in range(num)]
     dirs = train_models(train, targs, np.ones((num, len(train)), dtype=bool), os.path.join(run, "ablations", "ensemble"),
-                        seeds, method="sequential", device=device, progress=progress)
+                        seeds, method=method, stack_size=int(cfg.get("stack_size", 16)), device=device, progress=progress)
     return [final_checkpoint(d, targs) for d in dirs]
 
 
@@ -164,7 +167,8 @@ def _features_and_targets(ckpts, fpath, tpath, fargs, sargs, v, train, heldout, 
     return fs, tf
 
 
-def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu") -> Dict[str, Dict[float, np.ndarray]]:
+def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu",
+                   ensemble_method: str = "sequential") -> Dict[str, Dict[float, np.ndarray]]:
     """``{set: {ridge: (S, B, N)}}`` for one variant (sets ``*-destination``: S = 1, scored with the
     whole-range features, also for timestep-matched variants)."""
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
@@ -190,7 +194,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     tf = {s: lst[use] for s, lst in tf.items()}
     phis = [np.asarray(a) for a in fs.arrays][use]
     if v.models > 1:  # the attributed model's last checkpoint, then models-1 independently trained ones
-        for ck in ensemble_checkpoints(run, cfg, train, v.models - 1, device):
+        for ck in ensemble_checkpoints(run, cfg, train, v.models - 1, device, method=ensemble_method):
             member = os.path.basename(os.path.dirname(ck))
             mfs, mtf = _features_and_targets([ck], os.path.join(run, "ablations", "features", "ensemble", member, key),
                                              os.path.join(run, "ablations", "targets", "ensemble", member,
@@ -298,6 +302,8 @@ def main(argv=None):
     p.add_argument("run", help="a finished `python -m evaluations.run` folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="*", default=None, help="names (default: all of the group)")
+    p.add_argument("--ensemble-method", default="sequential", choices=("sequential", "stacked"),
+                   help="how ensemble members are trained (stacked: vmap over members, faster for small models)")
     p.add_argument("--group", default="all", choices=sorted(GROUPS),
                    help="which list of variants: all (the original ablations) or choices (the power benchmarks')")
     p.add_argument("--audit", action="store_true",
@@ -351,7 +357,7 @@ def main(argv=None):
     variants = [v for v in pool if ns.variants is None or v.name in ns.variants]
     for v in variants:
         print(f"variant: {v.name}", flush=True)
-        by_ridge = variant_scores(v, run, cfg, ckpts, train, heldout, traj, steps, ns.device)
+        by_ridge = variant_scores(v, run, cfg, ckpts, train, heldout, traj, steps, ns.device, ns.ensemble_method)
         if v.ridge is not None:  # fixed in advance: every model reports
             best = v.ridge
             evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best, models=everyone)
