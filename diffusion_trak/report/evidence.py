@@ -15,10 +15,31 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["lds_series", "audit_rows"]
+__all__ = ["evaluation_run", "load_evidence", "lds_series", "audit_rows"]
 
 _METHOD_NAMES = {"trak": "TRAK", "pixel_neg_l2": "pixel −L2", "pixel_cosine": "pixel cosine", "random": "random",
                  "embedding": "embedding cosine", "grad_dot": "gradient dot", "grad_cosine": "gradient cosine"}
+
+
+def evaluation_run(eval_dir: str) -> dict:
+    """What the journey page of an evaluation run is built from: the training set's ``DataArgs``
+    (from ``config.json``), the generated targets' ``scores`` folder and their ``trajectory`` file."""
+    from diffusion_trak.data import DataArgs
+    from diffusion_trak.errors import UserError
+
+    path = os.path.join(eval_dir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{eval_dir} is not an evaluation run (no config.json); give the --out folder of "
+                        "`diffusion-trak evaluate`")
+    with open(path, encoding="utf-8") as f:
+        data = DataArgs.from_dict(json.load(f)["data"])
+    return {"data": data, "scores": os.path.join(eval_dir, "scores", "generated"),
+            "trajectory": os.path.join(eval_dir, "trajectory.safetensors")}
+
+
+def load_evidence(eval_dir: str, final_images) -> dict:
+    """``{"lds": lds_series(eval_dir), "audit": audit_rows(eval_dir, final_images)}``."""
+    return {"lds": lds_series(eval_dir), "audit": audit_rows(eval_dir, final_images)}
 
 
 def lds_series(eval_dir: str, target_set: str = "generated", kind: str = "xhat0_loss") -> Optional[dict]:

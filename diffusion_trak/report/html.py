@@ -276,9 +276,9 @@ _SCRIPT = r"""
     var box = $("charts");
     box.replaceChildren();
     var labels = [], cur = null;
-    for (var s = 0; s + 1 < D.steps.length; s++) labels.push(D.steps[s] + "\u2192" + D.steps[s + 1]);
+    for (var s = 1; s < D.steps.length; s++) labels.push(D.steps[s]);
     if (state.s > 0) cur = state.s - 1;
-    box.appendChild(lineChart("top-" + D.k + " overlap between consecutive steps", labels,
+    box.appendChild(lineChart("top-" + D.k + " overlap with the previous recorded step", labels,
                               [{ name: "overlap", values: T.overlap }], 0, 1, cur));
     box.appendChild(shareChart(T));
     box.appendChild(nearestChart(T));
