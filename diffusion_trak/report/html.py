@@ -163,7 +163,7 @@ _SCRIPT = r"""
     var close = el("button", null, "close"); close.type = "button";
     close.addEventListener("click", function () { state.inspect = null; render(); });
     box.appendChild(close);
-    box.appendChild(el("h3", null, "training image #" + i + (tr.label !== null ? " (" + tr.label + ")" : "")));
+    box.appendChild(el("h3", null, "training image #" + i + (tr.label !== null ? " \u00b7 " + D.shareKind + " " + tr.label : "")));
     box.appendChild(img(tr.src, "huge", "training image #" + i));
     box.appendChild(el("div", null, "among the top-" + D.k + " proponents at steps: " + stepList(inTop)));
     box.appendChild(stepBoxes(inTop, "in"));
@@ -381,7 +381,7 @@ def write_page(out_html, data: dict) -> str:
         f"<style>{_CSS}</style>",
         "</head><body>",
         f'<h1 id="title">{esc(title)}</h1>',
-        f'<table class="meta">{meta}</table>' if meta else "",
+        f'<details><summary class="muted">settings</summary><table class="meta">{meta}</table></details>' if meta else "",
         '<h2>Targets <span class="muted">(final images; choose one)</span></h2><div id="targets" class="gallery"></div>',
         '<h2 id="journey-title"></h2>',
         '<div class="controls"><label for="step">sampling step</label>'
