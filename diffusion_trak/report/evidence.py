@@ -56,8 +56,11 @@ def lds_series(eval_dir: str, target_set: str = "generated", kind: str = "xhat0_
     kind = kind if kind in kinds else sorted(kinds)[0]
     entry = kinds[kind]
 
+    def value(v):  # n/a (NaN, e.g. a constant ground truth) is drawn as a gap
+        return float(v) if v is not None and np.isfinite(v) else None
+
     def series(name, rows):
-        return {"name": name, **{x: [float(r[x]) if r[x] is not None else None for r in rows] for x in ("mean", "lo", "hi")}}
+        return {"name": name, **{x: [value(r.get(x)) for r in rows] for x in ("mean", "lo", "hi")}}
 
     out = [series(_METHOD_NAMES.get(m, m), rows) for m, rows in entry["methods"].items()]
     if entry.get("ceiling"):

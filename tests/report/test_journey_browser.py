@@ -150,7 +150,7 @@ def test_evaluation_evidence(browser, tmp_path):
     lds = {"steps": steps, "timesteps": [int(traj.timesteps[s]) for s in steps],
            "tables": {"generated": {"xhat0_loss": {
                "methods": {"trak": [{"mean": 0.1, "lo": -0.1, "hi": 0.3}, {"mean": 0.2, "lo": 0.0, "hi": 0.4}],
-                           HOSTILE[0]: [{"mean": -0.05, "lo": -0.2, "hi": 0.1}, {"mean": 0.0, "lo": -0.1, "hi": 0.1}]},
+                           HOSTILE[0]: [{"mean": -0.05, "lo": -0.2, "hi": 0.1}, {"mean": float("nan"), "lo": None, "hi": None}]},
                "ceiling": [{"mean": 0.5, "lo": 0.4, "hi": 0.6}, {"mean": 0.6, "lo": 0.5, "hi": 0.7}]}}}}
     json.dump(lds, open(os.path.join(root, "lds.json"), "w"))
     regen = os.path.join(root, "audit", "regenerated-masked")
