@@ -71,7 +71,7 @@ class Browser:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = os.path.join(self.profile, "DevToolsActivePort")
         deadline = time.time() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
+        while not (os.path.exists(port_file) and len(open(port_file).read().split()) >= 2):  # port, then path
             if time.time() > deadline or self.proc.poll() is not None:
                 self.close()
                 raise RuntimeError("chromium did not start its DevTools endpoint")
@@ -85,6 +85,9 @@ class Browser:
             if pages or time.time() > deadline:
                 break
             time.sleep(0.05)
+        if not pages:
+            self.close()
+            raise RuntimeError("chromium started but opened no page")
         self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30,
                                               suppress_origin=True)
         self._id = 0
@@ -154,10 +157,8 @@ class Browser:
         return path
 
     def close(self):
-        try:
+        if getattr(self, "ws", None) is not None:
             self.ws.close()
-        except Exception:  # noqa: BLE001
-            pass
         self.proc.terminate()
         try:
             self.proc.wait(10)

@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from report_helpers import HOSTILE, make_run
