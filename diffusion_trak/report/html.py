@@ -299,7 +299,14 @@ _SCRIPT = r"""
       tb.appendChild(hd);
       T.audit.forEach(function (a) {
         var tr = el("tr");
-        tr.appendChild(el("td", null, a.mode + " \u00b7 step " + a.step + " (t=" + a.timestep + ") \u00b7 k=" + a.k));
+        var head = el("td", null, a.mode + " \u00b7 step " + a.step + " (t=" + a.timestep + ") \u00b7 k=" + a.k);
+        var at = D.steps.indexOf(a.step);
+        if (at >= 0) {  // jump the journey to the audited step
+          var go = el("button", null, "show this step"); go.type = "button";
+          go.addEventListener("click", function () { state.s = at; render(); window.scrollTo(0, 0); });
+          head.appendChild(el("br")); head.appendChild(go);
+        }
+        tr.appendChild(head);
         [["original", a.original, ""], ["without top-" + a.k, a.without_top, "pixel L2 change " + a.top_l2.toFixed(3)],
          ["without random " + a.k, a.without_random, "pixel L2 change " + a.random_l2.toFixed(3) +
           " (mean of " + a.random_draws + " draws)"]].forEach(function (c) {

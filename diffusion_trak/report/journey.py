@@ -56,7 +56,10 @@ def _label_names(dataset, needed: Sequence[int]):
                  for c in range(num)]
         kind = "label"
     else:
-        labels = stats.pixel_clusters(dataset.images.numpy())
+        import torch.nn.functional as F  # cluster thumbnails of at most 16×16: cheap for large images, same for small ones
+
+        side = min(16, dataset.images.shape[-1])
+        labels = stats.pixel_clusters(F.interpolate(dataset.images, size=(side, side), mode="area").numpy())
         num = int(labels.max()) + 1
         names = [f"cluster {c}" for c in range(num)]
         kind = "cluster"

@@ -56,8 +56,8 @@ def nearest_training(image, train_images, n: int) -> np.ndarray:
     """Positions of the ``n`` training images closest to ``image`` in pixel L2, closest first
     (ties broken by position)."""
     q = np.asarray(image, dtype=np.float64).reshape(-1)
-    x = np.asarray(train_images, dtype=np.float64).reshape(len(train_images), -1)
-    d = ((x - q) ** 2).sum(1)
+    d = np.concatenate([((np.asarray(train_images[a:a + 4096], dtype=np.float64).reshape(-1, q.size) - q) ** 2).sum(1)
+                        for a in range(0, len(train_images), 4096)])  # in blocks: no float64 copy of the whole set
     return np.argsort(d, kind="stable")[: int(n)]
 
 

@@ -185,6 +185,8 @@ def test_evaluation_evidence(browser, tmp_path):
     assert browser.js("document.querySelectorAll('#evidence table.audit tr').length") == 1 + len(steps)
     assert browser.js("document.querySelectorAll('#evidence svg polyline').length") == 3  # trak, hostile name, ceiling
     assert HOSTILE[0] in browser.js("document.getElementById('evidence').textContent")
+    browser.js("document.querySelectorAll('#evidence table.audit button')[1].click()")  # the second audited step
+    assert browser.js("document.getElementById('step-label').textContent").startswith(f"step {steps[1]} ")
     browser.js("document.querySelectorAll('#targets button')[2].click()")  # target 2 was not audited
     assert browser.js("document.querySelectorAll('#evidence table.audit').length") == 0
     assert all(_images_decoded(browser)) and browser.errors() == []
