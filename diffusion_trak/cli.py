@@ -183,18 +183,27 @@ def cmd_plot(ns):
     from . import api
     from .report import plot_from_scores
 
-    dataset, _ = _load_run_data(ns)
-    sdir = ns.scores or os.path.join(ns.run, "scores", "seed-0")
+    if ns.evaluation:  # an evaluation run: its generated targets, with the counterfactual evidence
+        from .data import load_dataset
+        from .report.evidence import evaluation_run, load_evidence
+        ev = evaluation_run(ns.evaluation)
+        dataset, sdir, tpath = load_dataset(ev["data"]), ns.scores or ev["scores"], ns.trajectory or ev["trajectory"]
+    else:
+        dataset, _ = _load_run_data(ns)
+        sdir = ns.scores or os.path.join(ns.run, "scores", "seed-0")
+        tpath = ns.trajectory or os.path.join(ns.run, "trajectories", os.path.basename(sdir.rstrip("/")) + ".safetensors")
     sc = api.Scores.load(sdir)
     traj = None
-    tpath = ns.trajectory or os.path.join(ns.run, "trajectories", os.path.basename(sdir.rstrip("/")) + ".safetensors")
     if os.path.exists(tpath):
         from pipelines import Trajectory
         traj = Trajectory.load(tpath)
     name = os.path.basename(sdir.rstrip("/"))
-    png, html = plot_from_scores(sc, dataset, traj, ns.out or os.path.join(ns.run, "report", name), target=ns.target,
-                                 k=ns.top_k)
-    _say(f"per-step plot: {png}\nhtml page: {html}")
+    run = ns.evaluation or ns.run
+    png, html = plot_from_scores(sc, dataset, traj, ns.out or os.path.join(run, "report", name), target=ns.target,
+                                 k=ns.top_k, title=f"{os.path.basename(os.path.abspath(run))} · {name}: "
+                                 "training-data attribution per sampling step",
+                                 evidence=load_evidence(ns.evaluation, traj.final) if ns.evaluation and traj else None)
+    _say(f"per-step plot: {png}\nhtml page (every target, step by step): {html}")
     return png, html
 
 
@@ -292,12 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None)
     sp.set_defaults(func=cmd_score)
 
-    sp = sub.add_parser("plot", help="per-step attribution PNG and a self-contained HTML page")
+    sp = sub.add_parser("plot", help="per-step attribution PNG and the journey page (self-contained HTML)")
     common(sp); _add_data(sp)
     sp.add_argument("--scores", default=None, help="scores folder (default RUN/scores/seed-0)")
     sp.add_argument("--trajectory", default=None)
     sp.add_argument("--target", type=int, default=0, help="which generated image of the batch")
     sp.add_argument("--top-k", type=int, default=6)
+    sp.add_argument("--evaluation", default=None, metavar="EVAL_DIR", help="plot an evaluation run's generated "
+                    "targets with its counterfactual evidence (audit images, per-step LDS)")
     sp.add_argument("--out", default=None, help="output prefix (default RUN/report/NAME)")
     sp.set_defaults(func=cmd_plot)
 

@@ -28,7 +28,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     png = Image.open(res["png"])
     assert png.size[0] > 300 and np.asarray(png.convert("L")).std() > 10
     html = open(res["html"]).read()
-    assert html.count('<tr class="step"') == 3 and "data:image/png;base64," in html
+    page = json.loads(html.split('id="journey-data">')[1].split("</script>")[0])  # the journey page
+    assert len(page["targets"]) == 1 and len(page["targets"][0]["x0"]) == 3
     scores = np.load(os.path.join(res["scores"], "scores.npy"))
     summary = json.load(open(os.path.join(res["scores"], "scores.json")))
     assert scores.shape == (3, 1, 64) and np.isfinite(scores).all() and np.abs(scores).sum() > 0

@@ -1,7 +1,3 @@
-import base64
-import io
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +9,6 @@ from diffusion_trak.report import (
     plot_attribution,
     plot_lines,
     to_uint8,
-    write_html,
 )
 
 S, K = 3, 4
@@ -77,26 +72,6 @@ def test_plot_attribution_shape_errors(tmp_path, attr):
     bad = dict(attr, top_scores=torch.zeros(S, K + 1))
     with pytest.raises(ValueError):
         plot_attribution(tmp_path / "x.png", **bad)
-
-
-def test_write_html(tmp_path, attr):
-    meta = {"model": "tiny-unet", "k": 64, "T": 1000, "λ": 0.01}
-    out = write_html(tmp_path / "r.html", **attr, title="demo <report>", meta=meta)
-    text = open(out, encoding="utf-8").read()
-    assert text.count('<tr class="step"') == S
-    assert "demo &lt;report&gt;" in text
-    for v in ("tiny-unet", "64", "1000", "λ"):
-        assert v in text
-    for idx in attr["top_indices"].flatten().tolist() + attr["bottom_indices"].flatten().tolist():
-        assert f"#{idx}<" in text
-    assert format_score(float(attr["top_scores"][0, 0])) in text
-    assert "image-rendering: pixelated" in text
-    assert "<script" not in text and "http://" not in text and "https://" not in text
-    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(uris) == S * (1 + 2 * K)
-    for u in uris[:5]:
-        with Image.open(io.BytesIO(base64.b64decode(u))) as im:
-            assert im.format == "PNG" and im.size == (8, 8)
 
 
 def test_image_grid(tmp_path):

@@ -1,10 +1,11 @@
-"""Pictures and HTML pages of per-step attributions.
+"""Pictures of per-step attributions and the journey page of a run.
 
 Inputs are plain tensors / arrays (images in ``[-1, 1]``), independent of the
 rest of the pipeline.
 """
 from .attribution import plot_from_scores
-from .html import png_data_uri, write_html
+from .html import png_data_uri, write_page
+from .journey import journey_data
 from .plots import (
     check_attribution_inputs,
     format_score,
@@ -17,7 +18,8 @@ from .plots import (
 __all__ = [
     "plot_from_scores",
     "plot_attribution",
-    "write_html",
+    "write_page",
+    "journey_data",
     "image_grid_png",
     "plot_lines",
     "to_uint8",

@@ -1,0 +1,124 @@
+"""The journey page's content: every target of a run, step by step, as one JSON-ready dict.
+
+:func:`journey_data` gathers what the page shows (images as PNG data URIs, top-k lists, the chart
+numbers of :mod:`~diffusion_trak.report.journey_stats`, the counterfactual evidence of
+:mod:`~diffusion_trak.report.evidence`); :func:`~diffusion_trak.report.html.write_page` draws it.
+Text in the dict (titles, captions, class names) is raw: the page sets it as text, never as markup.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import journey_stats as stats
+from .html import png_data_uri
+from .plots import format_score, to_uint8
+
+__all__ = ["journey_data", "trajectory_images", "target_captions"]
+
+
+def _uri(image) -> str:
+    """``(C, H, W)`` image in ``[-1, 1]`` -> PNG data URI."""
+    return png_data_uri(to_uint8(image))
+
+
+def trajectory_images(trajectory, steps: Sequence[int]):
+    """``(x0, xt, final)`` to show for ``steps``: x̂0_t ``(S, B, C, H, W)``, x_t (``None`` for a latent
+    trajectory, whose x_t is not an image) and the final images ``(B, C, H, W)``, all in pixels."""
+    pos = [trajectory.step_of(s) for s in steps]
+    decoded = getattr(trajectory, "x0_decoded", None)
+    if decoded is not None:  # latent diffusion: show the VAE-decoded predictions and the decoded final image
+        final = getattr(trajectory, "final_decoded", None)
+        return decoded[pos], None, final if final is not None else decoded[pos[-1]]
+    return trajectory.x0_pred[pos], trajectory.x_t[pos], trajectory.final
+
+
+def target_captions(trajectory, dataset, num_targets: int) -> List[str]:
+    """One caption per target: its prompt, else its class name, else ``""``."""
+    prompts = getattr(trajectory, "prompts", None) if trajectory is not None else None
+    if prompts:
+        return [str(p) for p in prompts]
+    labels = getattr(trajectory, "class_labels", None) if trajectory is not None else None
+    if labels is not None:
+        names = getattr(dataset, "class_names", None)
+        return [f"class {names[int(c)] if names and 0 <= int(c) < len(names) else int(c)}" for c in labels]
+    return [""] * num_targets
+
+
+def _label_names(dataset, needed: Sequence[int]):
+    """``(kind, names, label_of)``: labels of the training data when it has them, else pixel clusters."""
+    idx = dataset.indices.numpy()
+    if dataset.labels is not None:
+        labels = dataset.labels.numpy()
+        num = int(max(labels.max() + 1, len(dataset.class_names or [])))
+        names = [str(dataset.class_names[c]) if dataset.class_names and c < len(dataset.class_names) else str(c)
+                 for c in range(num)]
+        kind = "label"
+    else:
+        import torch.nn.functional as F  # cluster thumbnails of at most 16×16: cheap for large images, same for small ones
+
+        side = min(16, dataset.images.shape[-1])
+        labels = stats.pixel_clusters(F.interpolate(dataset.images, size=(side, side), mode="area").numpy())
+        num = int(labels.max()) + 1
+        names = [f"cluster {c}" for c in range(num)]
+        kind = "cluster"
+    pos = dataset.positions_of(np.asarray(list(needed), dtype=np.int64)).numpy()
+    return kind, names, {int(idx[p]): int(labels[p]) for p in pos}
+
+
+def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Sequence[int]] = None, k: int = 6,
+                 title: str = "", captions: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None,
+                 evidence: Optional[dict] = None) -> dict:
+    """Everything the journey page shows, as a JSON-ready dict.
+
+    Args:
+        scores: :class:`~diffusion_trak.api.Scores` ``(S, B, N)``.
+        dataset: the training :class:`~diffusion_trak.data.ImageDataset` of the scores.
+        x0: x̂0_t ``(S, T, C, H, W)`` for the ``T`` shown targets, in ``[-1, 1]``.
+        xt: x_t, same shape, or ``None``.
+        finals: the final images ``(T, C, H, W)`` (default: x̂0 at the last step).
+        targets: which targets of ``scores`` are shown (default all ``B``).
+        k: proponents and opponents per step.
+        title, captions (one per shown target), meta: text shown as is (escaped by the page).
+        evidence: ``{"lds": lds_series(...), "audit": audit_rows(...)}`` of an evaluation run, or ``None``.
+    """
+    S, B = scores.values.shape[:2]
+    targets = list(range(B)) if targets is None else [int(b) for b in targets]
+    x0 = np.asarray(x0)
+    if x0.shape[:2] != (S, len(targets)):
+        raise ValueError(f"x0 must be (steps={S}, targets={len(targets)}, C, H, W), got {x0.shape}")
+    finals = np.asarray(finals) if finals is not None else x0[-1]
+    captions = list(captions) if captions is not None else [""] * len(targets)
+    ti, tv, bi, bv = scores.top(k)
+    images = dataset.images.numpy()
+    idx = dataset.indices.numpy()
+    nearest = {b: idx[stats.nearest_training(np.clip(finals[j], -1, 1), images, k)] for j, b in enumerate(targets)}
+    needed = set(np.concatenate([ti[:, targets].ravel(), bi[:, targets].ravel()] + list(nearest.values())).tolist())
+    kind, names, label_of = _label_names(dataset, needed)
+    pos = dataset.positions_of(np.asarray(sorted(needed), dtype=np.int64)).numpy()
+    train = {str(int(idx[p])): {"src": _uri(images[p]), "label": names[label_of[int(idx[p])]]} for p in pos}
+
+    audit = (evidence or {}).get("audit") or {}
+    shown = []
+    for j, b in enumerate(targets):
+        pro, opp = ti[:, b], bi[:, b]
+        shown.append({
+            "id": b, "caption": captions[j], "final": _uri(finals[j]),
+            "x0": [_uri(x0[s, j]) for s in range(S)],
+            "xt": [_uri(xt[s, j]) for s in range(S)] if xt is not None else None,
+            "pro": [[[int(i), float(v), format_score(v)] for i, v in zip(ti[s, b], tv[s, b])] for s in range(S)],
+            "opp": [[[int(i), float(v), format_score(v)] for i, v in zip(bi[s, b], bv[s, b])] for s in range(S)],
+            "overlap": stats.topk_overlap(pro).tolist(),
+            "share": stats.label_shares(pro, label_of, len(names)).tolist(),
+            "nearest": [{"index": int(i), "entry": e} for i, e in zip(nearest[b], stats.first_entry_steps(pro, nearest[b]))],
+            "inTop": {str(i): s for i, s in stats.steps_in_topk(pro).items()},
+            "inBottom": {str(i): s for i, s in stats.steps_in_topk(opp).items()},
+            "audit": [{**{x: e[x] for x in ("mode", "step", "timestep", "k", "top_l2", "random_l2", "random_draws")},
+                       **{x: _uri(e[x]) for x in ("original", "without_top", "without_random")}}
+                      for e in audit.get(b, [])],
+        })
+    return {"title": str(title), "meta": [[str(a), str(v)] for a, v in (meta or {}).items() if v is not None],
+            "k": int(k), "steps": [int(s) for s in scores.steps], "timesteps": [int(t) for t in scores.timesteps],
+            "shareKind": kind, "shareNames": names, "train": train, "targets": shown,
+            "lds": (evidence or {}).get("lds")}
