@@ -21,7 +21,8 @@ class DemoSettings:
     featurize: FeaturizeArgs = None
     score: ScoreArgs = None
     sampling_steps: int = 100
-    record: int = 8
+    record: int = 10
+    num_images: int = 4
     self_attribution_images: int = 50
     self_attribution_timestep: int = 50
 
@@ -31,7 +32,8 @@ def demo_settings(quick: bool = False) -> DemoSettings:
         return DemoSettings(limit=64, train=TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=4,
                                                       batch_size=32, num_checkpoints=2),
                             featurize=FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=32),
-                            score=ScoreArgs(num_noises=2), sampling_steps=10, record=3, self_attribution_images=8)
+                            score=ScoreArgs(num_noises=2, destination_draws=4), sampling_steps=10, record=3,
+                            num_images=2, self_attribution_images=8)
     return DemoSettings(train=TrainArgs(block_out_channels=(16, 32), epochs=40, batch_size=64, num_checkpoints=2),
                         featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="stratified", proj_dim=1024, batch_size=32),
                         score=ScoreArgs(num_noises=20))
@@ -62,18 +64,20 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
 
     unet, sched = load_checkpoint(ckpts[-1], device)
     record = sorted({round(i * (cfg.sampling_steps - 1) / (cfg.record - 1)) for i in range(cfg.record)})
-    gen = TrajectoryPipeline(unet=unet, scheduler=sched)(seed=0, num_inference_steps=cfg.sampling_steps,
+    gen = TrajectoryPipeline(unet=unet, scheduler=sched)(batch_size=cfg.num_images, seed=0,
+                                                         num_inference_steps=cfg.sampling_steps,
                                                          record_steps=record, show_progress=False)
     tpath = os.path.join(out, "trajectories", "seed-0.safetensors")
     os.makedirs(os.path.dirname(tpath), exist_ok=True)
     gen.trajectory.save(tpath)
-    say(f"generated one image with {cfg.sampling_steps} DDPM steps; trajectory: {tpath}")
+    say(f"generated {cfg.num_images} images with {cfg.sampling_steps} DDPM steps; trajectory: {tpath}")
 
     sdir = os.path.join(out, "scores", "seed-0")
     scores = api.score(features, ckpts, dataset.indices.numpy(), cfg.score, trajectory=gen.trajectory,
                        out=sdir, overwrite=overwrite, device=device)
     png, html = plot_from_scores(scores, dataset, gen.trajectory, os.path.join(out, "report", "seed-0"))
-    say(f"scored {len(dataset)} training examples at {len(scores.steps)} steps")
+    say(f"scored {len(dataset)} training examples at {len(scores.steps)} steps of {cfg.num_images} images"
+        + (" and at their destination (final image)" if scores.destination is not None else ""))
 
     rate, _ = api.self_attribution_rate(features, ckpts, dataset, cfg.self_attribution_images,
                                         cfg.self_attribution_timestep, cfg.score, device=device)

@@ -29,10 +29,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert png.size[0] > 300 and np.asarray(png.convert("L")).std() > 10
     html = open(res["html"]).read()
     page = json.loads(html.split('id="journey-data">')[1].split("</script>")[0])  # the journey page
-    assert len(page["targets"]) == 1 and len(page["targets"][0]["x0"]) == 3
+    assert len(page["targets"]) == 2 and len(page["targets"][0]["x0"]) == 3  # the quick demo: 2 images, 3 steps
+    assert page["targets"][0]["dest"]["pro"]  # and the destination row
     scores = np.load(os.path.join(res["scores"], "scores.npy"))
     summary = json.load(open(os.path.join(res["scores"], "scores.json")))
-    assert scores.shape == (3, 1, 64) and np.isfinite(scores).all() and np.abs(scores).sum() > 0
+    assert scores.shape == (3, 2, 64) and np.isfinite(scores).all() and np.abs(scores).sum() > 0
     top = summary["top"][-1][0]["proponents"]
     assert top[0]["score"] == pytest.approx(float(scores[-1, 0].max()), rel=1e-5)
     assert top[0]["index"] == summary["train_indices"][int(scores[-1, 0].argmax())]

@@ -356,6 +356,15 @@ _SCRIPT = r"""
     pro.replaceChildren(); opp.replaceChildren();
     T.pro[s].forEach(function (e) { pro.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
     T.opp[s].forEach(function (e) { opp.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+    var dbox = $("destination");
+    dbox.hidden = !T.dest;
+    if (T.dest) {
+      var dp = $("dest-pro"), dn = $("dest-opp");
+      dp.replaceChildren(); dn.replaceChildren();
+      $("dest-fig").replaceChildren(img(T.final, "big", "final image"), el("figcaption", null, "final image"));
+      T.dest.pro.forEach(function (e) { dp.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+      T.dest.opp.forEach(function (e) { dn.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+    }
     inspector();
     charts(T);
     evidence(T);
@@ -398,6 +407,11 @@ def write_page(out_html, data: dict) -> str:
         f'<div><h3 class="pos">top-{int(data["k"])} proponents</h3><div id="pro" class="cells"></div>',
         f'<h3 class="neg">top-{int(data["k"])} opponents</h3><div id="opp" class="cells"></div></div>',
         '<aside id="inspector" hidden></aside></div>',
+        '<section id="destination" hidden><h2>Destination <span class="muted">(the final image, its target '
+        'averaged over the whole range of timesteps)</span></h2><div class="row">'
+        '<figure id="dest-fig"></figure>'
+        f'<div><h3 class="pos">top-{int(data["k"])} proponents</h3><div id="dest-pro" class="cells"></div>'
+        f'<h3 class="neg">top-{int(data["k"])} opponents</h3><div id="dest-opp" class="cells"></div></div></div></section>',
         '<h2>How the attribution moves</h2><div id="charts" class="charts"></div>',
         '<section id="evidence" hidden></section>',
         f'<script type="application/json" id="journey-data">{script_json(data)}</script>',

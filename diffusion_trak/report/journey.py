@@ -91,10 +91,12 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
     finals = np.asarray(finals) if finals is not None else x0[-1]
     captions = list(captions) if captions is not None else [""] * len(targets)
     ti, tv, bi, bv = scores.top(k)
+    dest = scores.top_destination(k) if getattr(scores, "destination", None) is not None else None
     images = dataset.images.numpy()
     idx = dataset.indices.numpy()
     nearest = {b: idx[stats.nearest_training(np.clip(finals[j], -1, 1), images, k)] for j, b in enumerate(targets)}
-    needed = set(np.concatenate([ti[:, targets].ravel(), bi[:, targets].ravel()] + list(nearest.values())).tolist())
+    needed = set(np.concatenate([ti[:, targets].ravel(), bi[:, targets].ravel()] + list(nearest.values())
+                                + ([dest[0][targets].ravel(), dest[2][targets].ravel()] if dest else [])).tolist())
     kind, names, label_of = _label_names(dataset, needed)
     pos = dataset.positions_of(np.asarray(sorted(needed), dtype=np.int64)).numpy()
     train = {str(int(idx[p])): {"src": _uri(images[p]), "label": names[label_of[int(idx[p])]]} for p in pos}
@@ -109,6 +111,10 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
             "xt": [_uri(xt[s, j]) for s in range(S)] if xt is not None else None,
             "pro": [[[int(i), float(v), format_score(v)] for i, v in zip(ti[s, b], tv[s, b])] for s in range(S)],
             "opp": [[[int(i), float(v), format_score(v)] for i, v in zip(bi[s, b], bv[s, b])] for s in range(S)],
+            # the destination: the final image attributed with its target over the whole range of timesteps
+            "dest": None if dest is None else {
+                "pro": [[int(i), float(v), format_score(v)] for i, v in zip(dest[0][b], dest[1][b])],
+                "opp": [[int(i), float(v), format_score(v)] for i, v in zip(dest[2][b], dest[3][b])]},
             "overlap": stats.topk_overlap(pro).tolist(),
             "share": stats.label_shares(pro, label_of, len(names)).tolist(),
             "nearest": [{"index": int(i), "entry": e} for i, e in zip(nearest[b], stats.first_entry_steps(pro, nearest[b]))],

@@ -66,6 +66,13 @@ def check_journey(browser, html, scores_dir, traj, max_seconds=2.0):
             assert shown["opp"] == [e["index"] for e in top["opponents"][:K]]
         assert shown["title"].startswith(f"Target {b}")
         assert all(_images_decoded(browser))
+        # the destination row (final image, whole range of timesteps) when the scores have one
+        dest = browser.js("""(function(){ var d = document.getElementById('destination'); return d.hidden ? null :
+            Array.from(d.querySelectorAll('#dest-pro .cell')).map(function(c){ return +c.dataset.index; }); })()""")
+        if "destination" in sj:
+            assert dest == [e["index"] for e in sj["destination"][b]["proponents"][:K]]
+        else:
+            assert dest is None
     assert browser.errors() == []
     return seconds
 
@@ -94,6 +101,7 @@ def test_demo_pages_in_chromium(browser, demo_run):
     traj = Trajectory.load(os.path.join(out, "trajectories", "batch.safetensors"))
     html = os.path.join(out, "report", "batch.html")
     check_journey(browser, html, os.path.join(out, "scores", "batch"), traj)
+    assert "destination" in json.load(open(os.path.join(out, "scores", "batch", "scores.json")))  # shown above
     # choosing another target changes the journey
     browser.open(html)
     first = _shown(browser)
