@@ -18,7 +18,7 @@ from .config import FeaturizeArgs, ScoreArgs, asdict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
-from .store import Store, StoreError, write_json_atomic
+from .store import Store, StoreError, make_dirs, write_json_atomic
 from .targets import target_features, trajectory_target_features
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
@@ -67,6 +67,18 @@ def check_compatible(unet, scheduler, dataset) -> None:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     if size is not None and size != H:
         raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+
+
+def check_dataset(features_settings: dict, dataset, where: str = "the features") -> None:
+    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on."""
+    want = features_settings.get("dataset") or {}
+    fp, n = dataset.fingerprint(), len(dataset)
+    if want.get("fingerprint") == fp and want.get("size") == n:
+        return
+    name = getattr(dataset, "name", "") or "in memory"
+    raise InputError(f"the dataset ({name}, {n} images, fingerprint {fp}) is not the one {where} were computed on "
+                     f"({want.get('name') or '?'}, {want.get('size')} images, fingerprint {want.get('fingerprint')}); "
+                     "pass the --data/--data-path/--classes/--limit used for featurize, or featurize this dataset")
 
 
 @dataclass
@@ -120,18 +132,19 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
         store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+    with store:  # the writer's lock is held until the rows are written
         arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
-    mine = distributed.shard_rows(len(dataset), args.batch_size)
-    if rows is not None:
-        mine = np.intersect1d(mine, np.asarray(rows))
-    for c, (f, arr) in enumerate(zip(featurizers, arrays)):
-        f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
-                            desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
-    dist.wait_for_everyone()
-    if rows is None:
-        missing = [n for n, a in zip(names, arrays) if not a.complete()]
-        if missing:
-            raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
+        mine = distributed.shard_rows(len(dataset), args.batch_size)
+        if rows is not None:
+            mine = np.intersect1d(mine, np.asarray(rows))
+        for c, (f, arr) in enumerate(zip(featurizers, arrays)):
+            f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
+                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
+        dist.wait_for_everyone()
+        if rows is None:
+            missing = [n for n, a in zip(names, arrays) if not a.complete()]
+            if missing:
+                raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names)
 
 
@@ -154,8 +167,11 @@ class Scores:
         return self.train_indices[ti], tv, self.train_indices[bi], bv
 
     def save(self, out: str, k: int = 8) -> str:
-        os.makedirs(out, exist_ok=True)
-        np.save(os.path.join(out, "scores.npy"), np.asarray(self.values, dtype=np.float32))
+        make_dirs(out)
+        tmp = os.path.join(out, f"scores.npy.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a file
+            np.save(f, np.asarray(self.values, dtype=np.float32))
+        os.replace(tmp, os.path.join(out, "scores.npy"))
         ti, tv, bi, bv = self.top(k)
         summary = {"steps": self.steps, "timesteps": self.timesteps, "train_indices": self.train_indices.tolist(),
                    "meta": self.meta, "shape": list(self.values.shape),
@@ -167,10 +183,22 @@ class Scores:
 
     @classmethod
     def load(cls, out: str) -> "Scores":
-        with open(os.path.join(out, "scores.json")) as f:
-            s = json.load(f)
-        return cls(np.load(os.path.join(out, "scores.npy"), mmap_mode="r"), s["steps"], s["timesteps"],
-                   np.asarray(s["train_indices"]), s.get("meta", {}))
+        """Scores saved by :meth:`save` (read-only); one-line :class:`StoreError` if missing or damaged."""
+        jpath, npath = os.path.join(out, "scores.json"), os.path.join(out, "scores.npy")
+        if not os.path.exists(jpath) or not os.path.exists(npath):
+            raise StoreError(f"no scores in {out}; run `diffusion-trak score` first or pass --scores")
+        fix = f"rerun `diffusion-trak score` with --overwrite to rewrite {out}"
+        try:
+            with open(jpath) as f:
+                s = json.load(f)
+            values = np.load(npath, mmap_mode="r", allow_pickle=False)
+            steps, timesteps, idx = list(s["steps"]), list(s["timesteps"]), np.asarray(s["train_indices"])
+            meta = s.get("meta", {})
+        except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
+            raise StoreError(f"{out} holds damaged scores ({type(e).__name__}); {fix}") from None
+        if values.ndim != 3 or values.shape[0] != len(steps) or values.shape[2] != len(idx) or not isinstance(meta, dict):
+            raise StoreError(f"{out}: scores.npy {list(values.shape)} does not match scores.json; {fix}")
+        return cls(values, steps, timesteps, idx, meta)
 
 
 def _target_key(x: torch.Tensor) -> str:
@@ -180,11 +208,18 @@ def _target_key(x: torch.Tensor) -> str:
 def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: ScoreArgs = ScoreArgs(),
           trajectory=None, steps: Optional[Sequence[int]] = None, images: Optional[torch.Tensor] = None,
           image_timesteps: Sequence[int] = (10,), out: Optional[str] = None, overwrite: bool = False,
-          device="cpu", progress: bool = True, cond: Optional[dict] = None) -> Scores:
+          device="cpu", progress: bool = True, cond: Optional[dict] = None, dataset=None) -> Scores:
     """TRAK scores for every step of a trajectory (``trajectory`` + ``steps``), or for real ``images``
-    at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store."""
-    ckpts = as_checkpoints(checkpoints, device)
+    at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store.
+    With ``dataset`` (the training set), it must be the one the features were computed on."""
     fset = features.store.settings
+    if dataset is not None:
+        check_dataset(fset, dataset, f"the features in {features.store.root}")
+    size = (fset.get("dataset") or {}).get("size")
+    if size is not None and len(train_indices) != size:
+        raise InputError(f"{len(train_indices)} training indices given, but the features in {features.store.root} "
+                         f"have {size} rows; pass the training set the features were computed on")
+    ckpts = as_checkpoints(checkpoints, device)
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
@@ -206,6 +241,11 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
     elif images is not None:
         check_finite(images, "target images")
+        n_t = int(fset["num_train_timesteps"][0])
+        bad = [int(t) for t in image_timesteps if not 0 <= int(t) < n_t]
+        if bad or not len(image_timesteps):
+            raise InputError(f"image timesteps {bad or list(image_timesteps)} are not in 0..{n_t - 1} "
+                             f"(the scheduler's training timesteps); pass --image-timesteps between 0 and {n_t - 1}")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
         make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)
@@ -224,17 +264,19 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
             store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
                                                        "steps": steps, "timesteps": timesteps},
                           overwrite=overwrite and dist.is_main_process)
+        with store:
             arr = store.array("scores", (S * B, n))
-        scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
-                          rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
-        dist.wait_for_everyone()
-        values = np.asarray(arr.read()).reshape(S, B, n)
+            scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
+                              rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
+            dist.wait_for_everyone()
+            values = np.asarray(arr.read()).reshape(S, B, n)
+            result = Scores(values, steps, timesteps, np.asarray(train_indices), meta)
+            if dist.is_main_process:
+                result.save(out, args.top_k)
+        return result
     else:
         values = scorer.score(flat).reshape(S, B, n)
-    result = Scores(values, steps, timesteps, np.asarray(train_indices), meta)
-    if out is not None and distributed.state().is_main_process:
-        result.save(out, args.top_k)
-    return result
+    return Scores(values, steps, timesteps, np.asarray(train_indices), meta)
 
 
 def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,
