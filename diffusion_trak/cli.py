@@ -470,6 +470,19 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ER
                 errno.ENAMETOOLONG}
 
 
+def _close_progress_bars() -> None:
+    """End the lines of progress bars cut short, so that a message after them starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. User errors, file-system errors on a path and Ctrl-C end with one line on stderr
     (exit 2, 2 and 130); anything else is a bug and keeps its traceback."""
@@ -483,6 +496,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{where}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"{where}: interrupted; the work done so far is kept, and rerunning the same command resumes it",
               file=sys.stderr)
         return 130
