@@ -168,6 +168,9 @@ class Scores:
 
     def save(self, out: str, k: int = 8) -> str:
         make_dirs(out)
+        for name in os.listdir(out):  # left by an interrupted save
+            if name.startswith(("scores.npy.tmp", "scores.json.tmp")):
+                os.remove(os.path.join(out, name))
         tmp = os.path.join(out, f"scores.npy.tmp{os.getpid()}")
         with open(tmp, "wb") as f:  # written whole, then renamed: a reader never sees half a file
             np.save(f, np.asarray(self.values, dtype=np.float32))
