@@ -4,6 +4,7 @@ Flow: ``train`` → ``featurize`` → ``generate`` (trajectory) → ``score`` (p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,16 @@ def check_dataset(features_settings: dict, dataset, where: str = "the features")
                      "pass the --data/--data-path/--classes/--limit used for featurize, or featurize this dataset")
 
 
+@contextlib.contextmanager
+def _closing_on_error(store: Store):
+    """Close ``store`` (releasing its lock) if the block raises."""
+    try:
+        yield store
+    except BaseException:
+        store.close()
+        raise
+
+
 @dataclass
 class FeatureSet:
     """Training features of every checkpoint: a store with one (N, k) array per checkpoint."""
@@ -132,8 +143,9 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
         store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        with _closing_on_error(store):
+            arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
     with store:  # the writer's lock is held until the rows are written
-        arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
         mine = distributed.shard_rows(len(dataset), args.batch_size)
         if rows is not None:
             mine = np.intersect1d(mine, np.asarray(rows))
@@ -267,8 +279,9 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
             store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
                                                        "steps": steps, "timesteps": timesteps},
                           overwrite=overwrite and dist.is_main_process)
+            with _closing_on_error(store):
+                arr = store.array("scores", (S * B, n))
         with store:
-            arr = store.array("scores", (S * B, n))
             scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
                               rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
             dist.wait_for_everyone()

@@ -151,22 +151,27 @@ def _trajectory(cfg: EvalConfig, out: str, ckpt: str, device):
 
 
 def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device) -> Dict[str, np.ndarray]:
-    from diffusion_trak.api import Scores, score
+    from diffusion_trak.api import Scores, check_dataset, score
+
+    def saved(path):  # scores of an earlier run, checked against the training set they claim
+        sc = Scores.load(path)
+        check_dataset(sc.meta.get("features", {}), train, f"the scores in {path}")
+        return np.asarray(sc.values)
 
     res = {}
     gpath = os.path.join(out, "scores", "generated")
     if os.path.exists(os.path.join(gpath, "scores.json")):
-        res["generated"] = np.asarray(Scores.load(gpath).values)
+        res["generated"] = saved(gpath)
     else:
         res["generated"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, trajectory=traj, steps=steps,
-                                            out=gpath, device=device).values)
+                                            out=gpath, device=device, dataset=train).values)
     hpath = os.path.join(out, "scores", "heldout")
     if os.path.exists(os.path.join(hpath, "scores.json")):
-        res["heldout"] = np.asarray(Scores.load(hpath).values)
+        res["heldout"] = saved(hpath)
     else:
         res["heldout"] = np.asarray(score(features, ckpts, train.indices.numpy(), cfg.score, images=heldout.images,
                                           image_timesteps=[traj.timestep_at(s) for s in steps], out=hpath,
-                                          device=device).values)
+                                          device=device, dataset=train).values)
     return res
 
 
