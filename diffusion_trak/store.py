@@ -90,7 +90,7 @@ def _allocate(path: str, nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the lock
-_HELD: dict = {}  # (st_dev, st_ino) of a locked folder -> [fd, number of Store objects of this process using it]
+_HELD: dict = {}  # (st_dev, st_ino) of a locked folder -> [fd, number of Store objects using it, pid of the holder]
 
 
 def _holder(st) -> str:
@@ -123,10 +123,11 @@ def _lock(root: str):
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
-    if key in _HELD:
+    if key in _HELD and _HELD[key][2] == os.getpid():
         os.close(fd)
         _HELD[key][1] += 1
         return key
+    _HELD.pop(key, None)  # inherited through fork: the lock is the parent's, not ours
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -135,13 +136,13 @@ def _lock(root: str):
             raise
         raise StoreError(f"{root} is being written by {_holder(st)}; wait for it to finish or stop it, "
                          "or choose another --out") from None
-    _HELD[key] = [fd, 1]
+    _HELD[key] = [fd, 1, os.getpid()]
     return key
 
 
 def _unlock(key) -> None:
     held = _HELD.get(key)
-    if held is None:
+    if held is None or held[2] != os.getpid():
         return
     held[1] -= 1
     if held[1] <= 0:
