@@ -198,7 +198,7 @@ def cmd_train(ns):
                       class_conditional=ns.class_conditional)
     model = os.path.join(ns.run, "model")
     check_run_json(ns.run, dargs, ns.overwrite)  # every check before anything is written
-    check_training(dataset, targs, model, ns.overwrite)
+    check_training(dataset, targs, model, ns.overwrite, "use --overwrite or another --run")
     write_run_json(ns.run, dargs)
     _say(f"training a DDPM on {dataset} for {ns.epochs} epochs -> {ns.run}/model")
     ck = train_ddpm(dataset, targs, model, device=_device(ns), overwrite=ns.overwrite)

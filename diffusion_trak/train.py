@@ -234,7 +234,8 @@ def check_run_meta(run_dir: str, meta: dict, fix: str = "use --overwrite or anot
         write_json_atomic(os.path.join(run_dir, "train_args.json"), meta)
 
 
-def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = False) -> None:
+def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = False,
+                   fix: str = "use --overwrite or another --out") -> None:
     """Every check of :func:`train_ddpm`, writing nothing: call it before writing anything of a run."""
     if len(dataset) == 0:
         raise InputError("cannot train on an empty dataset; check --classes/--limit")
@@ -243,7 +244,7 @@ def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = Fal
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise InputError(f"{run_dir} is a file, not a folder; choose another --run")
     if not overwrite:
-        check_run_meta(run_dir, run_meta(dataset, args), write=False)
+        check_run_meta(run_dir, run_meta(dataset, args), fix, write=False)
 
 
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,

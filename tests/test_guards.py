@@ -304,7 +304,7 @@ CLI_CASES = [
     ("featurize_truncated_done", lambda r: _truncate(f"{r}/features/features_00.done.npy", 100),
      ["featurize", "--run", R, *FEAT], r"features_00.done.npy is truncated or corrupted .*--overwrite"),
     ("train_other_settings", None, ["train", "--run", R, *TRAIN, "--epochs", "2"],
-     r"holds a training run with other settings or data; use --overwrite"),
+     r"model holds a training run with other settings or data; use --overwrite or another --run"),
     ("train_other_data", None, ["train", "--run", R, "--data", "digits", "--limit", "24"],
      r"was set up for another dataset \(limit: 16 -> 24\); rerun with --overwrite"),
     ("demo_over_another_run", None, ["demo", "--quick", "--out", R], r"set up for another dataset .*--overwrite"),
@@ -477,3 +477,15 @@ def test_second_writer_is_refused_naming_the_holder(run, capsys):
         os.write(go_w, b"1")
         os.waitpid(pid, 0)
     assert run_cli(["featurize", "--run", run, *FEAT], capsys)[0] == 0  # released when the holder ends
+
+
+def test_evaluations_check_saved_scores_against_the_training_set(run, tmp_path):
+    from evaluations.run import _trak_scores
+
+    out = tmp_path / "eval"
+    shutil.copytree(os.path.join(run, "scores", "seed-0"), out / "scores" / "generated")
+    before = snapshot(str(out))
+    other = load_dataset(name="digits", limit=16, split="test")
+    with pytest.raises(UserError, match=r"is not the one the scores in .*generated were computed on"):
+        _trak_scores(None, str(out), None, None, other, None, None, None, "cpu")
+    assert snapshot(str(out)) == before
