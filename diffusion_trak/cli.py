@@ -143,11 +143,24 @@ def _checkpoints(ns) -> List[str]:
 
 
 def _device(ns):
+    """``--device``, checked (a device type torch knows, and a CUDA device that exists), else cuda if available."""
     import torch
 
-    if ns.device:
-        return ns.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .errors import UserError
+
+    if not ns.device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(ns.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {ns.device!r} is not a device; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {ns.device} asks for a GPU, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {ns.device}: this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    return ns.device
 
 
 def _say(msg):
@@ -340,6 +353,9 @@ def cmd_plot(ns):
         raise UserError(f"no trajectory at {tpath}; pass the --trajectory the scores were computed for")
     if os.path.isfile(tpath):
         traj = _load_trajectory(tpath)
+    from .store import make_dirs
+
+    make_dirs(os.path.dirname(os.path.abspath(prefix)))  # every check has passed
     png, html = plot_from_scores(sc, dataset, traj, prefix, target=ns.target, k=ns.top_k)
     _say(f"per-step plot: {png}\nhtml page: {html}")
     return png, html

@@ -37,6 +37,17 @@ def check_float(name: str, value, lo: float = None, lo_open: bool = False) -> fl
     raise InputError(f"{name} must be {rng}, got {value!r}")
 
 
+def check_output(name: str, value) -> None:
+    """:class:`InputError` unless ``value`` names an output function of :mod:`diffusion_trak.outputs`
+    (imported only for names other than the default ``loss``, so that building defaults stays light)."""
+    if value == "loss":
+        return
+    from .outputs import OUTPUTS
+
+    if value not in OUTPUTS:
+        raise InputError(f"{name} must be one of {', '.join(sorted(OUTPUTS))}, got {value!r}")
+
+
 #: field metadata of settings added after results were first saved: written only when set, so the
 #: settings of earlier results still compare equal and those results stay resumable
 ADDED_LATER = {"omit_when_default": True}
@@ -175,6 +186,7 @@ class FeaturizeArgs:
             self.timestep_range = (lo, hi)
         if self.timestep_strategy not in TIMESTEP_STRATEGIES:
             raise InputError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
+        check_output("output", self.output)
         self.num_timesteps = check_int("num_timesteps", self.num_timesteps, 1)
         self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
         self.batch_size = check_int("batch_size", self.batch_size, 1)
@@ -206,6 +218,8 @@ class ScoreArgs:
     top_k: int = 8
 
     def __post_init__(self):
+        if self.target_output is not None:
+            check_output("target_output", self.target_output)
         self.num_noises = check_int("num_noises", self.num_noises, 1)
         self.ridge = check_float("ridge", self.ridge, 0.0, lo_open=True)
         self.seed = check_int("seed", self.seed, 0)

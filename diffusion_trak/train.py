@@ -61,7 +61,8 @@ def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
     safetensors weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
     fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
     if not os.path.isdir(path):
-        raise InputError(f"checkpoint folder {path} does not exist; {fix}")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise InputError(f"checkpoint folder {path} {what}; {fix}")
     configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
     missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
     if missing:
