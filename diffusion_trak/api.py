@@ -305,6 +305,6 @@ def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, 
     if dataset.labels is not None and is_class_conditional(as_checkpoints(checkpoints[:1], device)[0][0]):
         cond = {"class_labels": dataset.labels[torch.as_tensor(pos)]}
     sc = score(features, checkpoints, dataset.indices.numpy(), args, images=dataset.images[pos],
-               image_timesteps=[timestep], device=device, progress=False, cond=cond)
+               image_timesteps=[timestep], device=device, progress=False, cond=cond, dataset=dataset)
     best = sc.values[0].argmax(axis=1)
     return float((best == pos).mean()), pos

@@ -504,17 +504,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     (exit 2, 2 and 130); anything else is a bug and keeps its traceback."""
     from .errors import UserError
 
-    ns = build_parser().parse_args(argv)
-    where = f"diffusion-trak {ns.command}"
+    where = "diffusion-trak"
     try:
+        ns = build_parser().parse_args(argv)
+        where = f"diffusion-trak {ns.command}"
         ns.func(ns)
     except UserError as e:
         print(f"{where}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"{where}: interrupted; the work done so far is kept, and rerunning the same command resumes it",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per launch, not one per process
+            print(f"{where}: interrupted; the work done so far is kept, and rerunning the same command resumes it",
+                  file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno not in _USER_ERRNOS or not e.filename:

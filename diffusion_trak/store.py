@@ -187,6 +187,7 @@ class StoredArray:
         self.done_path = os.path.join(store.root, f"{name}.done.npy")
         if create:
             self._create()
+        self.root, self.writable = store.root, writable
         mode = "r+" if writable else "r"
         self.data = self._open(self.path, self.shape, self.dtype, mode)
         self.done = self._open(self.done_path, (self.shape[0],), np.dtype(bool), mode)
@@ -232,7 +233,8 @@ class StoredArray:
         """The whole array; raises if any row is missing."""
         if not self.complete():
             missing = int((~self.done[:]).sum())
-            raise StoreError(f"{self.path} is incomplete ({missing} of {self.shape[0]} rows missing); rerun the same command to finish it")
+            how = "rerun the same command" if self.writable else f"rerun the command that wrote {self.root}"
+            raise StoreError(f"{self.path} is incomplete ({missing} of {self.shape[0]} rows missing); {how} to finish it")
         return self.data
 
 

@@ -498,3 +498,13 @@ def test_evaluations_check_saved_scores_against_the_training_set(run, tmp_path):
     with pytest.raises(UserError, match=r"is not the one the scores in .*generated were computed on"):
         _trak_scores(None, str(out), None, None, other, None, None, None, "cpu")
     assert snapshot(str(out)) == before
+
+
+def test_evaluation_files_cannot_run_code(tmp_path):
+    from evaluations.baselines import train_encoder
+
+    marker, path = tmp_path / "PWNED", tmp_path / "encoder.pt"
+    torch.save({"image_shape": _Payload(str(marker)), "dim": 1, "width": 1, "state_dict": {}}, str(path))
+    with pytest.raises(Exception):
+        train_encoder(torch.zeros(2, 1, 8, 8), path=str(path))
+    assert not marker.exists(), "loading ran code"
