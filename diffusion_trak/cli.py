@@ -20,10 +20,9 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import FeaturizeArgs, ScoreArgs, TrainArgs
+from .config import SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs
 
 DEFAULT_RUN = "runs/digits"
-SEED_MAX = 2**32 - 1  # seeds are mixed as 32-bit words (featurizer.seed_for)
 
 
 # ---------------------------------------------------------------- checks at the edge
@@ -153,7 +152,9 @@ def _device(ns):
     try:
         dev = torch.device(ns.device)
     except (RuntimeError, ValueError):
-        raise UserError(f"--device {ns.device!r} is not a device; use cpu or cuda (cuda:N for the N-th GPU)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {ns.device!r} is not a device; use cpu or cuda (cuda:N for the N-th GPU)")
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
@@ -188,6 +189,7 @@ def check_run_json(run: str, dargs, overwrite: bool) -> None:
 
 def write_run_json(run: str, dargs) -> None:
     """Write ``run/run.json`` (after every check has passed), unless it already says the same."""
+    from .errors import UserError
     from .store import make_dirs, write_json_atomic
 
     path = os.path.join(run, "run.json")
@@ -195,7 +197,7 @@ def write_run_json(run: str, dargs) -> None:
         try:
             if _read_run_json(path) == dargs.to_dict():
                 return
-        except Exception:
+        except UserError:  # damaged: replaced (the command was run with --overwrite)
             pass
     make_dirs(run, "--run")
     write_json_atomic(path, {"data": dargs.to_dict()})
@@ -242,10 +244,9 @@ def cmd_generate(ns):
 
     from pipelines import TrajectoryPipeline
 
-    from .train import load_checkpoint
-
     from .errors import UserError
     from .store import make_dirs
+    from .train import load_checkpoint
 
     path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
     _check_out(path, "--out", folder=False)
@@ -333,9 +334,9 @@ def cmd_score(ns):
 
 def cmd_plot(ns):
     from . import api
-    from .report import plot_from_scores
-
     from .errors import UserError
+    from .report import plot_from_scores
+    from .store import make_dirs
 
     sdir = ns.scores or os.path.join(ns.run, "scores", "seed-0")
     name = os.path.basename(sdir.rstrip("/"))
@@ -353,8 +354,6 @@ def cmd_plot(ns):
         raise UserError(f"no trajectory at {tpath}; pass the --trajectory the scores were computed for")
     if os.path.isfile(tpath):
         traj = _load_trajectory(tpath)
-    from .store import make_dirs
-
     make_dirs(os.path.dirname(os.path.abspath(prefix)))  # every check has passed
     png, html = plot_from_scores(sc, dataset, traj, prefix, target=ns.target, k=ns.top_k)
     _say(f"per-step plot: {png}\nhtml page: {html}")

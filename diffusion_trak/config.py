@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 from .errors import InputError
 
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
+SEED_MAX = 2**32 - 1  #: seeds are mixed as 32-bit words (``featurizer.seed_for``), so larger ones would alias
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
 
 
@@ -127,7 +128,7 @@ class TrainArgs:
         self.batch_size = check_int("batch_size", self.batch_size, 1)
         self.learning_rate = check_float("learning_rate", self.learning_rate, 0.0, lo_open=True)
         self.num_checkpoints = check_int("num_checkpoints", self.num_checkpoints, 1, self.epochs)
-        self.seed = check_int("seed", self.seed, 0)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
 
@@ -190,7 +191,7 @@ class FeaturizeArgs:
         self.num_timesteps = check_int("num_timesteps", self.num_timesteps, 1)
         self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
         self.batch_size = check_int("batch_size", self.batch_size, 1)
-        self.seed = check_int("seed", self.seed, 0)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
         if self.method not in FEATURIZE_METHODS:
             raise InputError(f"method must be one of {FEATURIZE_METHODS}, got {self.method!r}")
 
@@ -222,6 +223,6 @@ class ScoreArgs:
             check_output("target_output", self.target_output)
         self.num_noises = check_int("num_noises", self.num_noises, 1)
         self.ridge = check_float("ridge", self.ridge, 0.0, lo_open=True)
-        self.seed = check_int("seed", self.seed, 0)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
         self.block_size = check_int("block_size", self.block_size, 1)
         self.top_k = check_int("top_k", self.top_k, 1)
