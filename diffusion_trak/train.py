@@ -78,22 +78,23 @@ def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
     if kind is not None and kind != unet_class:
         raise InputError(f"{path}/unet is a {kind}, but this command needs a {unet_class}; for latent and text "
                          "models use the Python API (diffusion_trak.latent)")
-    weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith(".safetensors")]
+    weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith((".safetensors", ".bin"))]
     if not weights:
-        raise InputError(f"{path}/unet has no .safetensors weights (only files that could run code when loaded); "
-                         "save the UNet with save_pretrained(..., safe_serialization=True)")
+        raise InputError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
+                         "save_pretrained")
 
 
 def load_checkpoint(path: str, device="cpu"):
     """``(unet, scheduler)`` from a checkpoint folder (or any folder with ``unet/`` and ``scheduler/``).
 
-    Only local files are read (never the Hub), and only safetensors weights (nothing that can run code)."""
+    Only local files are read (never the Hub); weights are safetensors, or ``.bin`` files that diffusers
+    reads with ``torch.load(weights_only=True)``: nothing loaded can run code."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     path = os.fspath(path)
     check_checkpoint(path)
     try:
-        unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), local_files_only=True, use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
     except (OSError, ValueError) as e:
         msg = " ".join(str(e).split())[:200]
@@ -273,7 +274,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
 
     def load_unet(ck):
         from diffusers import UNet2DModel
-        return UNet2DModel.from_pretrained(os.path.join(ck, "unet"), local_files_only=True, use_safetensors=True)
+        return UNet2DModel.from_pretrained(os.path.join(ck, "unet"), local_files_only=True)
 
     start_epoch = resume(run_dir, unet, opt, lr_sched, load_unet)
     unet, opt = accelerator.prepare(unet, opt)

@@ -274,6 +274,13 @@ def _no_scheduler(run):
     return d
 
 
+def _no_weights(run):
+    d = os.path.join(os.path.dirname(run), "no-weights")
+    shutil.copytree(os.path.join(run, "model", "ckpt-0001"), d)
+    os.remove(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))
+    return d
+
+
 class _Payload:
     """A pickle that runs code when loaded (as a run folder from someone else could hold)."""
 
@@ -323,6 +330,8 @@ CLI_CASES = [
      r"no-sched has no scheduler/ with a saved config"),
     ("checkpoints_conditional_unet", _unet_conditional, ["score", "--run", R, "--checkpoints", f"{O}/cond-ckpt"],
      r"cond-ckpt/unet is a UNet2DConditionModel, but this command needs a UNet2DModel"),
+    ("checkpoints_unet_without_weights", _no_weights, ["score", "--run", R, "--checkpoints", f"{O}/no-weights"],
+     r"no-weights/unet has no weights \(diffusion_pytorch_model.safetensors\); save the UNet with save_pretrained"),
     ("generate_checkpoint_missing", None, ["generate", "--run", R, "--checkpoint", f"{O}/nowhere"],
      r"checkpoint folder .*nowhere does not exist"),
     ("featurize_T0", None, ["featurize", "--run", R, "-T", "0"], r"argument -T/--num-timesteps: must be an integer >= 1, got 0"),
