@@ -374,6 +374,12 @@ def cmd_demo(ns):
 def cmd_evaluate(ns):
     from evaluations.run import run_from_args
 
+    from .errors import UserError
+
+    if ns.threads < 0:
+        raise UserError(f"--threads must be an integer >= 0 (0: the config's), got {ns.threads}")
+    _device(ns)
+
     rc = run_from_args(ns)
     if rc:
         raise SystemExit(rc)

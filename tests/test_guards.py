@@ -384,6 +384,10 @@ CLI_CASES = [
     ("plot_out_cannot_be_created", None, ["plot", "--run", R, "--out", "/proc/diffusion-trak-test/x"],
      r"cannot create the folder /proc/diffusion-trak-test: .*choose another --out"),
     ("ridge_overflow", None, ["score", "--run", R, "--ridge", "1e400"], r"argument --ridge: must be a finite number > 0"),
+    ("evaluate_threads_negative", None, ["evaluate", "digits-quick", "--out", f"{O}/ev", "--threads", "-1"],
+     r"--threads must be an integer >= 0"),
+    ("evaluate_set_epochs0", None, ["evaluate", "digits-quick", "--out", f"{O}/ev", "--set", "train.epochs=0"],
+     r"epochs must be an integer >= 1, got 0"),
     ("features_wrong_shape", lambda r: np.save(f"{r}/features/features_00.npy", np.zeros((3, 16), np.float32)),
      ["score", "--run", R], r"features_00.npy holds float32\[3, 16\], expected float32\[16, 16\]; rerun with --overwrite"),
 ]
