@@ -101,12 +101,15 @@ def _add_data(p):
 
 
 def _load_run_data(ns):
-    """The dataset of a run: command-line flags if given, else the run's run.json."""
+    """The dataset of a run: with ``--data``, the command-line flags; else the run's run.json, with the data
+    flags that were given (``--limit``, ``--classes``, ...) replacing its fields, never silently ignored."""
     from .data import DataArgs, load_dataset
 
     path = os.path.join(ns.run, "run.json")
     if ns.data is None and os.path.exists(path):
-        args = DataArgs.from_dict(_read_run_json(path))
+        given = {"path": ns.data_path, "image_size": ns.image_size, "classes": ns.classes, "limit": ns.limit,
+                 "channels": ns.channels}
+        args = DataArgs.from_dict({**_read_run_json(path), **{k: v for k, v in given.items() if v is not None}})
     else:
         ns.data = ns.data or "digits"
         args = _data_args(ns)

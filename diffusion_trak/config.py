@@ -120,8 +120,8 @@ class TrainArgs:
             if w % self.norm_num_groups:
                 raise InputError(f"every width of block_out_channels {list(widths)} must be a multiple of "
                                  f"norm_num_groups={self.norm_num_groups}")
-        for a in self.attention_levels:
-            check_int("each of attention_levels", a, 0, len(widths) - 1)
+        for a in self.attention_levels:  # levels past the last one are ignored (a one-level UNet keeps the default)
+            check_int("each of attention_levels", a, 0)
         self.layers_per_block = check_int("layers_per_block", self.layers_per_block, 1)
         self.num_train_timesteps = check_int("num_train_timesteps", self.num_train_timesteps, 1)
         self.epochs = check_int("epochs", self.epochs, 1)

@@ -388,6 +388,8 @@ CLI_CASES = [
      r"--threads must be an integer >= 0"),
     ("evaluate_set_epochs0", None, ["evaluate", "digits-quick", "--out", f"{O}/ev", "--set", "train.epochs=0"],
      r"epochs must be an integer >= 1, got 0"),
+    ("data_flag_without_data_is_not_ignored", None, ["score", "--run", R, "--limit", "8"],
+     r"the dataset \(digits, 8 images, .*\) is not the one the features in .* were computed on \(digits, 16 images"),
     ("features_wrong_shape", lambda r: np.save(f"{r}/features/features_00.npy", np.zeros((3, 16), np.float32)),
      ["score", "--run", R], r"features_00.npy holds float32\[3, 16\], expected float32\[16, 16\]; rerun with --overwrite"),
 ]
