@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainArgs, asdict
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .featurize.featurizer import seed_for
 from .outputs import output_value
 from .store import write_json_atomic
@@ -57,30 +57,30 @@ def list_checkpoints(run_dir: str) -> List[str]:
 
 
 def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
-    """One-line :class:`InputError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``,
+    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``,
     safetensors weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
     fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise InputError(f"checkpoint folder {path} {what}; {fix}")
+        raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")
     configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
     missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
     if missing:
         have = sorted(os.listdir(path))[:8]
-        raise InputError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "
+        raise CheckpointError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "
                          f"{have}); {fix}")
     try:
         with open(os.path.join(path, "unet", "config.json")) as f:
             kind = json.load(f).get("_class_name")
     except (ValueError, OSError, AttributeError) as e:
-        raise InputError(f"{path}/unet/config.json cannot be read ({type(e).__name__}); save the UNet again with "
+        raise CheckpointError(f"{path}/unet/config.json cannot be read ({type(e).__name__}); save the UNet again with "
                          "save_pretrained") from None
     if kind is not None and kind != unet_class:
-        raise InputError(f"{path}/unet is a {kind}, but this command needs a {unet_class}; for latent and text "
+        raise CheckpointError(f"{path}/unet is a {kind}, but this command needs a {unet_class}; for latent and text "
                          "models use the Python API (diffusion_trak.latent)")
     weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith((".safetensors", ".bin"))]
     if not weights:
-        raise InputError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
+        raise CheckpointError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
                          "save_pretrained")
 
 
@@ -98,23 +98,23 @@ def load_checkpoint(path: str, device="cpu"):
         scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
     except (OSError, ValueError) as e:
         msg = " ".join(str(e).split())[:200]
-        raise InputError(f"cannot load the checkpoint {path} ({msg}); save it again with save_pretrained") from None
+        raise CheckpointError(f"cannot load the checkpoint {path} ({msg}); save it again with save_pretrained") from None
     return unet.to(device), scheduler
 
 
 def load_train_state(path: str) -> dict:
     """``train_state.pt`` (optimizer and schedule state, epoch), loaded with ``weights_only=True``: a file
-    from elsewhere cannot run code. One-line :class:`InputError` if it is damaged or unsafe."""
+    from elsewhere cannot run code. One-line :class:`CheckpointError` if it is damaged or unsafe."""
     import pickle
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         why = " ".join(str(e).split())[:120]
-        raise InputError(f"{path} cannot be loaded safely ({why}); delete that checkpoint folder to retrain from "
+        raise CheckpointError(f"{path} cannot be loaded safely ({why}); delete that checkpoint folder to retrain from "
                          "the one before, or rerun with --overwrite") from None
     if not isinstance(state, dict) or not {"optimizer", "lr_scheduler", "epoch"} <= set(state):
-        raise InputError(f"{path} is not a training state; delete that checkpoint folder or rerun with --overwrite")
+        raise CheckpointError(f"{path} is not a training state; delete that checkpoint folder or rerun with --overwrite")
     return state
 
 
