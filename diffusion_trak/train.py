@@ -57,8 +57,8 @@ def list_checkpoints(run_dir: str) -> List[str]:
 
 
 def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
-    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``,
-    safetensors weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
+    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``
+    with weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
     fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
