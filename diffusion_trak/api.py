@@ -4,6 +4,7 @@ Flow: ``train`` → ``featurize`` → ``generate`` (trajectory) → ``score`` (p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from .config import FeaturizeArgs, ScoreArgs, asdict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
-from .store import Store, StoreError, write_json_atomic
+from .store import Store, StoreError, make_dirs, write_json_atomic
 from .targets import destination_target_features, target_features, trajectory_target_features
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
@@ -67,6 +68,28 @@ def check_compatible(unet, scheduler, dataset) -> None:
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     if size is not None and size != H:
         raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+
+
+def check_dataset(features_settings: dict, dataset, where: str = "the features") -> None:
+    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on."""
+    want = features_settings.get("dataset") or {}
+    fp, n = dataset.fingerprint(), len(dataset)
+    if want.get("fingerprint") == fp and want.get("size") == n:
+        return
+    name = getattr(dataset, "name", "") or "in memory"
+    raise InputError(f"the dataset ({name}, {n} images, fingerprint {fp}) is not the one {where} were computed on "
+                     f"({want.get('name') or '?'}, {want.get('size')} images, fingerprint {want.get('fingerprint')}); "
+                     "pass the --data/--data-path/--classes/--limit used for featurize, or featurize this dataset")
+
+
+@contextlib.contextmanager
+def _closing_on_error(store: Store):
+    """Close ``store`` (releasing its lock) if the block raises."""
+    try:
+        yield store
+    except BaseException:
+        store.close()
+        raise
 
 
 @dataclass
@@ -120,18 +143,20 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
         store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
-        arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
-    mine = distributed.shard_rows(len(dataset), args.batch_size)
-    if rows is not None:
-        mine = np.intersect1d(mine, np.asarray(rows))
-    for c, (f, arr) in enumerate(zip(featurizers, arrays)):
-        f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
-                            desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
-    dist.wait_for_everyone()
-    if rows is None:
-        missing = [n for n, a in zip(names, arrays) if not a.complete()]
-        if missing:
-            raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
+        with _closing_on_error(store):
+            arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
+    with store:  # the writer's lock is held until the rows are written
+        mine = distributed.shard_rows(len(dataset), args.batch_size)
+        if rows is not None:
+            mine = np.intersect1d(mine, np.asarray(rows))
+        for c, (f, arr) in enumerate(zip(featurizers, arrays)):
+            f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
+                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
+        dist.wait_for_everyone()
+        if rows is None:
+            missing = [n for n, a in zip(names, arrays) if not a.complete()]
+            if missing:
+                raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names)
 
 
@@ -164,8 +189,20 @@ class Scores:
         return self.train_indices[ti], tv, self.train_indices[bi], bv
 
     def save(self, out: str, k: int = 8) -> str:
-        os.makedirs(out, exist_ok=True)
-        np.save(os.path.join(out, "scores.npy"), np.asarray(self.values, dtype=np.float32))
+        make_dirs(out)
+        for name in os.listdir(out):  # left by an interrupted save
+            if name.startswith(("scores.npy.tmp", "scores.json.tmp", "destination.npy.tmp")):
+                os.remove(os.path.join(out, name))
+
+        def save_npy(name, array):  # written whole, then renamed: a reader never sees half a file
+            tmp = os.path.join(out, f"{name}.tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(array, dtype=np.float32))
+            os.replace(tmp, os.path.join(out, name))
+
+        save_npy("scores.npy", self.values)
+        if self.destination is not None:
+            save_npy("destination.npy", self.destination)
         ti, tv, bi, bv = self.top(k)
         summary = {"steps": self.steps, "timesteps": self.timesteps, "train_indices": self.train_indices.tolist(),
                    "meta": self.meta, "shape": list(self.values.shape),
@@ -173,7 +210,6 @@ class Scores:
                              "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[s, b], bv[s, b])]}
                             for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
         if self.destination is not None:
-            np.save(os.path.join(out, "destination.npy"), np.asarray(self.destination, dtype=np.float32))
             ti, tv, bi, bv = self.top_destination(k)
             summary["destination"] = [
                 {"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[b], tv[b])],
@@ -184,12 +220,26 @@ class Scores:
 
     @classmethod
     def load(cls, out: str) -> "Scores":
-        with open(os.path.join(out, "scores.json")) as f:
-            s = json.load(f)
-        dest = os.path.join(out, "destination.npy")
-        return cls(np.load(os.path.join(out, "scores.npy"), mmap_mode="r"), s["steps"], s["timesteps"],
-                   np.asarray(s["train_indices"]), s.get("meta", {}),
-                   np.load(dest) if "destination" in s and os.path.exists(dest) else None)
+        """Scores saved by :meth:`save` (read-only); one-line :class:`StoreError` if missing or damaged."""
+        jpath, npath = os.path.join(out, "scores.json"), os.path.join(out, "scores.npy")
+        if not os.path.exists(jpath) or not os.path.exists(npath):
+            raise StoreError(f"no scores in {out}; run `diffusion-trak score` first or pass --scores")
+        fix = f"rerun `diffusion-trak score` with --overwrite to rewrite {out}"
+        try:
+            with open(jpath) as f:
+                s = json.load(f)
+            values = np.load(npath, mmap_mode="r", allow_pickle=False)
+            steps, timesteps, idx = list(s["steps"]), list(s["timesteps"]), np.asarray(s["train_indices"])
+            meta = s.get("meta", {})
+            dpath = os.path.join(out, "destination.npy")
+            destination = np.load(dpath, allow_pickle=False) if "destination" in s else None
+        except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
+            raise StoreError(f"{out} holds damaged scores ({type(e).__name__}); {fix}") from None
+        if values.ndim != 3 or values.shape[0] != len(steps) or values.shape[2] != len(idx) or not isinstance(meta, dict):
+            raise StoreError(f"{out}: scores.npy {list(values.shape)} does not match scores.json; {fix}")
+        if destination is not None and destination.shape != (values.shape[1], values.shape[2]):
+            raise StoreError(f"{out}: destination.npy {list(destination.shape)} does not match scores.json; {fix}")
+        return cls(values, steps, timesteps, idx, meta, destination)
 
 
 def _target_key(x: torch.Tensor) -> str:
@@ -199,15 +249,23 @@ def _target_key(x: torch.Tensor) -> str:
 def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: ScoreArgs = ScoreArgs(),
           trajectory=None, steps: Optional[Sequence[int]] = None, images: Optional[torch.Tensor] = None,
           image_timesteps: Sequence[int] = (10,), out: Optional[str] = None, overwrite: bool = False,
-          device="cpu", progress: bool = True, cond: Optional[dict] = None) -> Scores:
+          device="cpu", progress: bool = True, cond: Optional[dict] = None, dataset=None) -> Scores:
     """TRAK scores for every step of a trajectory (``trajectory`` + ``steps``), or for real ``images``
     at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store.
 
+    With ``dataset`` (the training set), it must be the one the features were computed on.
     With ``args.destination_draws > 0`` the result also holds the destination row (``Scores.destination``):
     the final images (the trajectory's samples, or ``images``) scored with their target averaged over that
     many timesteps spread over the whole range."""
     ckpts = as_checkpoints(checkpoints, device)
     fset = features.store.settings
+    if dataset is not None:
+        check_dataset(fset, dataset, f"the features in {features.store.root}")
+    size = (fset.get("dataset") or {}).get("size")
+    if size is not None and len(train_indices) != size:
+        raise InputError(f"{len(train_indices)} training indices given, but the features in {features.store.root} "
+                         f"have {size} rows; pass the training set the features were computed on")
+    ckpts = as_checkpoints(checkpoints, device)
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
@@ -230,6 +288,11 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
     elif images is not None:
         check_finite(images, "target images")
+        n_t = int(fset["num_train_timesteps"][0])
+        bad = [int(t) for t in image_timesteps if not 0 <= int(t) < n_t]
+        if bad or not len(image_timesteps):
+            raise InputError(f"image timesteps {bad or list(image_timesteps)} are not in 0..{n_t - 1} "
+                             f"(the scheduler's training timesteps); pass --image-timesteps between 0 and {n_t - 1}")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
         finals = images
@@ -243,28 +306,30 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     scorer = TRAKScorer(features.arrays, args.ridge, args.block_size)
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
+    destination = None  # the final images, their target over the whole range of timesteps
+    if args.destination_draws > 0:
+        destination = scorer.score([destination_target_features(f, finals.float(), args.destination_draws, args.seed,
+                                                                output, cond).numpy() for f in featurizers])
     if out is not None:
         dist = distributed.state()
         with distributed.main_process_first():
             store = Store(os.path.join(out, "store"), {"score": asdict(args), "features": fset, "target": key,
                                                        "steps": steps, "timesteps": timesteps},
                           overwrite=overwrite and dist.is_main_process)
-            arr = store.array("scores", (S * B, n))
-        scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
-                          rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
-        dist.wait_for_everyone()
-        values = np.asarray(arr.read()).reshape(S, B, n)
+            with _closing_on_error(store):
+                arr = store.array("scores", (S * B, n))
+        with store:
+            scorer.score_into(flat, arr, progress=progress and dist.is_main_process,
+                              rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
+            dist.wait_for_everyone()
+            values = np.asarray(arr.read()).reshape(S, B, n)
+            result = Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
+            if dist.is_main_process:
+                result.save(out, args.top_k)
+        return result
     else:
         values = scorer.score(flat).reshape(S, B, n)
-    destination = None
-    if args.destination_draws > 0:
-        dest = [destination_target_features(f, finals.float(), args.destination_draws, args.seed, output, cond).numpy()
-                for f in featurizers]
-        destination = scorer.score(dest)
-    result = Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
-    if out is not None and distributed.state().is_main_process:
-        result.save(out, args.top_k)
-    return result
+    return Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
 
 
 def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,
@@ -279,6 +344,6 @@ def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, 
     from dataclasses import replace
 
     sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.images[pos],
-               image_timesteps=[timestep], device=device, progress=False, cond=cond)
+               image_timesteps=[timestep], device=device, progress=False, cond=cond, dataset=dataset)
     best = sc.values[0].argmax(axis=1)
     return float((best == pos).mean()), pos

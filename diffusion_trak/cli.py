@@ -14,14 +14,72 @@ Rerunning a command resumes it; other settings over existing results refuse unle
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from typing import List, Optional
 
-from .config import FeaturizeArgs, ScoreArgs, TrainArgs
+from .config import SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs
 
 DEFAULT_RUN = "runs/digits"
+
+
+# ---------------------------------------------------------------- checks at the edge
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``PROG: error: ...; see PROG --help``) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _int(lo: int, hi: Optional[int] = None):
+    """An argparse type: an integer in ``lo..hi``, else an error naming the valid range."""
+    def parse(text):
+        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {v}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def _positive_float(text):
+    """An argparse type: a finite number > 0."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def _check_out(path: str, flag: str, folder: bool = True) -> None:
+    """Refuse (one line naming ``flag``) an output ``path`` that cannot be created, before any work is done:
+    an ancestor that is a file, a folder without write permission, or (for a ``folder``) an existing file."""
+    from .errors import UserError
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+        if not folder and os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder, not a file; choose another {flag}")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot create {path}: {parent} is a file; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {path}: no permission to write in {parent}; choose another {flag}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -36,24 +94,41 @@ def _add_data(p):
     g = p.add_argument_group("data (defaults: the run's run.json, else digits)")
     g.add_argument("--data", default=None, help="digits (default), fmnist, folder or npz")
     g.add_argument("--data-path", default=None, help="image folder or .npz file (or Fashion-MNIST root)")
-    g.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
-    g.add_argument("--classes", type=int, nargs="+", default=None, help="keep only these labels")
-    g.add_argument("--limit", type=int, default=None, help="keep the first N examples")
+    g.add_argument("--image-size", type=_int(1, 4096), default=None, help="resize images to this square size")
+    g.add_argument("--classes", type=_int(0), nargs="+", default=None, help="keep only these labels")
+    g.add_argument("--limit", type=_int(1), default=None, help="keep the first N examples")
     g.add_argument("--channels", type=int, default=None, choices=[1, 3], help="force 1 or 3 channels")
 
 
 def _load_run_data(ns):
-    """The dataset of a run: command-line flags if given, else the run's run.json."""
+    """The dataset of a run: with ``--data``, the command-line flags; else the run's run.json, with the data
+    flags that were given (``--limit``, ``--classes``, ...) replacing its fields, never silently ignored."""
     from .data import DataArgs, load_dataset
 
     path = os.path.join(ns.run, "run.json")
     if ns.data is None and os.path.exists(path):
-        with open(path) as f:
-            args = DataArgs.from_dict(json.load(f)["data"])
+        given = {"path": ns.data_path, "image_size": ns.image_size, "classes": ns.classes, "limit": ns.limit,
+                 "channels": ns.channels}
+        args = DataArgs.from_dict({**_read_run_json(path), **{k: v for k, v in given.items() if v is not None}})
     else:
         ns.data = ns.data or "digits"
         args = _data_args(ns)
     return load_dataset(args), args
+
+
+def _read_run_json(path: str) -> dict:
+    """The ``data`` entry of a run's ``run.json``; one line naming the fix if it is damaged."""
+    from .errors import UserError
+
+    try:
+        with open(path) as f:
+            data = json.load(f)["data"]
+        if not isinstance(data, dict):
+            raise TypeError("data is not an object")
+        return data
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupted ({type(e).__name__}); pass --data (and its options) to use another "
+                        "dataset, or rerun `diffusion-trak train` with --overwrite") from None
 
 
 def _checkpoints(ns) -> List[str]:
@@ -70,11 +145,26 @@ def _checkpoints(ns) -> List[str]:
 
 
 def _device(ns):
+    """``--device``, checked (a device type torch knows, and a CUDA device that exists), else cuda if available."""
     import torch
 
-    if ns.device:
-        return ns.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .errors import UserError
+
+    if not ns.device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(ns.device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {ns.device!r} is not a device; use cpu or cuda (cuda:N for the N-th GPU)")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {ns.device} asks for a GPU, but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {ns.device}: this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    return ns.device
 
 
 def _say(msg):
@@ -85,18 +175,51 @@ def _say(msg):
 
 
 # ---------------------------------------------------------------- commands
-def cmd_train(ns):
-    from .store import write_json_atomic
-    from .train import train_ddpm
+def check_run_json(run: str, dargs, overwrite: bool) -> None:
+    """Refuse (one line) a run folder whose ``run.json`` names another dataset, unless ``overwrite``."""
+    from .errors import UserError
 
+    path = os.path.join(run, "run.json")
+    if overwrite or not os.path.exists(path):
+        return
+    old = _read_run_json(path)
+    if old != dargs.to_dict():
+        from .store import _diff
+        changes = "; ".join(_diff(old, dargs.to_dict())[:4])
+        raise UserError(f"{run} was set up for another dataset ({changes}); rerun with --overwrite to replace "
+                        "the run, or choose another --run")
+
+
+def write_run_json(run: str, dargs) -> None:
+    """Write ``run/run.json`` (after every check has passed), unless it already says the same."""
+    from .errors import UserError
+    from .store import make_dirs, write_json_atomic
+
+    path = os.path.join(run, "run.json")
+    if os.path.exists(path):
+        try:
+            if _read_run_json(path) == dargs.to_dict():
+                return
+        except UserError:  # damaged: replaced (the command was run with --overwrite)
+            pass
+    make_dirs(run, "--run")
+    write_json_atomic(path, {"data": dargs.to_dict()})
+
+
+def cmd_train(ns):
+    from .train import check_training, train_ddpm
+
+    _check_out(ns.run, "--run")
     dataset, dargs = _load_run_data(ns)
     targs = TrainArgs(block_out_channels=tuple(ns.channels_per_level), epochs=ns.epochs, batch_size=ns.batch_size,
                       learning_rate=ns.lr, num_checkpoints=ns.num_checkpoints, seed=ns.seed,
                       class_conditional=ns.class_conditional)
-    os.makedirs(ns.run, exist_ok=True)
-    write_json_atomic(os.path.join(ns.run, "run.json"), {"data": dargs.to_dict()})
+    model = os.path.join(ns.run, "model")
+    check_run_json(ns.run, dargs, ns.overwrite)  # every check before anything is written
+    check_training(dataset, targs, model, ns.overwrite, "use --overwrite or another --run")
+    write_run_json(ns.run, dargs)
     _say(f"training a DDPM on {dataset} for {ns.epochs} epochs -> {ns.run}/model")
-    ck = train_ddpm(dataset, targs, os.path.join(ns.run, "model"), device=_device(ns), overwrite=ns.overwrite)
+    ck = train_ddpm(dataset, targs, model, device=_device(ns), overwrite=ns.overwrite)
     _say(f"checkpoints: {', '.join(ck)}")
     return ck
 
@@ -110,9 +233,11 @@ def _featurize_args(ns) -> FeaturizeArgs:
 def cmd_featurize(ns):
     from . import api
 
-    dataset, _ = _load_run_data(ns)
     out = ns.out or os.path.join(ns.run, "features")
-    fs = api.featurize(_checkpoints(ns), dataset, _featurize_args(ns), out, overwrite=ns.overwrite, device=_device(ns))
+    _check_out(out, "--out")
+    args = _featurize_args(ns)
+    dataset, _ = _load_run_data(ns)
+    fs = api.featurize(_checkpoints(ns), dataset, args, out, overwrite=ns.overwrite, device=_device(ns))
     _say(f"features: {out} ({len(fs.names)} checkpoints × {len(dataset)} rows × k={ns.proj_dim})")
     return fs
 
@@ -122,10 +247,26 @@ def cmd_generate(ns):
 
     from pipelines import TrajectoryPipeline
 
+    from .errors import UserError
+    from .store import make_dirs
     from .train import load_checkpoint
 
+    path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
+    _check_out(path, "--out", folder=False)
+    bad = [s for s in ns.record_steps or [] if s >= ns.steps]
+    if bad:
+        raise UserError(f"--record-steps {bad} are past the last step {ns.steps - 1} of --steps {ns.steps}; "
+                        f"use steps between 0 and {ns.steps - 1}")
     ckpt = ns.checkpoint or _checkpoints(ns)[-1]
     unet, sched = load_checkpoint(ckpt, _device(ns))
+    n_classes = getattr(unet.config, "num_class_embeds", None)
+    if ns.class_label is not None and not n_classes:
+        raise UserError(f"{ckpt} is not class-conditional; drop --class-label")
+    if ns.class_label is not None and ns.class_label >= n_classes:
+        raise UserError(f"--class-label must be between 0 and {n_classes - 1} for {ckpt}, got {ns.class_label}")
+    if ns.steps > sched.config.num_train_timesteps:
+        raise UserError(f"--steps must be between 1 and {sched.config.num_train_timesteps} (the scheduler's training "
+                        f"timesteps), got {ns.steps}")
     if ns.scheduler == "ddim":
         sched = DDIMScheduler.from_config(sched.config)
     pipe = TrajectoryPipeline(unet=unet, scheduler=sched)
@@ -134,8 +275,7 @@ def cmd_generate(ns):
         record = sorted({int(round(i * (ns.steps - 1) / max(1, ns.num_record - 1))) for i in range(ns.num_record)})
     out = pipe(batch_size=ns.num_images, seed=ns.seed, num_inference_steps=ns.steps, record_steps=record,
                class_labels=ns.class_label)
-    path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dirs(os.path.dirname(os.path.abspath(path)))
     out.trajectory.save(path)
     _say(f"trajectory: {path} (steps recorded: {out.trajectory.step_indices.tolist()})")
     return path
@@ -146,34 +286,51 @@ def _score_args(ns) -> ScoreArgs:
                      destination_draws=ns.destination_draws)
 
 
-def cmd_score(ns):
+def _load_trajectory(path: str):
+    """A saved trajectory (safetensors); one line naming the fix if the file is damaged."""
     from pipelines import Trajectory
 
-    from . import api
+    from .errors import UserError
 
+    try:
+        return Trajectory.load(path)
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        why = " ".join(str(e).split())[:120]
+        raise UserError(f"{path} is not a readable trajectory ({type(e).__name__}: {why}); "
+                        "regenerate it with `diffusion-trak generate`") from None
+
+
+def cmd_score(ns):
+    from . import api
+    from .errors import UserError
+
+    args = _score_args(ns)
+    tpath = ns.trajectory or os.path.join(ns.run, "trajectories", "seed-0.safetensors")
+    name = "images" if ns.images else os.path.splitext(os.path.basename(tpath))[0]
+    out = ns.out or os.path.join(ns.run, "scores", name)
+    _check_out(out, "--out")
     dataset, _ = _load_run_data(ns)
     features = api.FeatureSet.open(ns.features or os.path.join(ns.run, "features"))
-    tpath = ns.trajectory or os.path.join(ns.run, "trajectories", "seed-0.safetensors")
+    api.check_dataset(features.store.settings, dataset, f"the features in {features.store.root}")
     if ns.images:
         from .data import DataArgs, load_dataset
 
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,
                                         image_size=dataset.resolution, channels=dataset.num_channels))
-        out = ns.out or os.path.join(ns.run, "scores", "images")
-        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), _score_args(ns), images=targets.images,
-                       image_timesteps=ns.image_timesteps, out=out, overwrite=ns.overwrite, device=_device(ns))
+        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), args, images=targets.images,
+                       image_timesteps=ns.image_timesteps, out=out, overwrite=ns.overwrite, device=_device(ns),
+                       dataset=dataset)
     else:
-        if not os.path.exists(tpath):
-            from .errors import UserError
+        if not os.path.isfile(tpath):
             raise UserError(f"no trajectory at {tpath}; run `diffusion-trak generate --run {ns.run}` or pass --trajectory")
-        traj = Trajectory.load(tpath)
-        name = os.path.splitext(os.path.basename(tpath))[0]
-        out = ns.out or os.path.join(ns.run, "scores", name)
+        traj = _load_trajectory(tpath)
         cond = None
         if traj.class_labels is not None:
             cond = {"class_labels": traj.class_labels}
-        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), _score_args(ns), trajectory=traj,
-                       steps=ns.steps, out=out, overwrite=ns.overwrite, device=_device(ns), cond=cond)
+        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), args, trajectory=traj,
+                       steps=ns.steps, out=out, overwrite=ns.overwrite, device=_device(ns), cond=cond, dataset=dataset)
     _say(f"scores: {out}/scores.npy {list(sc.values.shape)} (steps × targets × training examples); "
          f"top-{ns.top_k} per step: {out}/scores.json")
     return out
@@ -181,26 +338,37 @@ def cmd_score(ns):
 
 def cmd_plot(ns):
     from . import api
+    from .errors import UserError
     from .report import plot_from_scores
+    from .report.evidence import evaluation_run, load_evidence
+    from .store import make_dirs
 
-    if ns.evaluation:  # an evaluation run: its generated targets, with the counterfactual evidence
-        from .data import load_dataset
-        from .report.evidence import evaluation_run, load_evidence
-        ev = evaluation_run(ns.evaluation)
-        dataset, sdir, tpath = load_dataset(ev["data"]), ns.scores or ev["scores"], ns.trajectory or ev["trajectory"]
-    else:
-        dataset, _ = _load_run_data(ns)
-        sdir = ns.scores or os.path.join(ns.run, "scores", "seed-0")
-        tpath = ns.trajectory or os.path.join(ns.run, "trajectories", os.path.basename(sdir.rstrip("/")) + ".safetensors")
-    sc = api.Scores.load(sdir)
-    traj = None
-    if os.path.exists(tpath):
-        from pipelines import Trajectory
-        traj = Trajectory.load(tpath)
+    sdir = ns.scores or (evaluation_run(ns.evaluation)["scores"] if ns.evaluation else os.path.join(ns.run, "scores", "seed-0"))
     name = os.path.basename(sdir.rstrip("/"))
     run = ns.evaluation or ns.run
-    png, html = plot_from_scores(sc, dataset, traj, ns.out or os.path.join(run, "report", name), target=ns.target,
-                                 k=ns.top_k, title=f"{os.path.basename(os.path.abspath(run))} · {name}: "
+    prefix = ns.out or os.path.join(run, "report", name)
+    _check_out(os.path.dirname(os.path.abspath(prefix)), "--out")
+    if ns.evaluation:  # an evaluation run: its generated targets, with the counterfactual evidence
+        from .data import load_dataset
+        ev = evaluation_run(ns.evaluation)
+        dataset, tpath = load_dataset(ev["data"]), ns.trajectory or ev["trajectory"]
+    else:
+        dataset, _ = _load_run_data(ns)
+        tpath = ns.trajectory or os.path.join(ns.run, "trajectories", name + ".safetensors")
+    sc = api.Scores.load(sdir)
+    if "features" in sc.meta:  # scores that api.score saved record their training set (hand-made ones may not)
+        api.check_dataset(sc.meta["features"], dataset, f"the scores in {sdir}")
+    if ns.target >= sc.values.shape[1]:
+        raise UserError(f"--target must be between 0 and {sc.values.shape[1] - 1} ({sdir} scores "
+                        f"{sc.values.shape[1]} generated images), got {ns.target}")
+    traj = None
+    if ns.trajectory and not os.path.isfile(tpath):
+        raise UserError(f"no trajectory at {tpath}; pass the --trajectory the scores were computed for")
+    if os.path.isfile(tpath):
+        traj = _load_trajectory(tpath)
+    make_dirs(os.path.dirname(os.path.abspath(prefix)))  # every check has passed
+    png, html = plot_from_scores(sc, dataset, traj, prefix, target=ns.target, k=ns.top_k,
+                                 title=f"{os.path.basename(os.path.abspath(run))} · {name}: "
                                  "training-data attribution per sampling step",
                                  evidence=load_evidence(ns.evaluation, traj.final) if ns.evaluation and traj else None)
     _say(f"per-step plot: {png}\nhtml page (every target, step by step): {html}")
@@ -210,6 +378,7 @@ def cmd_plot(ns):
 def cmd_demo(ns):
     from .demo import run_demo
 
+    _check_out(ns.out or ("runs/demo-latent" if ns.latent else "runs/demo"), "--out")
     if ns.latent:
         from .latent import run_latent_demo
         kw = {"prompt": ns.prompt} if ns.prompt else {}
@@ -220,6 +389,12 @@ def cmd_demo(ns):
 def cmd_evaluate(ns):
     from evaluations.run import run_from_args
 
+    from .errors import UserError
+
+    if ns.threads < 0:
+        raise UserError(f"--threads must be an integer >= 0 (0: the config's), got {ns.threads}")
+    _device(ns)
+
     rc = run_from_args(ns)
     if rc:
         raise SystemExit(rc)
@@ -227,7 +402,7 @@ def cmd_evaluate(ns):
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusion-trak", description="Per-step training-data attribution (journey-TRAK) "
+    p = _Parser(prog="diffusion-trak", description="Per-step training-data attribution (journey-TRAK) "
                                 "for diffusers models: which training images made this image, and at which step.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -239,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train a DDPM on a dataset, saving checkpoints")
     common(sp); _add_data(sp)
     d = TrainArgs()
-    sp.add_argument("--epochs", type=int, default=d.epochs)
-    sp.add_argument("--batch-size", type=int, default=d.batch_size)
-    sp.add_argument("--lr", type=float, default=d.learning_rate)
-    sp.add_argument("--channels-per-level", type=int, nargs="+", default=list(d.block_out_channels),
+    sp.add_argument("--epochs", type=_int(1), default=d.epochs)
+    sp.add_argument("--batch-size", type=_int(1), default=d.batch_size)
+    sp.add_argument("--lr", type=_positive_float, default=d.learning_rate)
+    sp.add_argument("--channels-per-level", type=_int(1), nargs="+", default=list(d.block_out_channels),
                     help="UNet block_out_channels")
-    sp.add_argument("--num-checkpoints", type=int, default=d.num_checkpoints)
+    sp.add_argument("--num-checkpoints", type=_int(1), default=d.num_checkpoints, help="at most --epochs")
     sp.add_argument("--class-conditional", action="store_true")
-    sp.add_argument("--seed", type=int, default=d.seed)
+    sp.add_argument("--seed", type=_int(0, SEED_MAX), default=d.seed)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("featurize", help="projected per-example gradients for every checkpoint (resumable)")
@@ -254,18 +429,18 @@ def build_parser() -> argparse.ArgumentParser:
     f = FeaturizeArgs()
     sp.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (unet/, scheduler/); "
                     "default: the run's model/ckpt-*")
-    sp.add_argument("-T", "--num-timesteps", type=int, default=f.num_timesteps)
+    sp.add_argument("-T", "--num-timesteps", type=_int(1), default=f.num_timesteps)
     sp.add_argument("--timestep-strategy", default=f.timestep_strategy, choices=["uniform", "evenly_spaced", "stratified"])
-    sp.add_argument("--timestep-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+    sp.add_argument("--timestep-range", type=_int(0), nargs=2, metavar=("LO", "HI"), default=None,
                     help="draw training timesteps from LO..HI only (timestep-matched features for one step)")
-    sp.add_argument("-k", "--proj-dim", type=int, default=f.proj_dim)
+    sp.add_argument("-k", "--proj-dim", type=_int(1), default=f.proj_dim)
     sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl", "countsketch"])
     sp.add_argument("--output", default=f.output, help="output function: loss, sqnorm, mean, l1, l2")
     sp.add_argument("--method", default=f.method, choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
-    sp.add_argument("--batch-size", type=int, default=f.batch_size)
-    sp.add_argument("--seed", type=int, default=f.seed)
+    sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
+    sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")
     sp.set_defaults(func=cmd_featurize)
 
@@ -274,12 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's last)")
     sp.add_argument("--checkpoints", nargs="+", default=None, help=argparse.SUPPRESS)
     sp.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim"])
-    sp.add_argument("--steps", type=int, default=100, help="sampling steps")
-    sp.add_argument("--num-record", type=int, default=10, help="record this many evenly spaced steps")
-    sp.add_argument("--record-steps", type=int, nargs="+", default=None, help="record exactly these step indices")
-    sp.add_argument("--num-images", type=int, default=1)
-    sp.add_argument("--class-label", type=int, default=None)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--steps", type=_int(1), default=100, help="sampling steps")
+    sp.add_argument("--num-record", type=_int(1), default=10, help="record this many evenly spaced steps")
+    sp.add_argument("--record-steps", type=_int(0), nargs="+", default=None, help="record exactly these step indices")
+    sp.add_argument("--num-images", type=_int(1), default=1)
+    sp.add_argument("--class-label", type=_int(0), default=None)
+    sp.add_argument("--seed", type=_int(0, SEED_MAX), default=0)
     sp.add_argument("--out", default=None, help="trajectory file (default RUN/trajectories/seed-SEED.safetensors)")
     sp.set_defaults(func=cmd_generate)
 
@@ -289,15 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoints", nargs="+", default=None)
     sp.add_argument("--features", default=None, help="feature store (default RUN/features)")
     sp.add_argument("--trajectory", default=None, help="trajectory file (default RUN/trajectories/seed-0.safetensors)")
-    sp.add_argument("--steps", type=int, nargs="+", default=None, help="steps to score (default: all recorded)")
+    sp.add_argument("--steps", type=_int(0), nargs="+", default=None, help="steps to score (default: all recorded)")
     sp.add_argument("--images", default=None, help="score real images instead (.npz or folder)")
-    sp.add_argument("--image-timesteps", type=int, nargs="+", default=[10, 100, 500])
-    sp.add_argument("-R", "--num-noises", type=int, default=s.num_noises)
-    sp.add_argument("--ridge", type=float, default=s.ridge, help="relative ridge: λ = ridge·tr(ΦᵀΦ)/k")
-    sp.add_argument("--destination-draws", type=int, default=s.destination_draws,
+    sp.add_argument("--image-timesteps", type=_int(0), nargs="+", default=[10, 100, 500])
+    sp.add_argument("-R", "--num-noises", type=_int(1), default=s.num_noises)
+    sp.add_argument("--ridge", type=_positive_float, default=s.ridge, help="relative ridge: λ = ridge·tr(ΦᵀΦ)/k")
+    sp.add_argument("--destination-draws", type=_int(0), default=s.destination_draws,
                     help="(timestep, noise) pairs over the whole range for the final image's row (0 = none)")
     sp.add_argument("--target-output", default=None, help="output function for targets (default: the features')")
-    sp.add_argument("--top-k", type=int, default=s.top_k)
+    sp.add_argument("--top-k", type=_int(1), default=s.top_k)
     sp.add_argument("--out", default=None)
     sp.set_defaults(func=cmd_score)
 
@@ -305,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp); _add_data(sp)
     sp.add_argument("--scores", default=None, help="scores folder (default RUN/scores/seed-0)")
     sp.add_argument("--trajectory", default=None)
-    sp.add_argument("--target", type=int, default=0, help="which generated image of the batch")
-    sp.add_argument("--top-k", type=int, default=6)
+    sp.add_argument("--target", type=_int(0), default=0, help="which generated image of the batch")
+    sp.add_argument("--top-k", type=_int(1), default=6)
     sp.add_argument("--evaluation", default=None, metavar="EVAL_DIR", help="plot an evaluation run's generated "
                     "targets with its counterfactual evidence (audit images, per-step LDS)")
     sp.add_argument("--out", default=None, help="output prefix (default RUN/report/NAME)")
@@ -330,14 +505,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: errors of the file system that a user fixes (a path, a permission, space), reported in one line
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.ENAMETOOLONG}
+
+
+def _close_progress_bars() -> None:
+    """End the lines of progress bars cut short, so that a message after them starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. User errors, file-system errors on a path and Ctrl-C end with one line on stderr
+    (exit 2, 2 and 130); anything else is a bug and keeps its traceback."""
     from .errors import UserError
 
-    ns = build_parser().parse_args(argv)
+    where = "diffusion-trak"
     try:
+        ns = build_parser().parse_args(argv)
+        where = f"diffusion-trak {ns.command}"
         ns.func(ns)
     except UserError as e:
-        print(f"diffusion-trak {ns.command}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per launch, not one per process
+            print(f"{where}: interrupted; the work done so far is kept, and rerunning the same command resumes it",
+                  file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS or not e.filename:
+            raise
+        print(f"{where}: error: cannot use {e.filename}: {e.strerror}; check the path and its permissions, "
+              "or choose another --out/--run", file=sys.stderr)
         return 2
     return 0
 

@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Optional, Tuple
 
+from .errors import InputError
+
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
+SEED_MAX = 2**32 - 1  #: seeds are mixed as 32-bit words (``featurizer.seed_for``), so larger ones would alias
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
+
+
+def check_int(name: str, value, lo: int = None, hi: int = None) -> int:
+    """``value`` as an int in ``lo..hi`` (either bound optional), else :class:`InputError` naming the valid range."""
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
+        return int(value)
+    rng = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+    raise InputError(f"{name} must be an integer {rng}, got {value!r}")
+
+
+def check_float(name: str, value, lo: float = None, lo_open: bool = False) -> float:
+    """``value`` as a finite float ``>= lo`` (``> lo`` with ``lo_open``), else :class:`InputError` naming the range."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (lo is None or (value > lo if lo_open else value >= lo)):
+        return value
+    rng = "a finite number" + ("" if lo is None else f" {'>' if lo_open else '>='} {lo}")
+    raise InputError(f"{name} must be {rng}, got {value!r}")
+
+
+def check_output(name: str, value) -> None:
+    """:class:`InputError` unless ``value`` names an output function of :mod:`diffusion_trak.outputs`
+    (imported only for names other than the default ``loss``, so that building defaults stays light)."""
+    if value == "loss":
+        return
+    from .outputs import OUTPUTS
+
+    if value not in OUTPUTS:
+        raise InputError(f"{name} must be one of {', '.join(sorted(OUTPUTS))}, got {value!r}")
 
 
 #: field metadata of settings added after results were first saved: written only when set, so the
@@ -85,6 +119,28 @@ class TrainArgs:
         """The seed of the initial weights: ``init_seed`` if set, else ``seed``."""
         return int(self.seed if self.init_seed is None else self.init_seed)
 
+    def __post_init__(self):
+        widths = tuple(self.block_out_channels)
+        if not widths:
+            raise InputError("block_out_channels needs at least one width")
+        self.norm_num_groups = check_int("norm_num_groups", self.norm_num_groups, 1)
+        for w in widths:
+            check_int("each of block_out_channels", w, 1)
+            if w % self.norm_num_groups:
+                raise InputError(f"every width of block_out_channels {list(widths)} must be a multiple of "
+                                 f"norm_num_groups={self.norm_num_groups}")
+        for a in self.attention_levels:  # levels past the last one are ignored (a one-level UNet keeps the default)
+            check_int("each of attention_levels", a, 0)
+        self.layers_per_block = check_int("layers_per_block", self.layers_per_block, 1)
+        self.num_train_timesteps = check_int("num_train_timesteps", self.num_train_timesteps, 1)
+        self.epochs = check_int("epochs", self.epochs, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.learning_rate = check_float("learning_rate", self.learning_rate, 0.0, lo_open=True)
+        self.num_checkpoints = check_int("num_checkpoints", self.num_checkpoints, 1, self.epochs)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise InputError(f"mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
+
 
 @dataclass
 class FeaturizeArgs:
@@ -136,14 +192,17 @@ class FeaturizeArgs:
         if self.timestep_range is not None:
             lo, hi = (int(v) for v in self.timestep_range)
             if not 0 <= lo <= hi:
-                raise ValueError(f"timestep_range must be (lo, hi) with 0 <= lo <= hi, got {self.timestep_range}")
+                raise InputError(f"timestep_range must be (lo, hi) with 0 <= lo <= hi, got {self.timestep_range}")
             self.timestep_range = (lo, hi)
         if self.timestep_strategy not in TIMESTEP_STRATEGIES:
-            raise ValueError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
-        if self.num_timesteps < 1 or self.proj_dim < 1:
-            raise ValueError("num_timesteps and proj_dim must be positive")
+            raise InputError(f"timestep_strategy must be one of {TIMESTEP_STRATEGIES}, got {self.timestep_strategy!r}")
+        check_output("output", self.output)
+        self.num_timesteps = check_int("num_timesteps", self.num_timesteps, 1)
+        self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
         if self.method not in FEATURIZE_METHODS:
-            raise ValueError(f"method must be one of {FEATURIZE_METHODS}, got {self.method!r}")
+            raise InputError(f"method must be one of {FEATURIZE_METHODS}, got {self.method!r}")
 
 
 @dataclass
@@ -172,3 +231,13 @@ class ScoreArgs:
     block_size: int = 4096
     top_k: int = 8
     destination_draws: int = field(default=100, metadata=ADDED_LATER)
+
+    def __post_init__(self):
+        if self.target_output is not None:
+            check_output("target_output", self.target_output)
+        self.num_noises = check_int("num_noises", self.num_noises, 1)
+        self.ridge = check_float("ridge", self.ridge, 0.0, lo_open=True)
+        self.seed = check_int("seed", self.seed, 0, SEED_MAX)
+        self.block_size = check_int("block_size", self.block_size, 1)
+        self.top_k = check_int("top_k", self.top_k, 1)
+        self.destination_draws = check_int("destination_draws", self.destination_draws, 0)

@@ -44,17 +44,18 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
 
     from . import api
     from .data import DataArgs, load_dataset
+    from .cli import check_run_json, write_run_json
     from .report import plot_from_scores
-    from .store import write_json_atomic
-    from .train import load_checkpoint, train_ddpm
+    from .train import check_training, load_checkpoint, train_ddpm
 
     cfg = demo_settings(quick)
     t0 = time.time()
     say = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True)
     data_args = DataArgs(name="digits", limit=cfg.limit)
     dataset = load_dataset(data_args)
-    os.makedirs(out, exist_ok=True)
-    write_json_atomic(os.path.join(out, "run.json"), {"data": data_args.to_dict()})
+    check_run_json(out, data_args, overwrite)  # every check before anything is written
+    check_training(dataset, cfg.train, os.path.join(out, "model"), overwrite)
+    write_run_json(out, data_args)
     say(f"data: {dataset}")
     ckpts = train_ddpm(dataset, cfg.train, os.path.join(out, "model"), device=device, overwrite=overwrite)
     say(f"trained {len(ckpts)} checkpoints in {out}/model")

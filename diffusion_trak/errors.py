@@ -11,3 +11,8 @@ class InputError(UserError, ValueError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """NaN or Inf in inputs or gradients."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder or training state that cannot be used (missing, incomplete, another model class,
+    or a file that could run code when loaded)."""

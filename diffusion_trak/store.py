@@ -12,20 +12,33 @@ and the manifest is written to a temporary file and renamed. A rerun computes on
 flag is unset; rows are deterministic functions of their index, so the result is identical to an
 uninterrupted run. Files are fully allocated on creation, so a full disk fails at once with a
 clear message instead of in the middle of a write.
+
+Three rules keep what is stored safe:
+
+- **Reads never write.** :meth:`Store.open_existing` (and every store after :meth:`Store.close`) opens
+  files read-only; a missing or damaged file is an error naming ``--overwrite``, never recreated.
+- **One writer.** A writer holds an exclusive ``fcntl.flock`` on the store's folder while it is open;
+  a second writer is refused with one line naming the process that holds it. The processes of one
+  ``accelerate launch`` share the store: only rank 0 takes the lock, the others write their own rows.
+- **``overwrite`` always gets past damage.** A writer opened with ``overwrite=True`` replaces the store
+  when its settings differ *or* any of its files is missing or damaged, and otherwise resumes it.
 """
 from __future__ import annotations
 
-from .errors import UserError
-
 import errno
+import fcntl
 import json
 import os
 import shutil
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import UserError
+
 FORMAT = "diffusion-trak-store/1"
+MANIFEST = "manifest.json"
 
 
 class StoreError(UserError, RuntimeError):
@@ -33,12 +46,24 @@ class StoreError(UserError, RuntimeError):
 
 
 def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def make_dirs(path: str, flag: str = "--out") -> str:
+    """``os.makedirs(path, exist_ok=True)``, or a one-line error naming ``flag`` when it cannot be made."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the folder {path}: {e.strerror or e}; choose another {flag}") from None
+    if not os.path.isdir(path):
+        raise StoreError(f"cannot create the folder {path}: a file has that name; choose another {flag}")
+    return path
 
 
 def _diff(old: dict, new: dict, prefix="") -> list:
@@ -64,19 +89,111 @@ def _allocate(path: str, nbytes: int) -> None:
             raise
 
 
-class StoredArray:
-    """Rows of one array plus their done flags."""
+# ---------------------------------------------------------------------------------------------- the lock
+_HELD: dict = {}  # (st_dev, st_ino) of a locked folder -> [fd, number of Store objects using it, pid of the holder]
 
-    def __init__(self, store: "Store", name: str, shape: Sequence[int], dtype: str):
+
+def _holder(st) -> str:
+    """``process PID (command)`` holding a flock on the file with ``os.stat`` result ``st`` (Linux /proc/locks)."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        if parts[5].rsplit(":", 1)[-1] != str(st.st_ino):
+            continue
+        pid = parts[4]
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        cmd = " ".join(cmd.split())
+        cmd = cmd if len(cmd) <= 100 else cmd[:97] + "..."
+        return f"process {pid}" + (f" ({cmd})" if cmd else "")
+    return "another process"
+
+
+def _lock(root: str):
+    """Take (or share, within this process) the exclusive lock of the folder ``root``; return its key."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD and _HELD[key][2] == os.getpid():
+        os.close(fd)
+        _HELD[key][1] += 1
+        return key
+    _HELD.pop(key, None)  # inherited through fork: the lock is the parent's, not ours
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise StoreError(f"{root} is being written by {_holder(st)}; wait for it to finish or stop it, "
+                         "or choose another --out") from None
+    _HELD[key] = [fd, 1, os.getpid()]
+    return key
+
+
+def _unlock(key) -> None:
+    held = _HELD.get(key)
+    if held is None or held[2] != os.getpid():
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the last descriptor releases the flock
+
+
+def _is_lock_owner() -> bool:
+    """Rank 0 of a launch (``accelerate``, torchrun, SLURM) or a process started on its own."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+def _check_npy(path: str, shape, dtype) -> None:
+    """Raise :class:`StoreError` unless ``path`` is a complete ``.npy`` file of ``dtype[shape]`` (read-only check)."""
+    if not os.path.exists(path):
+        raise StoreError(f"{path} is missing; rerun the command that wrote {os.path.dirname(path)} with --overwrite")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            hshape, fortran, hdtype = read_header(f)
+            offset = f.tell()
+        expected = offset + int(np.prod(hshape)) * np.dtype(hdtype).itemsize
+        if os.path.getsize(path) < expected:
+            raise ValueError(f"{os.path.getsize(path)} bytes, expected {expected}")
+    except (ValueError, OSError, EOFError) as e:
+        msg = str(e).replace("\n", " ")
+        raise StoreError(f"{path} is truncated or corrupted ({msg}); delete the store or rerun with --overwrite") from None
+    if tuple(hshape) != tuple(shape) or np.dtype(hdtype) != np.dtype(dtype) or fortran:
+        raise StoreError(f"{path} holds {np.dtype(hdtype)}{list(hshape)}, expected {np.dtype(dtype)}{list(shape)}; "
+                         "rerun with --overwrite")
+
+
+class StoredArray:
+    """Rows of one array plus their done flags, opened read-only (``writable=False``) or for writing."""
+
+    def __init__(self, store: "Store", name: str, shape: Sequence[int], dtype: str, writable: bool = False,
+                 create: bool = False):
         self.name, self.shape, self.dtype = name, tuple(int(s) for s in shape), np.dtype(dtype)
         self.path = os.path.join(store.root, f"{name}.npy")
         self.done_path = os.path.join(store.root, f"{name}.done.npy")
-        if not os.path.exists(self.path) or not os.path.exists(self.done_path):
+        if create:
             self._create()
-        self.data = self._open(self.path, self.shape, self.dtype)
-        self.done = self._open(self.done_path, (self.shape[0],), np.dtype(bool))
+        self.root, self.writable = store.root, writable
+        mode = "r+" if writable else "r"
+        self.data = self._open(self.path, self.shape, self.dtype, mode)
+        self.done = self._open(self.done_path, (self.shape[0],), np.dtype(bool), mode)
 
     def _create(self):
+        """New, zeroed files (replacing leftovers of an earlier crash); each is complete before it gets its name."""
         for path, shape, dtype in ((self.path, self.shape, self.dtype), (self.done_path, (self.shape[0],), np.dtype(bool))):
             tmp = path + ".tmp"
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
@@ -84,23 +201,13 @@ class StoredArray:
             _allocate(tmp, os.path.getsize(tmp))
             os.replace(tmp, path)
 
-    def _open(self, path, shape, dtype):
+    @staticmethod
+    def _open(path, shape, dtype, mode):
+        _check_npy(path, shape, dtype)
         try:
-            with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                hshape, _, hdtype = read_header(f)
-                offset = f.tell()
-            expected = offset + int(np.prod(hshape)) * np.dtype(hdtype).itemsize
-            if os.path.getsize(path) < expected:
-                raise ValueError(f"{os.path.getsize(path)} bytes, expected {expected}")
-            mm = np.lib.format.open_memmap(path, mode="r+")
+            return np.lib.format.open_memmap(path, mode=mode)
         except (ValueError, OSError) as e:
-            raise StoreError(f"{path} is truncated or corrupted ({e}); delete the store or rerun with --overwrite") from None
-        if tuple(mm.shape) != tuple(shape) or mm.dtype != dtype:
-            raise StoreError(f"{path} holds {mm.dtype}{list(mm.shape)}, expected {dtype}{list(shape)}; "
-                             "rerun with --overwrite")
-        return mm
+            raise StoreError(f"{path} cannot be opened ({e}); delete the store or rerun with --overwrite") from None
 
     def pending(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """Row ids (of ``rows``, default all) whose done flag is unset."""
@@ -126,67 +233,161 @@ class StoredArray:
         """The whole array; raises if any row is missing."""
         if not self.complete():
             missing = int((~self.done[:]).sum())
-            raise StoreError(f"{self.path} is incomplete ({missing} of {self.shape[0]} rows missing); rerun the same command to finish it")
+            how = "rerun the same command" if self.writable else f"rerun the command that wrote {self.root}"
+            raise StoreError(f"{self.path} is incomplete ({missing} of {self.shape[0]} rows missing); {how} to finish it")
         return self.data
 
 
+# ---------------------------------------------------------------------------------------------- stores
+def _read_manifest(root: str) -> dict:
+    """The manifest of the store at ``root``, checked for shape; :class:`StoreError` if missing or damaged."""
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"no store at {root}; run the step that creates it first") from None
+    except (ValueError, OSError) as e:
+        raise StoreError(f"{path} is corrupted ({type(e).__name__}); rerun the command that wrote {root} "
+                         "with --overwrite") from None
+    ok = (isinstance(m, dict) and isinstance(m.get("settings"), dict) and isinstance(m.get("arrays"), dict)
+          and all(isinstance(a, dict) and isinstance(a.get("shape"), list) and isinstance(a.get("dtype"), str)
+                  and all(isinstance(s, int) and s >= 0 for s in a["shape"]) and len(a["shape"]) >= 1
+                  for a in m["arrays"].values()))
+    if ok:
+        try:
+            for a in m["arrays"].values():
+                np.dtype(a["dtype"])
+        except TypeError:
+            ok = False
+    if not ok:
+        raise StoreError(f"{path} is corrupted (not a store manifest); rerun the command that wrote {root} "
+                         "with --overwrite")
+    return m
+
+
+def _clear(root: str) -> None:
+    """Delete everything inside ``root`` (the folder itself stays, with its lock)."""
+    for name in os.listdir(root):
+        p = os.path.join(root, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
+
+
+def _remove_leftovers(root: str) -> None:
+    """Remove temporary files of an interrupted write (``*.tmp``, ``manifest.json.tmpPID``)."""
+    for name in os.listdir(root):
+        if ".tmp" in name and os.path.isfile(os.path.join(root, name)):
+            os.remove(os.path.join(root, name))
+
+
 class Store:
-    """A folder of arrays made with one set of settings.
+    """A folder of arrays made with one set of settings, opened for writing.
 
     Opening an existing store with different settings raises :class:`StoreError` listing the
-    differences, unless ``overwrite=True``, which deletes it first.
+    differences, unless ``overwrite=True``, which replaces it (as it does a damaged store). The writer
+    holds the store's lock until :meth:`close` (or until it is garbage-collected, or the process ends);
+    ``lock=None`` locks unless this is a non-zero rank of a launch (which shares its rank 0's lock).
+    Use :meth:`open_existing` to read.
     """
 
-    def __init__(self, root: str, settings: dict, overwrite: bool = False):
-        self.root = root
-        self.manifest_path = os.path.join(root, "manifest.json")
+    def __init__(self, root: str, settings: dict, overwrite: bool = False, lock: Optional[bool] = None):
+        self.root, self.readonly, self.overwrite = root, False, overwrite
+        self.manifest_path = os.path.join(root, MANIFEST)
         settings = json.loads(json.dumps(settings))
+        self._key = None
+        make_dirs(root)
+        if _is_lock_owner() if lock is None else lock:
+            self._key = _lock(root)
+            self._finalizer = weakref.finalize(self, _unlock, self._key)
+            try:
+                self.manifest = self._prepare(settings, overwrite, cleanup=True)
+            except BaseException:
+                self.close()
+                raise
+        else:
+            self.manifest = self._prepare(settings, overwrite, cleanup=False)
+        self.settings = settings
+
+    def _prepare(self, settings: dict, overwrite: bool, cleanup: bool) -> dict:
+        """Check the existing store (refusing, or replacing it when ``overwrite``); return its manifest."""
+        manifest = None
         if os.path.exists(self.manifest_path):
             try:
-                with open(self.manifest_path) as f:
-                    manifest = json.load(f)
-            except (ValueError, OSError):
-                raise StoreError(f"{self.manifest_path} is corrupted; rerun with --overwrite") from None
-            if manifest.get("settings") != settings:
+                manifest = _read_manifest(self.root)
+                if manifest.get("settings") != settings:
+                    if not overwrite:
+                        changes = "; ".join(_diff(manifest["settings"], settings)[:6])
+                        raise StoreError(f"{self.root} was made with other settings ({changes}); "
+                                         "rerun with --overwrite to replace it, or choose another output folder")
+                    manifest = None
+                elif overwrite:  # same settings: resume, unless some file is damaged
+                    for name, spec in manifest["arrays"].items():
+                        _check_npy(os.path.join(self.root, f"{name}.npy"), spec["shape"], spec["dtype"])
+                        _check_npy(os.path.join(self.root, f"{name}.done.npy"), spec["shape"][:1], bool)
+            except StoreError:
                 if not overwrite:
-                    changes = "; ".join(_diff(manifest.get("settings", {}), settings)[:6])
-                    raise StoreError(f"{root} was made with other settings ({changes}); "
-                                     "rerun with --overwrite to replace it, or choose another output folder")
-                shutil.rmtree(root)
+                    raise
                 manifest = None
-        else:
-            manifest = None
+            if manifest is None and cleanup:
+                _clear(self.root)
+        if cleanup:
+            _remove_leftovers(self.root)
         if manifest is None:
-            os.makedirs(root, exist_ok=True)
             manifest = {"format": FORMAT, "settings": settings, "arrays": {}}
             write_json_atomic(self.manifest_path, manifest)
-        self.manifest = manifest
-        self.settings = settings
+        return manifest
 
     @classmethod
     def open_existing(cls, root: str) -> "Store":
-        path = os.path.join(root, "manifest.json")
-        if not os.path.exists(path):
+        """The store at ``root``, read-only: nothing is created, truncated or locked."""
+        if not os.path.isdir(root):
             raise StoreError(f"no store at {root}; run the step that creates it first")
-        with open(path) as f:
-            return cls(root, json.load(f)["settings"])
+        self = cls.__new__(cls)
+        self.root, self.readonly, self.overwrite, self._key = root, True, False, None
+        self.manifest_path = os.path.join(root, MANIFEST)
+        self.manifest = _read_manifest(root)
+        self.settings = self.manifest["settings"]
+        return self
+
+    def close(self) -> None:
+        """Release the lock; the store stays readable (read-only) through this object."""
+        if self._key is not None:
+            self._finalizer.detach()
+            _unlock(self._key)
+            self._key = None
+        self.readonly = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def array(self, name: str, shape: Sequence[int], dtype: str = "float32") -> StoredArray:
+        """The array ``name`` for writing, created (zeroed, no rows done) if the store does not list it yet."""
+        if self.readonly:
+            raise RuntimeError(f"{self.root} is open read-only")
         spec = {"shape": [int(s) for s in shape], "dtype": np.dtype(dtype).str}
         known = self.manifest["arrays"].get(name)
         if known is not None and known != spec:
-            raise StoreError(f"{self.root}/{name} is {known}, asked for {spec}; rerun with --overwrite")
-        arr = StoredArray(self, name, shape, dtype)
+            if not self.overwrite:
+                raise StoreError(f"{self.root}/{name} is {known}, asked for {spec}; rerun with --overwrite")
+            known = None
+        arr = StoredArray(self, name, shape, dtype, writable=True, create=known is None)
         if known is None:
             self.manifest["arrays"][name] = spec
             write_json_atomic(self.manifest_path, self.manifest)
         return arr
 
     def get(self, name: str) -> StoredArray:
+        """An array the store lists (read-only once the store is closed or opened with :meth:`open_existing`)."""
         spec = self.manifest["arrays"].get(name)
         if spec is None:
             raise StoreError(f"{self.root} has no array {name!r}; it has {sorted(self.manifest['arrays'])}")
-        return StoredArray(self, name, spec["shape"], spec["dtype"])
+        return StoredArray(self, name, spec["shape"], spec["dtype"], writable=not self.readonly)
 
     def names(self):
         return sorted(self.manifest["arrays"])

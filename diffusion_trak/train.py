@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainArgs, asdict
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .featurize.featurizer import seed_for
 from .outputs import output_value
 from .store import write_json_atomic
@@ -56,13 +56,66 @@ def list_checkpoints(run_dir: str) -> List[str]:
                   if d.startswith("ckpt-") and os.path.exists(os.path.join(run_dir, d, "done")))
 
 
+def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
+    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``
+    with weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
+    fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")
+    configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
+    missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
+    if missing:
+        have = sorted(os.listdir(path))[:8]
+        raise CheckpointError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "
+                         f"{have}); {fix}")
+    try:
+        with open(os.path.join(path, "unet", "config.json")) as f:
+            kind = json.load(f).get("_class_name")
+    except (ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{path}/unet/config.json cannot be read ({type(e).__name__}); save the UNet again with "
+                         "save_pretrained") from None
+    if kind is not None and kind != unet_class:
+        raise CheckpointError(f"{path}/unet is a {kind}, but this command needs a {unet_class}; for latent and text "
+                         "models use the Python API (diffusion_trak.latent)")
+    weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        raise CheckpointError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
+                         "save_pretrained")
+
+
 def load_checkpoint(path: str, device="cpu"):
-    """``(unet, scheduler)`` from a checkpoint folder (or any folder with ``unet/`` and ``scheduler/``)."""
+    """``(unet, scheduler)`` from a checkpoint folder (or any folder with ``unet/`` and ``scheduler/``).
+
+    Only local files are read (never the Hub); weights are safetensors, or ``.bin`` files that diffusers
+    reads with ``torch.load(weights_only=True)``: nothing loaded can run code."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(os.path.join(path, "unet")).to(device)
-    scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
-    return unet, scheduler
+    path = os.fspath(path)
+    check_checkpoint(path)
+    try:
+        unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot load the checkpoint {path} ({msg}); save it again with save_pretrained") from None
+    return unet.to(device), scheduler
+
+
+def load_train_state(path: str) -> dict:
+    """``train_state.pt`` (optimizer and schedule state, epoch), loaded with ``weights_only=True``: a file
+    from elsewhere cannot run code. One-line :class:`CheckpointError` if it is damaged or unsafe."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise CheckpointError(f"{path} cannot be loaded safely ({why}); delete that checkpoint folder to retrain from "
+                         "the one before, or rerun with --overwrite") from None
+    if not isinstance(state, dict) or not {"optimizer", "lr_scheduler", "epoch"} <= set(state):
+        raise CheckpointError(f"{path} is not a training state; delete that checkpoint folder or rerun with --overwrite")
+    return state
 
 
 def save_checkpoint(run_dir: str, epoch: int, unet, scheduler, optimizer, lr_scheduler) -> str:
@@ -118,7 +171,7 @@ def resume(run_dir: str, unet, opt, lr_sched, load_unet: Callable[[str], torch.n
     done = list_checkpoints(run_dir)
     if not done:
         return 0
-    state = torch.load(os.path.join(done[-1], "train_state.pt"), weights_only=False)
+    state = load_train_state(os.path.join(done[-1], "train_state.pt"))
     unet.load_state_dict(load_unet(done[-1]).state_dict())
     opt.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
@@ -158,18 +211,42 @@ def run_meta(dataset, args: TrainArgs) -> dict:
     return {"train": asdict(args), "dataset": dataset.fingerprint(), "num_examples": len(dataset)}
 
 
-def check_run_meta(run_dir: str, meta: dict, fix: str = "use --overwrite or another --out") -> None:
-    """Write ``run_dir/train_args.json``, or refuse (one line ending in ``fix``) if it holds another
-    recipe or data. An equal file is left as it is."""
-    os.makedirs(run_dir, exist_ok=True)
+def _read_run_meta(run_dir: str, fix: str):
+    """``run_dir/train_args.json`` (None if absent); a damaged one is a one-line error ending in ``fix``."""
     path = os.path.join(run_dir, "train_args.json")
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path) as f:
-            old = json.load(f)
-        if old != meta:
-            raise InputError(f"{run_dir} holds a training run with other settings or data; {fix}")
-        return
-    write_json_atomic(path, meta)
+            return json.load(f)
+    except (ValueError, OSError):
+        raise InputError(f"{path} is corrupted; {fix}") from None
+
+
+def check_run_meta(run_dir: str, meta: dict, fix: str = "use --overwrite or another --out", write: bool = True) -> None:
+    """Refuse (one line ending in ``fix``) if ``run_dir`` holds another recipe or data; else write
+    ``run_dir/train_args.json`` (with ``write``). An equal file is left as it is."""
+    old = _read_run_meta(run_dir, fix)
+    if old is not None and old != meta:
+        raise InputError(f"{run_dir} holds a training run with other settings or data; {fix}")
+    if old is None and write:
+        from .store import make_dirs
+
+        make_dirs(run_dir, "--run")
+        write_json_atomic(os.path.join(run_dir, "train_args.json"), meta)
+
+
+def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = False,
+                   fix: str = "use --overwrite or another --out") -> None:
+    """Every check of :func:`train_ddpm`, writing nothing: call it before writing anything of a run."""
+    if len(dataset) == 0:
+        raise InputError("cannot train on an empty dataset; check --classes/--limit")
+    if args.class_conditional and dataset.labels is None:
+        raise InputError("class_conditional training needs a dataset with labels")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise InputError(f"{run_dir} is a file, not a folder; choose another --run")
+    if not overwrite:
+        check_run_meta(run_dir, run_meta(dataset, args), fix, write=False)
 
 
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
@@ -180,8 +257,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     or data refuse unless ``overwrite``."""
     from accelerate import Accelerator
 
-    if len(dataset) == 0:
-        raise InputError("cannot train on an empty dataset; check --classes/--limit")
+    check_training(dataset, args, run_dir, overwrite)
     if overwrite and os.path.isdir(run_dir):
         import shutil
         shutil.rmtree(run_dir)
@@ -191,8 +267,6 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     torch.manual_seed(args.initial_seed())
     num_classes = None
     if args.class_conditional:
-        if dataset.labels is None:
-            raise InputError("class_conditional training needs a dataset with labels")
         num_classes = int(dataset.labels.max()) + 1
     unet = build_unet(args, dataset.image_shape, num_classes)
     scheduler = build_scheduler(args)
@@ -200,7 +274,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
 
     def load_unet(ck):
         from diffusers import UNet2DModel
-        return UNet2DModel.from_pretrained(os.path.join(ck, "unet"))
+        return UNet2DModel.from_pretrained(os.path.join(ck, "unet"), local_files_only=True)
 
     start_epoch = resume(run_dir, unet, opt, lr_sched, load_unet)
     unet, opt = accelerator.prepare(unet, opt)

@@ -98,7 +98,7 @@ def train_encoder(images: torch.Tensor, epochs: int = 30, batch_size: int = 64, 
     is loaded instead of retrained (and the new one is saved there)."""
     images = torch.as_tensor(images, dtype=torch.float32)
     if path and os.path.exists(path):
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a file from elsewhere cannot run code
         ae = AutoEncoder(state["image_shape"], state["dim"], state["width"])
         ae.load_state_dict(state["state_dict"])
         return ae.eval()

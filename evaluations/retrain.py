@@ -41,7 +41,7 @@ from diffusion_trak.config import TrainArgs
 from diffusion_trak.featurize.gradients import use_vmap_friendly_attention
 from diffusion_trak.outputs import output_value
 from diffusion_trak.train import (build_scheduler, build_unet, check_run_meta, checkpoint_epochs, epoch_batches,
-                                  list_checkpoints, lr_lambda, run_meta, train_ddpm)
+                                  list_checkpoints, load_train_state, lr_lambda, run_meta, train_ddpm)
 
 
 METHODS = ("auto", "sequential", "stacked")
@@ -169,8 +169,7 @@ class StackedTrainer:
         opt = torch.optim.AdamW(plist, lr=args.learning_rate, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total))
         if start_epoch:
-            states = [torch.load(os.path.join(list_checkpoints(d)[-1], "train_state.pt"), weights_only=False)
-                      for d in self.run_dirs]
+            states = [load_train_state(os.path.join(list_checkpoints(d)[-1], "train_state.pt")) for d in self.run_dirs]
             opt.load_state_dict(_stack_optimizer_states([s["optimizer"] for s in states]))
             sched.load_state_dict(states[0]["lr_scheduler"])
 

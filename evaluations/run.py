@@ -160,16 +160,19 @@ def _score_args(cfg: EvalConfig):
 
 def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device):
     """``({set: (S, B, N)}, {set: (B, N) destination scores or None})``, read back when already on disk."""
-    from diffusion_trak.api import Scores, score
+    from diffusion_trak.api import Scores, check_dataset, score
 
     args = _score_args(cfg)
     res, dest = {}, {}
-    for sname, kw in (("generated", dict(trajectory=traj, steps=steps)),
-                      ("heldout", dict(images=heldout.images, image_timesteps=[traj.timestep_at(s) for s in steps]))):
+    targets = {"generated": lambda: dict(trajectory=traj, steps=steps),
+               "heldout": lambda: dict(images=heldout.images, image_timesteps=[traj.timestep_at(s) for s in steps])}
+    for sname, kw in targets.items():
         path = os.path.join(out, "scores", sname)
         sc = Scores.load(path) if os.path.exists(os.path.join(path, "scores.json")) else None
+        if sc is not None:  # scores of an earlier run, checked against the training set they claim
+            check_dataset(sc.meta.get("features", {}), train, f"the scores in {path}")
         if sc is None or (args.destination_draws and sc.destination is None):
-            sc = score(features, ckpts, train.indices.numpy(), args, out=path, device=device, **kw)
+            sc = score(features, ckpts, train.indices.numpy(), args, out=path, device=device, dataset=train, **kw())
         res[sname] = np.asarray(sc.values)
         dest[sname] = None if sc.destination is None else np.asarray(sc.destination)
     return res, dest

@@ -193,3 +193,334 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "diffusion-trak train" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CLI, table-driven: every bad input of issue 17 (and the README table) ends with exit status 2 and one line
+# on stderr, and every file of the run folder is bit-identical afterwards (sha256), or, where the user asked for
+# --overwrite, the store is replaced by a complete one, equal to an uninterrupted run's.
+# ------------------------------------------------------------------------------------------------------------
+import json  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+from diffusion_trak import cli  # noqa: E402
+
+TRAIN = ["--data", "digits", "--limit", "16", "--epochs", "1", "--batch-size", "16", "--channels-per-level", "8", "16",
+         "--num-checkpoints", "1"]
+FEAT = ["-T", "2", "-k", "16", "--batch-size", "8"]
+
+
+def run_cli(argv, capsys):
+    """``diffusion-trak ARGV`` in this process: (exit status, stderr without progress bars)."""
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    except KeyboardInterrupt:  # escaped the CLI: a traceback for the user (and it would stop pytest)
+        rc = "KeyboardInterrupt escaped"
+    err = capsys.readouterr().err
+    return rc, "".join(line for line in err.splitlines(True) if not re.search(r"\d+%\|", line))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A finished tiny run: train, featurize, generate, score, plot."""
+    root = tmp_path_factory.mktemp("template")
+    run = str(root / "run")
+    os.environ["TQDM_DISABLE"] = "1"
+    common = ["--run", run, "--device", "cpu"]
+    assert cli.main(["train", *common, *TRAIN]) == 0
+    assert cli.main(["featurize", *common, *FEAT]) == 0
+    assert cli.main(["generate", *common, "--steps", "4", "--num-record", "2"]) == 0
+    assert cli.main(["score", *common, "-R", "1"]) == 0
+    assert cli.main(["plot", *common]) == 0
+    from diffusion_trak.data import save_npz
+
+    save_npz(load_dataset(name="digits", limit=16, split="test"), str(root / "other16.npz"))
+    return root
+
+
+@pytest.fixture
+def run(template, tmp_path, monkeypatch):
+    """A fresh copy of the template run (``tmp/run``) and its reference snapshot."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    shutil.copytree(template, tmp_path, dirs_exist_ok=True)
+    return str(tmp_path / "run")
+
+
+def _truncate(path, keep=None):
+    with open(path, "r+b") as f:
+        f.truncate(keep if keep is not None else os.path.getsize(path) // 2)
+
+
+def _unet_conditional(run):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    d = os.path.join(os.path.dirname(run), "cond-ckpt")
+    UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                         norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).save_pretrained(os.path.join(d, "unet"))
+    DDPMScheduler().save_pretrained(os.path.join(d, "scheduler"))
+    return d
+
+
+def _no_scheduler(run):
+    d = os.path.join(os.path.dirname(run), "no-sched")
+    shutil.copytree(os.path.join(run, "model", "ckpt-0001", "unet"), os.path.join(d, "unet"))
+    return d
+
+
+def _no_weights(run):
+    d = os.path.join(os.path.dirname(run), "no-weights")
+    shutil.copytree(os.path.join(run, "model", "ckpt-0001"), d)
+    os.remove(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))
+    return d
+
+
+class _Payload:
+    """A pickle that runs code when loaded (as a run folder from someone else could hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_train_state(run):
+    path = os.path.join(run, "model", "ckpt-0001", "train_state.pt")
+    marker = os.path.join(os.path.dirname(run), "PWNED")
+    torch.save({"optimizer": _Payload(marker), "lr_scheduler": {}, "epoch": 1}, path)
+    return marker
+
+
+R, O = "RUN", "OTHER"  # placeholders in argv: the run folder, and its parent folder
+# (name, prepare(run) -> None, argv, pattern of the one stderr line)
+CLI_CASES = [
+    # data loss or silently wrong results
+    ("score_without_done_flags", lambda r: os.remove(f"{r}/features/features_00.done.npy"),
+     ["score", "--run", R], r"features_00.done.npy is missing; rerun the command that wrote .* with --overwrite"),
+    ("score_truncated_features", lambda r: _truncate(f"{r}/features/features_00.npy"),
+     ["score", "--run", R], r"features_00.npy is truncated or corrupted .*--overwrite"),
+    ("featurize_truncated_manifest", lambda r: _truncate(f"{r}/features/manifest.json"),
+     ["featurize", "--run", R, *FEAT], r"manifest.json is corrupted .*--overwrite"),
+    ("featurize_truncated_done", lambda r: _truncate(f"{r}/features/features_00.done.npy", 100),
+     ["featurize", "--run", R, *FEAT], r"features_00.done.npy is truncated or corrupted .*--overwrite"),
+    ("train_other_settings", None, ["train", "--run", R, *TRAIN, "--epochs", "2"],
+     r"model holds a training run with other settings or data; use --overwrite or another --run"),
+    ("train_other_data", None, ["train", "--run", R, "--data", "digits", "--limit", "24"],
+     r"was set up for another dataset \(limit: 16 -> 24\); rerun with --overwrite"),
+    ("demo_over_another_run", None, ["demo", "--quick", "--out", R], r"set up for another dataset .*--overwrite"),
+    ("score_other_classes", None, ["score", "--run", R, "--data", "digits", "--classes", "0", "1", "2", "--limit", "16"],
+     r"the dataset \(digits, 16 images, fingerprint \w+\) is not the one the features in .* were computed on"),
+    ("score_other_npz_same_size", None, ["score", "--run", R, "--data", "npz", "--data-path", f"{O}/other16.npz"],
+     r"is not the one the features in .* were computed on .*; pass the --data"),
+    ("plot_other_data", None, ["plot", "--run", R, "--data", "digits", "--limit", "16", "--classes", "1"],
+     r"is not the one the scores in .* were computed on"),
+    # tracebacks before
+    ("checkpoints_missing_folder", None, ["featurize", "--run", R, *FEAT, "--checkpoints", f"{O}/nowhere"],
+     r"checkpoint folder .*nowhere does not exist; pass checkpoint folders holding unet/ and scheduler/"),
+    ("checkpoints_empty_folder", lambda r: os.makedirs(f"{os.path.dirname(r)}/empty"),
+     ["featurize", "--run", R, *FEAT, "--checkpoints", f"{O}/empty"], r"empty has no unet/ and no scheduler/"),
+    ("checkpoints_without_scheduler", _no_scheduler, ["featurize", "--run", R, *FEAT, "--checkpoints", f"{O}/no-sched"],
+     r"no-sched has no scheduler/ with a saved config"),
+    ("checkpoints_conditional_unet", _unet_conditional, ["score", "--run", R, "--checkpoints", f"{O}/cond-ckpt"],
+     r"cond-ckpt/unet is a UNet2DConditionModel, but this command needs a UNet2DModel"),
+    ("checkpoints_unet_without_weights", _no_weights, ["score", "--run", R, "--checkpoints", f"{O}/no-weights"],
+     r"no-weights/unet has no weights \(diffusion_pytorch_model.safetensors\); save the UNet with save_pretrained"),
+    ("generate_checkpoint_missing", None, ["generate", "--run", R, "--checkpoint", f"{O}/nowhere"],
+     r"checkpoint folder .*nowhere does not exist"),
+    ("featurize_T0", None, ["featurize", "--run", R, "-T", "0"], r"argument -T/--num-timesteps: must be an integer >= 1, got 0"),
+    ("featurize_k0", None, ["featurize", "--run", R, "-k", "0"], r"argument -k/--proj-dim: must be an integer >= 1, got 0"),
+    ("featurize_batch0_new_out", None, ["featurize", "--run", R, *FEAT[:-1], "0", "--out", f"{O}/new"],
+     r"argument --batch-size: must be an integer >= 1, got 0"),
+    ("score_ridge_negative", None, ["score", "--run", R, "--ridge", "-1"], r"argument --ridge: must be a finite number > 0, got '-1'"),
+    ("score_ridge_nan", None, ["score", "--run", R, "--ridge", "nan"], r"argument --ridge: must be a finite number > 0"),
+    ("score_R0", None, ["score", "--run", R, "-R", "0"], r"argument -R/--num-noises: must be an integer >= 1, got 0"),
+    ("generate_steps0", None, ["generate", "--run", R, "--steps", "0"], r"argument --steps: must be an integer >= 1, got 0"),
+    ("plot_without_scores", lambda r: shutil.rmtree(f"{r}/scores"), ["plot", "--run", R],
+     r"no scores in .*seed-0; run `diffusion-trak score` first"),
+    ("score_corrupted_manifest", lambda r: _truncate(f"{r}/features/manifest.json"), ["score", "--run", R],
+     r"manifest.json is corrupted .*--overwrite"),
+    ("out_parent_is_a_file", None, ["featurize", "--run", R, *FEAT, "--out", f"{R}/run.json/features"],
+     r"cannot create .*run.json/features: .*run.json is a file; choose another --out"),
+    ("out_cannot_be_created", None, ["featurize", "--run", R, *FEAT, "--out", "/proc/diffusion-trak-test/features"],
+     r"cannot create the folder /proc/diffusion-trak-test/features: .*; choose another --out"),
+    ("generate_out_parent_is_a_file", None, ["generate", "--run", R, "--steps", "2", "--out", f"{R}/run.json/t.safetensors"],
+     r"run.json is a file; choose another --out"),
+    ("resume_runs_no_code", _evil_train_state, ["train", "--run", R, *TRAIN],
+     r"train_state.pt cannot be loaded safely .*; delete that checkpoint folder"),
+    # not listed in the issue: the same rules
+    ("limit0", None, ["featurize", "--run", R, "--data", "digits", "--limit", "0"], r"argument --limit: must be an integer >= 1"),
+    ("classes_negative", None, ["score", "--run", R, "--data", "digits", "--classes", "-1"], r"argument --classes: must be an integer >= 0"),
+    ("seed_negative", None, ["featurize", "--run", R, "--seed", "-1"], r"argument --seed: must be an integer between 0 and"),
+    ("lr_zero", None, ["train", "--run", R, "--lr", "0"], r"argument --lr: must be a finite number > 0"),
+    ("num_checkpoints_past_epochs", None, ["train", "--run", R, *TRAIN[:-1], "3"], r"num_checkpoints must be an integer between 1 and 1, got 3"),
+    ("epochs_not_a_number", None, ["train", "--run", R, "--epochs", "many"], r"argument --epochs: must be an integer >= 1, got 'many'"),
+    ("record_steps_past_end", None, ["generate", "--run", R, "--steps", "4", "--record-steps", "9"],
+     r"--record-steps \[9\] are past the last step 3"),
+    ("class_label_unconditional", None, ["generate", "--run", R, "--steps", "2", "--class-label", "3"],
+     r"is not class-conditional; drop --class-label"),
+    ("image_timesteps_past_scheduler", None, ["score", "--run", R, "--images", f"{O}/other16.npz", "--image-timesteps", "5000"],
+     r"image timesteps \[5000\] are not in 0..999"),
+    ("plot_target_past_batch", None, ["plot", "--run", R, "--target", "3"], r"--target must be between 0 and 0"),
+    ("corrupted_run_json", lambda r: _truncate(f"{r}/run.json", 5), ["score", "--run", R], r"run.json is corrupted"),
+    ("corrupted_trajectory", lambda r: _truncate(f"{r}/trajectories/seed-0.safetensors", 40), ["score", "--run", R],
+     r"seed-0.safetensors is not a readable trajectory .*regenerate it"),
+    ("corrupted_scores", lambda r: _truncate(f"{r}/scores/seed-0/scores.json", 7), ["plot", "--run", R],
+     r"holds damaged scores .*--overwrite"),
+    ("manifest_not_a_store", lambda r: open(f"{r}/features/manifest.json", "w").write("[1, 2]"), ["score", "--run", R],
+     r"manifest.json is corrupted \(not a store manifest\)"),
+    ("device_unknown", None, ["featurize", "--run", R, *FEAT, "--device", "foo"], r"--device 'foo' is not a device; use cpu or cuda"),
+    ("output_unknown", None, ["featurize", "--run", R, *FEAT, "--output", "bogus", "--out", f"{O}/new"],
+     r"output must be one of l1, l2, loss, mean, sqnorm, got 'bogus'"),
+    ("target_output_unknown", None, ["score", "--run", R, "--target-output", "bogus"], r"target_output must be one of"),
+    ("checkpoint_is_a_file", None, ["featurize", "--run", R, *FEAT, "--checkpoints", f"{R}/run.json"],
+     r"checkpoint folder .*run.json is a file, not a folder"),
+    ("plot_out_cannot_be_created", None, ["plot", "--run", R, "--out", "/proc/diffusion-trak-test/x"],
+     r"cannot create the folder /proc/diffusion-trak-test: .*choose another --out"),
+    ("ridge_overflow", None, ["score", "--run", R, "--ridge", "1e400"], r"argument --ridge: must be a finite number > 0"),
+    ("evaluate_threads_negative", None, ["evaluate", "digits-quick", "--out", f"{O}/ev", "--threads", "-1"],
+     r"--threads must be an integer >= 0"),
+    ("evaluate_set_epochs0", None, ["evaluate", "digits-quick", "--out", f"{O}/ev", "--set", "train.epochs=0"],
+     r"epochs must be an integer >= 1, got 0"),
+    ("data_flag_without_data_is_not_ignored", None, ["score", "--run", R, "--limit", "8"],
+     r"the dataset \(digits, 8 images, .*\) is not the one the features in .* were computed on \(digits, 16 images"),
+    ("features_wrong_shape", lambda r: np.save(f"{r}/features/features_00.npy", np.zeros((3, 16), np.float32)),
+     ["score", "--run", R], r"features_00.npy holds float32\[3, 16\], expected float32\[16, 16\]; rerun with --overwrite"),
+]
+import numpy as np  # noqa: E402
+
+
+def _argv(argv, run):
+    parent = os.path.dirname(run)
+    return [a.replace(R, run).replace(O, parent) if isinstance(a, str) else a for a in argv]
+
+
+@pytest.mark.parametrize("name,prepare,argv,pattern", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(run, capsys, name, prepare, argv, pattern):
+    marker = prepare(run) if prepare else None
+    before = snapshot(os.path.dirname(run))
+    rc, err = run_cli(_argv(argv, run), capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert snapshot(os.path.dirname(run)) == before, "nothing written or changed"
+    if name == "resume_runs_no_code":
+        assert not os.path.exists(marker), "loading ran code"
+
+
+@pytest.mark.parametrize("damage", ["manifest.json", "features_00.npy", "features_00.done.npy", "missing_done",
+                                    "manifest_shape"])
+def test_overwrite_gets_past_damage(run, template, capsys, damage):
+    store = os.path.join(run, "features")
+    if damage == "missing_done":
+        os.remove(os.path.join(store, "features_00.done.npy"))
+    elif damage == "manifest_shape":
+        m = json.load(open(os.path.join(store, "manifest.json")))
+        m["arrays"]["features_00"]["shape"] = [99, 16]
+        open(os.path.join(store, "manifest.json"), "w").write(json.dumps(m))
+    else:
+        _truncate(os.path.join(store, damage), 60)
+    rc, err = run_cli(["featurize", "--run", run, *FEAT], capsys)
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = run_cli(["featurize", "--run", run, *FEAT, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert snapshot(store) == snapshot(os.path.join(template, "run", "features")), "replaced by a complete store"
+
+
+def test_ctrl_c_keeps_work_and_the_same_command_resumes(run, template, capsys, monkeypatch):
+    from diffusion_trak.store import StoredArray
+
+    shutil.rmtree(os.path.join(run, "features"))
+    write, calls = StoredArray.write, []
+
+    def interrupted(self, rows, values):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write(self, rows, values)
+
+    monkeypatch.setattr(StoredArray, "write", interrupted)
+    rc, err = run_cli(["featurize", "--run", run, *FEAT], capsys)
+    assert rc == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["diffusion-trak featurize: interrupted; the work done so far is kept, and "
+                                        "rerunning the same command resumes it"]
+    done = np.load(os.path.join(run, "features", "features_00.done.npy"))
+    assert 0 < done.sum() < len(done)
+    monkeypatch.setattr(StoredArray, "write", write)
+    assert run_cli(["featurize", "--run", run, *FEAT], capsys)[0] == 0
+    assert snapshot(os.path.join(run, "features")) == snapshot(os.path.join(template, "run", "features"))
+
+
+def test_internal_errors_keep_their_traceback(run, monkeypatch):
+    from diffusion_trak import api as api_module
+
+    def bug(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(api_module, "featurize", bug)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["featurize", "--run", run, *FEAT])
+
+
+
+
+def test_second_writer_is_refused_naming_the_holder(run, capsys):
+    from diffusion_trak.store import Store, StoreError
+
+    root = os.path.join(run, "features")
+    settings = json.load(open(os.path.join(root, "manifest.json")))["settings"]
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s = Store(root, settings)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+            s.close()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        before = snapshot(run)
+        with pytest.raises(StoreError, match=rf"is being written by process {pid} \(.*\); wait for it to finish"):
+            Store(root, settings)
+        rc, err = run_cli(["featurize", "--run", run, *FEAT], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1
+        assert re.search(rf"features is being written by process {pid} .*choose another --out", err), err
+        assert snapshot(run) == before
+        Store.open_existing(root).get("features_00").read()  # readers are not locked out
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+    assert run_cli(["featurize", "--run", run, *FEAT], capsys)[0] == 0  # released when the holder ends
+
+
+def test_evaluations_check_saved_scores_against_the_training_set(run, tmp_path):
+    from evaluations.configs import EvalConfig
+    from evaluations.run import _trak_scores
+
+    out = tmp_path / "eval"
+    shutil.copytree(os.path.join(run, "scores", "seed-0"), out / "scores" / "generated")
+    before = snapshot(str(out))
+    other = load_dataset(name="digits", limit=16, split="test")
+    with pytest.raises(UserError, match=r"is not the one the scores in .*generated were computed on"):
+        _trak_scores(EvalConfig(name="x"), str(out), None, None, other, None, None, None, "cpu")
+    assert snapshot(str(out)) == before
+
+
+def test_evaluation_files_cannot_run_code(tmp_path):
+    from evaluations.baselines import train_encoder
+
+    marker, path = tmp_path / "PWNED", tmp_path / "encoder.pt"
+    torch.save({"image_shape": _Payload(str(marker)), "dim": 1, "width": 1, "state_dict": {}}, str(path))
+    with pytest.raises(Exception):
+        train_encoder(torch.zeros(2, 1, 8, 8), path=str(path))
+    assert not marker.exists(), "loading ran code"

@@ -54,3 +54,112 @@ def test_manifest_is_written_atomically(tmp_path):
         m = json.load(f)
     assert m["settings"] == {"a": 1} and m["arrays"]["x"]["shape"] == [2, 2]
     assert not [p for p in os.listdir(root) if ".tmp" in p]
+
+
+def _files(root):
+    return {n: open(os.path.join(root, n), "rb").read() for n in sorted(os.listdir(root))}
+
+
+def test_reads_never_create_truncate_or_zero(tmp_path):
+    root = str(tmp_path / "s")
+    with Store(root, {"a": 1}) as s:
+        s.array("x", (4, 2)).write([0, 1, 2, 3], np.arange(8).reshape(4, 2))
+    os.remove(os.path.join(root, "x.done.npy"))
+    before = _files(root)
+    with pytest.raises(StoreError, match=r"x.done.npy is missing; rerun .* with --overwrite"):
+        Store.open_existing(root).get("x")
+    assert _files(root) == before
+    r = Store.open_existing(str(tmp_path / "s"))
+    assert r.readonly and not os.path.exists(os.path.join(root, "x.done.npy"))
+    with pytest.raises(StoreError, match="no store at"):
+        Store.open_existing(str(tmp_path / "none"))
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_read_only_arrays_cannot_be_written(tmp_path):
+    root = str(tmp_path / "s")
+    with Store(root, {}) as s:
+        s.array("x", (2, 2)).write([0, 1], np.ones((2, 2)))
+    a = Store.open_existing(root).get("x")
+    assert not a.data.flags.writeable and not a.done.flags.writeable
+    np.testing.assert_array_equal(a.read(), np.ones((2, 2)))
+
+
+def test_overwrite_gets_past_damage_and_otherwise_resumes(tmp_path):
+    root = str(tmp_path / "s")
+    with Store(root, {"a": 1}) as s:
+        s.array("x", (3, 2)).write([0], np.ones((1, 2)))
+    with Store(root, {"a": 1}, overwrite=True) as s:  # intact, same settings: resumed
+        assert s.array("x", (3, 2)).pending().tolist() == [1, 2]
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(StoreError, match="corrupted"):
+        Store(root, {"a": 1})
+    with Store(root, {"a": 1}, overwrite=True) as s:
+        assert s.array("x", (3, 2)).pending().tolist() == [0, 1, 2]
+
+
+def test_leftovers_of_a_crash_are_removed_by_the_next_writer(tmp_path):
+    root = str(tmp_path / "s")
+    Store(root, {}).close()
+    for name in ("manifest.json.tmp123", "x.npy.tmp"):
+        open(os.path.join(root, name), "w").write("half")
+    Store(root, {}).close()
+    assert sorted(os.listdir(root)) == ["manifest.json"]
+
+
+def test_one_writer_per_store_shared_within_a_process(tmp_path):
+    root = str(tmp_path / "s")
+    a = Store(root, {})
+    b = Store(root, {})  # the same process (and so the same run) may open it twice
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            Store(root, {})
+        except StoreError as e:
+            code = 0 if f"being written by process {os.getppid()}" in str(e) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    a.close()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Store(root, {})
+            code = 1
+        except StoreError:
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0, "still held by b"
+    b.close()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Store(root, {}).close()
+            code = 0
+        except StoreError:
+            code = 1
+        finally:
+            os._exit(code)
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0, "released"
+
+
+def test_ranks_of_a_launch_share_the_lock(tmp_path, monkeypatch):
+    root = str(tmp_path / "s")
+    holder = Store(root, {})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.environ["RANK"] = "1"  # a non-zero rank of the same launch writes its rows without the lock
+            Store(root, {}).array("x", (2, 2))
+            code = 0
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0
+    holder.close()

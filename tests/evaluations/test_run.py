@@ -114,7 +114,7 @@ def test_destination_column_and_shared_initialisation(tmp_path):
 
 
 def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
-    """With lr 0 a checkpoint holds the initial weights: models with other seeds (shuffling, noise) but
+    """With lr 1e-30 a checkpoint holds the initial weights: models with other seeds (shuffling, noise) but
     one ``init_seed`` are identical, and without it they differ."""
     import numpy as np
     import torch
@@ -128,11 +128,11 @@ def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
     masks[0, :8] = False
     for init_seed, same in ((7, True), (None, False)):
         args = TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=1, batch_size=16, num_checkpoints=1,
-                         learning_rate=0.0, init_seed=init_seed)
+                         learning_rate=1e-30, init_seed=init_seed)  # updates far below float32 resolution
         dirs = train_models(data, args, masks, str(tmp_path / f"m{init_seed}"), [1, 2], method="stacked", stack_size=2,
                             progress=False)
         single = train_ddpm(data, args, str(tmp_path / f"one{init_seed}"), progress=False)[-1]
         w = [UNet2DModel.from_pretrained(os.path.join(final_checkpoint(d, args), "unet")).state_dict() for d in dirs]
         w.append(UNet2DModel.from_pretrained(os.path.join(single, "unet")).state_dict())
         for other in w[1:]:
-            assert all(torch.equal(w[0][k], other[k]) for k in w[0]) == same
+            assert all(torch.allclose(w[0][k], other[k], rtol=0, atol=1e-12) for k in w[0]) == same
