@@ -82,11 +82,57 @@ def test_fast_text_unet_with_conditioning_per_timestep(scheduler):
     assert _rel(got, want) < 1e-5
 
 
+def test_fast_is_the_default_and_dense_projectors_keep_vmap():
+    """``method`` defaults to fast; naming a dense projector selects the paper's vmap recipe; the resolved
+    method is what the settings record."""
+    from diffusion_trak.config import asdict
+
+    assert FeaturizeArgs().method == "fast" and asdict(FeaturizeArgs())["method"] == "fast"
+    assert FeaturizeArgs(projector="countsketch").method == "fast"
+    assert FeaturizeArgs(projector="torch").method == "vmap"
+    assert FeaturizeArgs(projector="fast_jl").method == "vmap"
+    assert FeaturizeArgs(method="vmap").method == "vmap" and FeaturizeArgs(method="vmap").projector == "auto"
+    assert FeaturizeArgs(**asdict(FeaturizeArgs(method="vmap"))).method == "vmap"  # old stores reload as they were
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 7])
+def test_chunked_passes_add_up_to_the_whole_batch(tiny_unet, scheduler, max_rows):
+    """Passes of whole examples (max_rows ≥ T) or of chunks of one example's timesteps (max_rows < T)
+    give the features of one pass over all B × T rows, with conditioning per example or per timestep."""
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(3, 5, (1, 8, 8), seed=9)
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=15)
+    chunked = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=max_rows)
+    assert _rel(chunked.features(x0, ts, ns), whole.features(x0, ts, ns)) < 1e-5
+    with pytest.raises(ValueError, match="max_rows must be positive"):
+        FastGradientSketch(model, scheduler, k=8, max_rows=-1)
+
+
+def test_chunked_passes_with_conditioning(scheduler):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = _perturb(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=3))
+    x0, ts, ns = _draws(3, 4, (1, 8, 8), seed=3)
+    per_example = {"class_labels": torch.tensor([2, 0, 1])}
+    per_step = {"class_labels": torch.tensor([[2, 0, 1, 1], [0, 0, 2, 1], [1, 2, 2, 0]])}
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=12)
+    chunked = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=3)
+    assert _rel(chunked.features(x0, ts, ns, "loss", per_example), whole.features(x0, ts, ns, "loss", per_example)) < 1e-5
+    got = chunked.features(x0, ts, ns, "loss", per_step, cond_per_timestep=True)
+    assert _rel(got, whole.features(x0, ts, ns, "loss", per_step, cond_per_timestep=True)) < 1e-5
+    assert _rel(got, whole.features(x0, ts, ns, "loss", per_example)) > 1e-3  # the per-timestep labels mattered
+
+
 def test_featurizer_fast_equals_vmap_with_countsketch(tiny_unet, scheduler):
     model = _perturb(tiny_unet)
     x0, ts, ns = _draws(5, 2, (1, 8, 8), seed=4)
     fast = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, method="fast", batch_size=2))
-    ref = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, projector="countsketch", batch_size=3))
+    ref = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, projector="countsketch", batch_size=3,
+                                                     method="vmap"))
+    assert ref.fast is None and fast.fast is not None
     assert fast.projector.name == ref.projector.name == "countsketch"
     assert _rel(fast.features(x0, ts, ns), ref.features(x0, ts, ns)) < 1e-5
     with pytest.raises(ProjectorError, match="projector auto or countsketch"):
