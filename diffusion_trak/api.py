@@ -19,7 +19,7 @@ from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, write_json_atomic
-from .targets import target_features, trajectory_target_features
+from .targets import image_target_features, trajectory_target_features
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
 
@@ -208,8 +208,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         check_finite(images, "target images")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
-        make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)
-                                      for t in timesteps])
+        make = lambda f: image_target_features(f, images, timesteps, args.num_noises, args.seed, output, cond)
     else:
         raise ValueError("give a trajectory or images to score")
     per_ckpt = [make(f).numpy() for f in featurizers]  # each (S, B, k)

@@ -274,13 +274,15 @@ class FastGradientSketch:
         B, T = timesteps.shape
         x0, timesteps, noises = x0.to(dev), timesteps.to(dev), noises.to(dev)
         cond = {key: v.to(dev) for key, v in (cond or {}).items()}
+        if B == 0:
+            return torch.zeros(0, self.k, device=dev, dtype=torch.float32)
         if not self._checked:
             nb, nt = min(B, 2), min(T, 2)  # a few rows suffice: the check is about the model, not the data
             self._self_check(x0[:nb], timesteps[:nb, :nt], noises[:nb, :nt],
                              self._cond_rows(cond, slice(0, nb), slice(0, nt), cond_per_timestep), output, cond_per_timestep)
         out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
-        tc = min(T, self.max_rows)
-        bc = max(1, self.max_rows // tc)
+        tc = _even(T, min(T, self.max_rows))
+        bc = _even(B, max(1, self.max_rows // tc))
         for b0 in range(0, B, bc):
             bs = slice(b0, min(B, b0 + bc))
             for t0 in range(0, T, tc):
@@ -345,6 +347,12 @@ class FastGradientSketch:
             raise FastPathError(f"method=fast self-check failed (relative error {err:.2e}): some parameter is used outside "
                                 "its module's forward; use method=vmap for this model")
         self._checked = True
+
+
+def _even(n: int, most: int) -> int:
+    """The chunk size that splits ``n`` into as few chunks of at most ``most`` as possible, evenly."""
+    chunks = -(-n // most)
+    return -(-n // chunks)
 
 
 def _check_module(name: str, mod: nn.Module) -> None:

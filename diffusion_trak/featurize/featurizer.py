@@ -94,14 +94,14 @@ class Featurizer:
                                     {k: v.to(self.device) for k, v in (cond or {}).items()}, cond_per_timestep)
 
     def features(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False) -> torch.Tensor:
+        """(B, k) features on the CPU. The fast methods take all B × T rows at once (they bound memory by
+        rows themselves); ``vmap`` works in batches of ``batch_size`` examples."""
+        if self.fast is not None:
+            return self.fast.features(x0, timesteps, noises, output or self.args.output, cond, cond_per_timestep).cpu()
         out = []
         bs = self.args.batch_size
         for i in range(0, x0.shape[0], bs):
             c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
-            if self.fast is not None:
-                out.append(self.fast.features(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], output or self.args.output,
-                                              c, cond_per_timestep).cpu())
-                continue
             g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
             if not torch.isfinite(g).all():
                 raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
