@@ -17,6 +17,7 @@ from . import distributed
 from .config import FeaturizeArgs, ScoreArgs, asdict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
+from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, write_json_atomic
 from .targets import image_target_features, trajectory_target_features
@@ -119,7 +120,10 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     dist = distributed.state()
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
-        store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        try:
+            store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        except StoreError as e:
+            raise StoreError(str(e) + _method_fix(out, args)) from None
         arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
     mine = distributed.shard_rows(len(dataset), args.batch_size)
     if rows is not None:
@@ -133,6 +137,28 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         if missing:
             raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names)
+
+
+def _method_fix(out: str, args: FeaturizeArgs) -> str:
+    """The way back to a store's featurization method when it differs from ``args.method`` (e.g. a store made
+    with ``vmap`` when that was the default), as a clause to append to a one-line error; "" otherwise."""
+    try:
+        old = Store.open_existing(out).settings.get("featurize", {}).get("method")
+    except (StoreError, OSError, ValueError):
+        return ""
+    if old is None or old == args.method:
+        return ""
+    return f"; or pass --method {old} (FeaturizeArgs(method={old!r})) to resume it with the method it was made with"
+
+
+def _featurizers(ckpts, fargs: FeaturizeArgs, device) -> List[Featurizer]:
+    """One featurizer per checkpoint for the settings a feature store was made with."""
+    try:
+        return [Featurizer(u, s, fargs, device) for u, s in ckpts]
+    except MatrixTooLargeError as e:
+        raise MatrixTooLargeError(f"these features were made with method={fargs.method} and a dense projector whose "
+                                  f"matrix is over the memory limit ({str(e).split(';')[0]}); raise {CACHE_ENV} to score "
+                                  "them, or featurize again with the default method (fast)") from None
 
 
 @dataclass
@@ -190,7 +216,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
     fargs = FeaturizeArgs(**fset["featurize"])
-    featurizers = [Featurizer(u, s, fargs, device) for u, s in ckpts]
+    featurizers = _featurizers(ckpts, fargs, device)
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]

@@ -38,6 +38,10 @@ class Projector:
         return self.project(grads)
 
 
+class MatrixTooLargeError(ProjectorError):
+    """The dense projection matrix would not fit the cache limit (:func:`cache_limit_bytes`)."""
+
+
 #: environment variable that raises (or lowers) the largest dense matrix :class:`TorchProjector` may hold, in GiB
 CACHE_ENV = "DIFFUSION_TRAK_PROJECTOR_CACHE_GB"
 DEFAULT_CACHE_GB = 4.0
@@ -78,7 +82,7 @@ class TorchProjector(Projector):
         need = p * k * torch.finfo(dtype).bits // 8
         limit = cache_limit_bytes() if cache_bytes is None else int(cache_bytes)
         if need > limit:
-            raise ProjectorError(f"the dense {p:,} × {k} projection matrix needs {need / 1024 ** 3:.1f} GiB, over the "
+            raise MatrixTooLargeError(f"the dense {p:,} × {k} projection matrix needs {need / 1024 ** 3:.1f} GiB, over the "
                                  f"{limit / 1024 ** 3:.1f} GiB limit; use --method fast (or --projector countsketch), "
                                  f"a smaller --proj-dim, or raise {CACHE_ENV}")
         self._matrix: Optional[torch.Tensor] = None
