@@ -76,10 +76,28 @@ class FeatureSet:
 
     store: Store
     names: List[str]
+    #: work that depends on these features and a checkpoint but not on the targets, kept for later calls of
+    #: :func:`score`: the featurizers of the checkpoints and the TRAK kernel with its factorisation
+    reuse: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def arrays(self):
         return [self.store.get(n).read() for n in self.names]
+
+    def scorer(self, ridge: float, block_size: int) -> TRAKScorer:
+        """The :class:`TRAKScorer` of these features (kernel and Cholesky factor per checkpoint), built once."""
+        key = ("scorer", float(ridge), int(block_size))
+        if key not in self.reuse:
+            self.reuse[key] = TRAKScorer(self.arrays, ridge, block_size)
+        return self.reuse[key]
+
+    def featurizers(self, ckpts, device) -> List[Featurizer]:
+        """Featurizers of ``ckpts`` (already checked to be the store's checkpoints) with the store's settings,
+        built once per device."""
+        key = ("featurizers", str(torch.device(device)))
+        if key not in self.reuse:
+            self.reuse[key] = _featurizers(ckpts, FeaturizeArgs(**self.store.settings["featurize"]), device)
+        return self.reuse[key]
 
     @classmethod
     def open(cls, path: str) -> "FeatureSet":
@@ -216,7 +234,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
     fargs = FeaturizeArgs(**fset["featurize"])
-    featurizers = _featurizers(ckpts, fargs, device)
+    featurizers = features.featurizers(ckpts, device)
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]
@@ -240,7 +258,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     per_ckpt = [make(f).numpy() for f in featurizers]  # each (S, B, k)
     S, B, k = per_ckpt[0].shape
     flat = [p.reshape(S * B, k) for p in per_ckpt]
-    scorer = TRAKScorer(features.arrays, args.ridge, args.block_size)
+    scorer = features.scorer(args.ridge, args.block_size)
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
     if out is not None:

@@ -90,6 +90,12 @@ def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data
         psi = torch.stack([target_features(f, images, t, 2, sa.seed, key=t) for t in (5, 50)]).double()
         expected = expected + psi @ inv @ phi.T / len(ckpts)
     np.testing.assert_allclose(sc.values, expected.numpy(), rtol=1e-4, atol=1e-6)
+    # target-independent work is kept for the next call: featurizers, kernel and factorisation
+    built = dict(fs.reuse)
+    assert len(built) == 2
+    again = api.score(fs, ckpts, tiny_data.indices.numpy(), sa, images=images, image_timesteps=[5, 50], progress=False)
+    assert all(fs.reuse[key] is obj for key, obj in built.items()) and len(fs.reuse) == 2
+    np.testing.assert_array_equal(again.values, sc.values)
     top, _, bottom, _ = sc.top(3)
     assert top.shape == (2, 3, 3) and set(top.reshape(-1)) <= set(tiny_data.indices.tolist())
 

@@ -142,3 +142,12 @@ def test_countsketch_same_on_cuda():
     a = CountSketchProjector(2000, 64, 1)(x)
     b = CountSketchProjector(2000, 64, 1, device="cuda")(x.cuda()).cpu()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_countsketch_tables_are_drawn_once_for_equal_projectors():
+    a, b = CountSketchProjector(3000, 50, 4), CountSketchProjector(3000, 50, 4)
+    assert a.buckets is b.buckets and a.signs is b.signs
+    c = CountSketchProjector(3000, 50, 5)
+    assert not torch.equal(a.buckets, c.buckets)
+    x = torch.randn(3, 3000)
+    torch.testing.assert_close(a(x), (x.double() @ a.matrix()).float(), rtol=1e-5, atol=1e-5)
