@@ -11,8 +11,9 @@ Parts (every figure of a part comes from the same process and run; paths are int
   ``method="fast"``) against the reference recipe (``vmap`` + dense JL) and against one plain batched forward +
   backward of the same rows, with peak memory (:func:`evaluations.bench_featurize.bench_throughput`).
 - ``demo``: the demo's configuration (:func:`diffusion_trak.demo.demo_settings`: the digits data, the demo's
-  UNet, 2 checkpoints, T = 10, k = 1024, R = 20), with its new defaults and with its old ones (the same
-  settings with ``method="vmap"``, which was the default, and so the dense torch projector):
+  UNet, 2 checkpoints, T = 10, k = 1024, R = 20), with its new defaults and with its old ones: with
+  ``--baseline-code DIR`` the previous version of the package (a checkout, imported in this same process)
+  with its own defaults, otherwise the same settings with ``method="vmap"`` (the old default) on this code:
 
   1. the featurize stage (:func:`diffusion_trak.api.featurize` of the whole training set) and the score stage
      (:func:`diffusion_trak.api.score` of the demo's 8 recorded steps on a fresh feature set, then the
@@ -20,7 +21,8 @@ Parts (every figure of a part comes from the same process and run; paths are int
   2. "attribute one trajectory": ``api.score`` of 10 recorded steps of a 100-step DDPM sampling with R = 20,
      the first call on a freshly opened feature set (it builds the featurizers, the kernels and their
      factorisations) and repeated calls (which reuse them), against plain batched forward + backward of the
-     same 10 × 20 (step, noise) pairs on every checkpoint.
+     same 10 × 20 (step, noise) pairs on every checkpoint; also this code on the old defaults' store
+     (``reference``: vmap + dense JL) and, with ``--baseline-code``, the previous code on it.
 
 The demo's checkpoints are the demo's UNet at two random initialisations unless ``--checkpoints`` names
 trained ones: the cost of every path depends on the architecture and the data, not on the weights.
@@ -95,7 +97,22 @@ def _measured(fn):
     return t, mem.peak(), out
 
 
-def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progress=False):
+def load_baseline(code_dir: str):
+    """The ``diffusion_trak`` package of another checkout (``code_dir``/diffusion_trak), imported in this process
+    under the name ``baseline_trak``: its ``api`` and ``demo`` modules, to run the previous version side by side."""
+    import importlib
+    import importlib.util
+
+    root = os.path.join(os.path.abspath(code_dir), "diffusion_trak")
+    spec = importlib.util.spec_from_file_location("baseline_trak", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_trak"] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module("baseline_trak.api"), importlib.import_module("baseline_trak.demo")
+
+
+def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progress=False, baseline_code=None):
     from diffusion_trak import api
     from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.demo import demo_settings
@@ -104,7 +121,15 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     cfg = demo_settings()
     dataset = load_dataset(DataArgs(name="digits", limit=limit if limit is not None else cfg.limit))
     ckpts = demo_checkpoints(checkpoint_paths, cfg.train, tuple(dataset.images.shape[1:]))
-    settings = {"new": cfg.featurize, "old": dataclasses.replace(cfg.featurize, method="vmap")}
+    # name -> (api module, the demo's featurize settings, the demo's score settings)
+    runs = {"new": (api, cfg.featurize, cfg.score)}
+    if baseline_code:  # today's defaults: the previous code with its own demo settings
+        base_api, base_demo = load_baseline(baseline_code)
+        base_cfg = base_demo.demo_settings()
+        runs["old"] = (base_api, base_cfg.featurize, base_cfg.score)
+    else:  # the old default method on this code
+        runs["old"] = (api, dataclasses.replace(cfg.featurize, method="vmap"), cfg.score)
+    settings = {name: r[1] for name, r in runs.items()}
     assert settings["new"].method == "fast", "the demo's settings must resolve to the fast path by default"
     demo_steps = sorted({round(i * (cfg.sampling_steps - 1) / (cfg.record - 1)) for i in range(cfg.record)})
     traj_steps = sorted({round(i * (cfg.sampling_steps - 1) / 9) for i in range(10)})
@@ -117,24 +142,25 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     res = {"n_train": len(dataset), "checkpoints": len(ckpts), "trained": bool(checkpoint_paths),
            "p": sum(p.numel() for p in ckpts[0][0].parameters()), "T": cfg.featurize.num_timesteps,
            "k": cfg.featurize.proj_dim, "R": cfg.score.num_noises, "demo_steps": demo_steps, "trajectory_steps": traj_steps,
-           "method": {name: a.method for name, a in settings.items()}}
+           "method": {name: a.method for name, a in settings.items()},
+           "old_code": os.path.abspath(baseline_code) if baseline_code else "this code"}
     stores = {}
     # 1. the demo's featurize and score stages, new defaults and old defaults side by side
-    for name, fargs in settings.items():
+    for name, (mod, fargs, _) in runs.items():
         out = os.path.join(work, f"features_{name}")
-        t, peak, fs = _measured(lambda: api.featurize(ckpts, dataset, fargs, out, overwrite=True, progress=progress))
+        t, peak, fs = _measured(lambda: mod.featurize(ckpts, dataset, fargs, out, overwrite=True, progress=progress))
         stores[name] = out
         res[f"{name}_featurize_s"], res[f"{name}_featurize_peak_mb"] = t, peak / 2 ** 20
         res[f"{name}_projector"] = fs.store.settings["projector"]
         print(f"   featurize ({name} defaults, method {fargs.method}): {t:.1f} s, peak {peak / 2 ** 20:.0f} MB", flush=True)
         _trim()
-    for name in settings:
-        fs = api.FeatureSet.open(stores[name])
+    for name, (mod, _, sargs) in runs.items():
+        fs = mod.FeatureSet.open(stores[name])
 
         def score_stage():
-            api.score(fs, ckpts, indices, cfg.score, trajectory=traj, steps=demo_steps, progress=False)
-            api.self_attribution_rate(fs, ckpts, dataset, cfg.self_attribution_images, cfg.self_attribution_timestep,
-                                      cfg.score)
+            mod.score(fs, ckpts, indices, sargs, trajectory=traj, steps=demo_steps, progress=False)
+            mod.self_attribution_rate(fs, ckpts, dataset, cfg.self_attribution_images, cfg.self_attribution_timestep,
+                                      sargs)
         t, peak, _ = _measured(score_stage)
         res[f"{name}_score_s"], res[f"{name}_score_peak_mb"] = t, peak / 2 ** 20
         print(f"   score stage ({name} defaults): {t:.1f} s, peak {peak / 2 ** 20:.0f} MB", flush=True)
@@ -146,10 +172,15 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     res["featurize_speedup"] = res["old_featurize_s"] / res["new_featurize_s"]
     res["score_speedup"] = res["old_score_s"] / res["new_score_s"]
 
-    # 2. attribute one trajectory: 10 recorded steps, R = 20
-    sets = {name: api.FeatureSet.open(stores[name]) for name in settings}
-    calls = {name: (lambda fs=fs: api.score(fs, ckpts, indices, cfg.score, trajectory=traj, steps=traj_steps,
-                                            progress=False)) for name, fs in sets.items()}
+    # 2. attribute one trajectory: 10 recorded steps, R = 20 (the old defaults' store scored by each code)
+    sets = {"new": (api, stores["new"], cfg.score), "ref": (api, stores["old"], cfg.score)}
+    if baseline_code:
+        sets["old"] = (runs["old"][0], stores["old"], runs["old"][2])
+    calls = {}
+    for name, (mod, path, sargs) in sets.items():
+        fs = mod.FeatureSet.open(path)
+        calls[name] = (lambda mod=mod, fs=fs, sargs=sargs: mod.score(fs, ckpts, indices, sargs, trajectory=traj,
+                                                                     steps=traj_steps, progress=False))
     for name, fn in calls.items():  # first call: builds featurizers, kernels and factorisations
         t, peak, _ = _measured(fn)
         res[f"{name}_trajectory_first_s"], res[f"{name}_trajectory_first_peak_mb"] = t, peak / 2 ** 20
@@ -166,7 +197,7 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
             times[name].append(_timed(fn)[0])
     for name, v in times.items():
         res[f"{name}_trajectory_s"] = statistics.median(v)
-    for name in settings:
+    for name in sets:
         res[f"{name}_trajectory_over_plain"] = res[f"{name}_trajectory_s"] / res["plain_trajectory_s"]
         res[f"{name}_trajectory_first_over_plain"] = res[f"{name}_trajectory_first_s"] / res["plain_trajectory_s"]
     res["repeats"] = repeats
@@ -177,7 +208,7 @@ def print_demo(r):
     print(f"\n== the demo's configuration: {r['n_train']} digits 8×8, UNet p = {r['p']:,}, {r['checkpoints']} checkpoints "
           f"({'trained' if r['trained'] else 'random init'}), T = {r['T']}, k = {r['k']}, R = {r['R']}")
     print(f"   new defaults: method {r['method']['new']} ({r['new_projector']}); "
-          f"old defaults: method {r['method']['old']} ({r['old_projector']})")
+          f"old defaults: method {r['method']['old']} ({r['old_projector']}), run by {r['old_code']}")
     print(f"   {'stage':<44} {'new (s)':>9} {'old (s)':>9} {'old ÷ new':>10} {'new peak MB':>12} {'old peak MB':>12}")
     rows = [("featurize (whole training set)", "featurize"),
             (f"score ({len(r['demo_steps'])} steps + self-attribution of 50)", "score"),
@@ -189,13 +220,15 @@ def print_demo(r):
               f"{r[f'old_{key}_s'] / r[f'new_{key}_s']:>9.1f}× {peak}")
     print(f"\n== attribute one trajectory: {len(r['trajectory_steps'])} recorded steps × R = {r['R']} on {r['checkpoints']} "
           f"checkpoints ({r['trajectory_rows_per_checkpoint']} (step, noise) rows each); median of {r['repeats']}")
-    print(f"   {'path':<34} {'s':>8} {'÷ plain':>8} {'peak MB':>9}")
-    print(f"   {'plain fwd+bwd of the same pairs':<34} {r['plain_trajectory_s']:>8.3f} {'1.00':>8} "
+    print(f"   {'path':<44} {'s':>8} {'÷ plain':>8} {'peak MB':>9}")
+    print(f"   {'plain fwd+bwd of the same pairs':<44} {r['plain_trajectory_s']:>8.3f} {'1.00':>8} "
           f"{r['plain_trajectory_peak_mb']:>9.0f}")
-    for name, label in (("new", "default (fast)"), ("old", "reference (vmap + dense JL)")):
-        print(f"   {label + ', repeated call':<34} {r[f'{name}_trajectory_s']:>8.3f} {r[f'{name}_trajectory_over_plain']:>8.2f} "
+    for name, label in (("new", "default (fast)"), ("ref", "reference (vmap + dense JL)"), ("old", "old code, old defaults")):
+        if f"{name}_trajectory_s" not in r:
+            continue
+        print(f"   {label + ', repeated call':<44} {r[f'{name}_trajectory_s']:>8.3f} {r[f'{name}_trajectory_over_plain']:>8.2f} "
               f"{r[f'{name}_trajectory_peak_mb']:>9.0f}")
-        print(f"   {label + ', first call':<34} {r[f'{name}_trajectory_first_s']:>8.3f} "
+        print(f"   {label + ', first call':<44} {r[f'{name}_trajectory_first_s']:>8.3f} "
               f"{r[f'{name}_trajectory_first_over_plain']:>8.2f} {r[f'{name}_trajectory_first_peak_mb']:>9.0f}")
 
 
@@ -209,12 +242,17 @@ def main(argv=None):
     ap.add_argument("--ref-batch", type=int, default=4,
                     help="examples per reference (vmap) batch when T > 10: its memory grows with B × T")
     ap.add_argument("--k", type=int, default=2048, help="k of the train part")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each training-featurization path")
+    ap.add_argument("--trajectory-repeats", type=int, default=7, help="timed repeats of attributing one trajectory")
     ap.add_argument("--cache-limit-gb", type=float, default=4.0,
                     help="largest reference matrix held in memory (the library's default limit); above it the "
                          "reference projection is timed on a slice of rows")
     ap.add_argument("--checkpoints", nargs="+", default=None, help="trained demo checkpoints (default: random init)")
     ap.add_argument("--limit", type=int, default=None, help="training images of the demo part (default: the demo's)")
+    ap.add_argument("--baseline-code", default=None, metavar="DIR",
+                    help="a checkout of the previous version (DIR/diffusion_trak): the demo part runs its old defaults "
+                         "with that code, in this process (e.g. `git worktree add DIR <commit>`); default: method vmap "
+                         "on this code")
     ap.add_argument("--workdir", default=None, help="where the demo part's feature stores go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args(argv)
@@ -230,7 +268,7 @@ def main(argv=None):
             results[f"train_T{T}"] = r
             _trim()
     if "demo" in a.parts:
-        r = bench_demo(a.checkpoints, a.limit, a.repeats, a.workdir)
+        r = bench_demo(a.checkpoints, a.limit, a.trajectory_repeats, a.workdir, baseline_code=a.baseline_code)
         print_demo(r)
         results["demo"] = r
     if a.json:
