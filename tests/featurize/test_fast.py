@@ -246,3 +246,13 @@ def test_nan_weights_are_a_one_line_error(tiny_unet, scheduler):
     with pytest.raises(NonFiniteError, match="NaN"):
         FastGradientSketch(model, scheduler, k=8).features(x0, ts, ns)
     assert all(p.requires_grad for p in model.parameters())  # restored after the error
+
+
+def test_cli_featurize_defaults_to_fast_and_keeps_vmap_by_name():
+    from diffusion_trak.cli import _featurize_args, build_parser
+
+    parse = lambda *a: _featurize_args(build_parser().parse_args(["featurize", *a]))
+    assert parse().method == "fast" and parse().projector == "auto"
+    assert parse("--method", "vmap").method == "vmap"
+    assert parse("--projector", "torch").method == "vmap"  # the dense recipe by naming its projector
+    assert parse("--projector", "countsketch").method == "fast"
