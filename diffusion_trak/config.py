@@ -106,7 +106,8 @@ class FeaturizeArgs:
             example ``i`` depend only on ``(seed, i)``, never on batch or shard.
         batch_size: examples per batch written to the store; with ``vmap`` also per vmap call (memory ≈
             batch_size × T activations + batch_size × p). The fast methods bound memory by rows instead
-            (:data:`diffusion_trak.featurize.fast.MAX_ROWS` (example, timestep) rows per pass).
+            (passes of as many (example, timestep) rows as fit
+            :data:`diffusion_trak.featurize.fast.ACTIVATION_BUDGET`).
         method: ``fast`` (the default; :mod:`diffusion_trak.featurize.fast`: all batch × T pairs in one
             batched forward/backward, exact per-layer per-example gradients from hooks, sketched layer by
             layer with a seeded CountSketch; never forms the p-dimensional gradient nor a p × k matrix; same

@@ -8,8 +8,9 @@ This path never forms the ``p``-dimensional gradient:
    of ``Σ_i (1/T) Σ_j f(θ; x0_i, t_ij, ε_ij)``. Parameters are frozen during that pass, so autograd
    computes only gradients with respect to activations; since the pairs do not interact (GroupNorm and
    attention act within a sample; the model is in ``eval`` mode), the gradient reaching a layer's output
-   at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds ``max_rows``
-   (:data:`MAX_ROWS`), the rows go through in passes of whole examples, or of chunks of one example's
+   at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds the rows per pass
+   (``max_rows``, by default what fits :data:`ACTIVATION_BUDGET` bytes of saved activations, measured on
+   the first call), the rows go through in passes of whole examples, or of chunks of one example's
    timesteps, each scaled by the full ``1/T``; the sketch is linear, so the passes add up to the same
    features and memory stays bounded whatever B and T are.
 2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
@@ -58,9 +59,9 @@ from .sketch import CountSketchProjector
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 PRECISIONS = ("fp32", "tf32", "bf16")
-#: (example, timestep) rows per forward/backward pass: bounds activation memory (about 0.3 GiB for the
-#: benchmark's 1.1M-parameter UNet at 16×16) without costing speed on CPU; results do not depend on it
-MAX_ROWS = 128
+#: bytes of activations saved for the backward per pass: the rows per pass are this over the bytes one row
+#: saves (measured by :meth:`FastGradientSketch._sketch` on the first call); results do not depend on it
+ACTIVATION_BUDGET = 256 * 2 ** 20
 
 
 class FastPathError(UserError, RuntimeError):
@@ -87,7 +88,8 @@ class FastGradientSketch:
         precision: ``fp32``, ``tf32`` or ``bf16``.
         nnz: nonzeros per coordinate of the sparse JL (1 = CountSketch).
         self_check: on the first call, compare the sketches of a few rows against a plain batched gradient.
-        max_rows: (example, timestep) rows per forward/backward pass (default :data:`MAX_ROWS`); bounds memory.
+        max_rows: (example, timestep) rows per forward/backward pass; default: as many as fit
+            :data:`ACTIVATION_BUDGET`, measured on the first call. Bounds memory; results do not depend on it.
     """
 
     def __init__(self, model: nn.Module, scheduler, k: int, seed: int = 0, device="cpu", precision: str = "fp32",
@@ -130,9 +132,10 @@ class FastGradientSketch:
         assert covered == set(offsets), "fast path must cover exactly the trainable parameters"
         self.projector = CountSketchProjector(p, k, seed, self.device, nnz)
         self.k = k
-        self.max_rows = int(max_rows or MAX_ROWS)
-        if self.max_rows < 1:
+        if max_rows is not None and max_rows < 1:
             raise ValueError(f"max_rows must be positive, got {max_rows}")
+        self.max_rows = max_rows
+        self.row_bytes: Optional[float] = None  # activation bytes one row saves, measured on the first call
         self._checked = not self_check
         self._slices = {}
 
@@ -269,20 +272,25 @@ class FastGradientSketch:
         (example, timestep) rows go through the model in passes of at most ``max_rows`` rows: whole
         examples while they fit, otherwise one example's timesteps in chunks. The sketch is linear, so
         the chunks of an example add up to its features exactly (up to float rounding), and memory is
-        bounded by ``max_rows`` rows of activations whatever B and T are."""
+        bounded by ``max_rows`` rows of activations whatever B and T are. The first call also sketches a
+        few probe rows: for the self-check and to measure the activation bytes of one row."""
         dev = self.device
         B, T = timesteps.shape
         x0, timesteps, noises = x0.to(dev), timesteps.to(dev), noises.to(dev)
         cond = {key: v.to(dev) for key, v in (cond or {}).items()}
         if B == 0:
             return torch.zeros(0, self.k, device=dev, dtype=torch.float32)
-        if not self._checked:
+        if not self._checked or self.row_bytes is None:
             nb, nt = min(B, 2), min(T, 2)  # a few rows suffice: the check is about the model, not the data
-            self._self_check(x0[:nb], timesteps[:nb, :nt], noises[:nb, :nt],
-                             self._cond_rows(cond, slice(0, nb), slice(0, nt), cond_per_timestep), output, cond_per_timestep)
+            probe = (x0[:nb], timesteps[:nb, :nt], noises[:nb, :nt],
+                     self._cond_rows(cond, slice(0, nb), slice(0, nt), cond_per_timestep), output, cond_per_timestep)
+            got = self._sketch(*probe, nt, measure=True)
+            if not self._checked:
+                self._self_check(got, *probe)
+        rows = self.max_rows or max(1, int(ACTIVATION_BUDGET // max(self.row_bytes, 1.0)))
         out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
-        tc = _even(T, min(T, self.max_rows))
-        bc = _even(B, max(1, self.max_rows // tc))
+        tc = _even(T, min(T, rows))
+        bc = _even(B, max(1, rows // tc))
         for b0 in range(0, B, bc):
             bs = slice(b0, min(B, b0 + bc))
             for t0 in range(0, T, tc):
@@ -298,8 +306,9 @@ class FastGradientSketch:
     def _cond_rows(cond, bs, ts, cond_per_timestep):
         return {key: v[bs, ts] if cond_per_timestep else v[bs] for key, v in cond.items()}
 
-    def _sketch(self, x0, timesteps, noises, cond, output, cond_per_timestep, T_total) -> torch.Tensor:
-        """One pass: ``S · (1/T_total) Σ_{j in this chunk} ∇_θ f`` per example, (B, k)."""
+    def _sketch(self, x0, timesteps, noises, cond, output, cond_per_timestep, T_total, measure=False) -> torch.Tensor:
+        """One pass: ``S · (1/T_total) Σ_{j in this chunk} ∇_θ f`` per example, (B, k). With ``measure``, also
+        sets :attr:`row_bytes`: the bytes of the tensors the forward saves for the backward, per row."""
         dev = self.device
         B, T = timesteps.shape
         xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
@@ -311,8 +320,18 @@ class FastGradientSketch:
         try:
             for p in params:
                 p.requires_grad_(False)
-            with torch.enable_grad(), self._precision():
+            saved, weights = {}, {q.untyped_storage().data_ptr() for q in self.model.parameters()}
+
+            def pack(t):  # activations only: the (frozen) weights saved for input gradients do not grow with rows
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in weights:
+                    saved[(ptr, t.device)] = t.untyped_storage().nbytes()
+                return t
+            counting = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+            with torch.enable_grad(), self._precision(), counting:
                 total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T_total
+            if measure:
+                self.row_bytes = sum(saved.values()) / (B * T)
             if not torch.isfinite(total):
                 raise NonFiniteError("NaN/Inf in the model output; check the checkpoint for NaN weights "
                                      "(retrain with a lower learning rate) and the inputs for NaN")
@@ -325,10 +344,11 @@ class FastGradientSketch:
         out, self._out = self._out, None
         return out
 
-    def _self_check(self, x0, timesteps, noises, cond, output, cond_per_timestep):
-        """On a few rows, once: Σ_i S g_i must equal S (Σ_i g_i), the latter from one plain batched backward."""
+    def _self_check(self, sketches, x0, timesteps, noises, cond, output, cond_per_timestep):
+        """On a few rows, once: Σ_i S g_i (``sketches`` of those rows) must equal S (Σ_i g_i), the latter from one
+        plain batched backward."""
         T = timesteps.shape[1]
-        got = self._sketch(x0, timesteps, noises, cond, output, cond_per_timestep, T).sum(0)
+        got = sketches.sum(0)
         if not torch.isfinite(got).all():
             raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
                                  "(retrain with a lower learning rate) and the inputs for NaN")

@@ -256,3 +256,23 @@ def test_cli_featurize_defaults_to_fast_and_keeps_vmap_by_name():
     assert parse("--method", "vmap").method == "vmap"
     assert parse("--projector", "torch").method == "vmap"  # the dense recipe by naming its projector
     assert parse("--projector", "countsketch").method == "fast"
+
+
+def test_rows_per_pass_follow_the_activation_budget(tiny_unet, scheduler, monkeypatch):
+    """By default the rows per pass are the activation budget over the measured bytes of one row; a budget of a
+    few rows splits the batch into several passes and gives the same features."""
+    from diffusion_trak.featurize import fast as fast_mod
+
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(3, 4, (1, 8, 8), seed=11)
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2)
+    want = whole.features(x0, ts, ns)
+    assert whole.row_bytes > 1000  # measured on the first call: activations of one 8×8 row, weights excluded
+    passes = []
+    small = FastGradientSketch(model, scheduler, k=64, seed=2)
+    monkeypatch.setattr(fast_mod, "ACTIVATION_BUDGET", int(2.5 * whole.row_bytes))  # 2 rows per pass
+    original = small._sketch
+    small._sketch = lambda *a, **kw: passes.append(a[1].numel()) or original(*a, **kw)
+    got = small.features(x0, ts, ns)
+    assert _rel(got, want) < 1e-5
+    assert passes[0] == 4 and max(passes[1:]) <= 2 and len(passes) == 1 + 6  # probe, then 6 passes of 2 rows
