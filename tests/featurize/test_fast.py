@@ -276,3 +276,28 @@ def test_rows_per_pass_follow_the_activation_budget(tiny_unet, scheduler, monkey
     got = small.features(x0, ts, ns)
     assert _rel(got, want) < 1e-5
     assert passes[0] == 4 and max(passes[1:]) <= 2 and len(passes) == 1 + 6  # probe, then 6 passes of 2 rows
+
+
+def test_grouped_and_per_example_conv_kernels_agree(scheduler, monkeypatch):
+    """Per-example Conv2d weight gradients: one grouped call (small maps) or one call per example (large maps),
+    including a grouped convolution of the model itself, equal the reference gradient either way."""
+    from diffusion_trak.featurize import fast as fast_mod
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1, groups=2, stride=2)
+            self.c = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x, t):
+            return (F.interpolate(self.c(torch.tanh(self.b(torch.tanh(self.a(x))))), scale_factor=2),)
+
+    torch.manual_seed(0)
+    model = Grouped()
+    x0, ts, ns = _draws(3, 2, (1, 8, 8), seed=12)
+    want = FastGradientSketch(model, scheduler, k=64, seed=1).projector(per_sample_gradients(model, scheduler, x0, ts, ns))
+    for positions in (10 ** 6, 0):  # all grouped, then all per example
+        monkeypatch.setattr(fast_mod, "GROUPED_CONV_MAX_POSITIONS", positions)
+        got = FastGradientSketch(model, scheduler, k=64, seed=1).features(x0, ts, ns)
+        assert _rel(got, want) < 1e-5
