@@ -112,13 +112,18 @@ def load_baseline(code_dir: str):
     return importlib.import_module("baseline_trak.api"), importlib.import_module("baseline_trak.demo")
 
 
-def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progress=False, baseline_code=None):
+def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progress=False, baseline_code=None,
+               channels=None, k=None, trajectory=True):
     from diffusion_trak import api
     from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.demo import demo_settings
     from pipelines import TrajectoryPipeline
 
     cfg = demo_settings()
+    if channels:  # a variant of the demo: another UNet width and/or k, in the new and the old settings alike
+        cfg.train = dataclasses.replace(cfg.train, block_out_channels=tuple(channels))
+    if k:
+        cfg.featurize = dataclasses.replace(cfg.featurize, proj_dim=k)
     dataset = load_dataset(DataArgs(name="digits", limit=limit if limit is not None else cfg.limit))
     ckpts = demo_checkpoints(checkpoint_paths, cfg.train, tuple(dataset.images.shape[1:]))
     # name -> (api module, the demo's featurize settings, the demo's score settings)
@@ -126,6 +131,8 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     if baseline_code:  # today's defaults: the previous code with its own demo settings
         base_api, base_demo = load_baseline(baseline_code)
         base_cfg = base_demo.demo_settings()
+        if k:
+            base_cfg.featurize = dataclasses.replace(base_cfg.featurize, proj_dim=k)
         runs["old"] = (base_api, base_cfg.featurize, base_cfg.score)
     else:  # the old default method on this code
         runs["old"] = (api, dataclasses.replace(cfg.featurize, method="vmap"), cfg.score)
@@ -143,7 +150,8 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
            "p": sum(p.numel() for p in ckpts[0][0].parameters()), "T": cfg.featurize.num_timesteps,
            "k": cfg.featurize.proj_dim, "R": cfg.score.num_noises, "demo_steps": demo_steps, "trajectory_steps": traj_steps,
            "method": {name: a.method for name, a in settings.items()},
-           "old_code": os.path.abspath(baseline_code) if baseline_code else "this code"}
+           "old_code": os.path.abspath(baseline_code) if baseline_code else "this code",
+           "variant": (f"UNet {tuple(channels)}" if channels else "") + (f" k = {k}" if k else "")}
     stores = {}
     # 1. the demo's featurize and score stages, new defaults and old defaults side by side
     for name, (mod, fargs, _) in runs.items():
@@ -171,6 +179,8 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     res["stages_speedup"] = res["old_stages_s"] / res["new_stages_s"]
     res["featurize_speedup"] = res["old_featurize_s"] / res["new_featurize_s"]
     res["score_speedup"] = res["old_score_s"] / res["new_score_s"]
+    if not trajectory:
+        return res
 
     # 2. attribute one trajectory: 10 recorded steps, R = 20 (the old defaults' store scored by each code)
     sets = {"new": (api, stores["new"], cfg.score), "ref": (api, stores["old"], cfg.score)}
@@ -205,7 +215,7 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
 
 
 def print_demo(r):
-    print(f"\n== the demo's configuration: {r['n_train']} digits 8×8, UNet p = {r['p']:,}, {r['checkpoints']} checkpoints "
+    print(f"\n== the demo's configuration{' (variant: ' + r['variant'].strip() + ')' if r.get('variant') else ''}: {r['n_train']} digits 8×8, UNet p = {r['p']:,}, {r['checkpoints']} checkpoints "
           f"({'trained' if r['trained'] else 'random init'}), T = {r['T']}, k = {r['k']}, R = {r['R']}")
     print(f"   new defaults: method {r['method']['new']} ({r['new_projector']}); "
           f"old defaults: method {r['method']['old']} ({r['old_projector']}), run by {r['old_code']}")
@@ -218,6 +228,8 @@ def print_demo(r):
                 if f"new_{key}_peak_mb" in r else "")
         print(f"   {label:<44} {r[f'new_{key}_s']:>9.1f} {r[f'old_{key}_s']:>9.1f} "
               f"{r[f'old_{key}_s'] / r[f'new_{key}_s']:>9.1f}× {peak}")
+    if "plain_trajectory_s" not in r:
+        return
     print(f"\n== attribute one trajectory: {len(r['trajectory_steps'])} recorded steps × R = {r['R']} on {r['checkpoints']} "
           f"checkpoints ({r['trajectory_rows_per_checkpoint']} (step, noise) rows each); median of {r['repeats']}")
     print(f"   {'path':<44} {'s':>8} {'÷ plain':>8} {'peak MB':>9}")
@@ -253,6 +265,10 @@ def main(argv=None):
                     help="a checkout of the previous version (DIR/diffusion_trak): the demo part runs its old defaults "
                          "with that code, in this process (e.g. `git worktree add DIR <commit>`); default: method vmap "
                          "on this code")
+    ap.add_argument("--demo-channels", type=int, nargs="+", default=None,
+                    help="a variant of the demo part: these UNet widths instead of the demo's")
+    ap.add_argument("--demo-k", type=int, default=None, help="a variant of the demo part: this k instead of the demo's")
+    ap.add_argument("--no-trajectory", action="store_true", help="skip attributing one trajectory in the demo part")
     ap.add_argument("--workdir", default=None, help="where the demo part's feature stores go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args(argv)
@@ -268,7 +284,8 @@ def main(argv=None):
             results[f"train_T{T}"] = r
             _trim()
     if "demo" in a.parts:
-        r = bench_demo(a.checkpoints, a.limit, a.trajectory_repeats, a.workdir, baseline_code=a.baseline_code)
+        r = bench_demo(a.checkpoints, a.limit, a.trajectory_repeats, a.workdir, baseline_code=a.baseline_code,
+                       channels=a.demo_channels, k=a.demo_k, trajectory=not a.no_trajectory)
         print_demo(r)
         results["demo"] = r
     if a.json:
