@@ -43,8 +43,6 @@ import time
 
 import torch
 
-from diffusion_trak.config import FeaturizeArgs
-
 from .bench_featurize import PeakMemory, _trim, bench_throughput, print_throughput, small_unet
 
 
