@@ -66,6 +66,8 @@ ACTIVATION_BUDGET = 256 * 2 ** 20
 #: Conv2d outputs with at most this many positions get their per-example weight gradients from one grouped
 #: kernel call (measured faster on CPU at 8×8 and below), larger ones from one call per example
 GROUPED_CONV_MAX_POSITIONS = 64
+NON_FINITE = ("NaN/Inf in per-example gradients; check the checkpoint for NaN weights (retrain with a lower learning rate) "
+              "and the inputs for NaN")
 
 
 class FastPathError(UserError, RuntimeError):
@@ -312,8 +314,7 @@ class FastGradientSketch:
                 out[bs] += self._sketch(x0[bs], timesteps[bs, ts], noises[bs, ts],
                                         self._cond_rows(cond, bs, ts, cond_per_timestep), output, cond_per_timestep, T)
         if not torch.isfinite(out).all():
-            raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
-                                 "(retrain with a lower learning rate) and the inputs for NaN")
+            raise NonFiniteError(NON_FINITE)
         return out
 
     @staticmethod
@@ -347,8 +348,7 @@ class FastGradientSketch:
             if measure:
                 self.row_bytes = sum(saved.values()) / (B * T)
             if not torch.isfinite(total):
-                raise NonFiniteError("NaN/Inf in the model output; check the checkpoint for NaN weights "
-                                     "(retrain with a lower learning rate) and the inputs for NaN")
+                raise NonFiniteError(NON_FINITE)  # the same one line as for the gradients, whatever the method
             total.backward()
         finally:
             for h in handles:
@@ -364,8 +364,7 @@ class FastGradientSketch:
         T = timesteps.shape[1]
         got = sketches.sum(0)
         if not torch.isfinite(got).all():
-            raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
-                                 "(retrain with a lower learning rate) and the inputs for NaN")
+            raise NonFiniteError(NON_FINITE)
         xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
         self.model.zero_grad(set_to_none=True)
         with torch.enable_grad(), self._precision():
