@@ -18,9 +18,10 @@ from . import distributed
 from .config import FeaturizeArgs, ScoreArgs, asdict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
+from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, make_dirs, write_json_atomic
-from .targets import destination_target_features, target_features, trajectory_target_features
+from .targets import destination_target_features, image_target_features, trajectory_target_features
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
 
@@ -98,10 +99,28 @@ class FeatureSet:
 
     store: Store
     names: List[str]
+    #: work that depends on these features and a checkpoint but not on the targets, kept for later calls of
+    #: :func:`score`: the featurizers of the checkpoints and the TRAK kernel with its factorisation
+    reuse: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def arrays(self):
         return [self.store.get(n).read() for n in self.names]
+
+    def scorer(self, ridge: float, block_size: int) -> TRAKScorer:
+        """The :class:`TRAKScorer` of these features (kernel and Cholesky factor per checkpoint), built once."""
+        key = ("scorer", float(ridge), int(block_size))
+        if key not in self.reuse:
+            self.reuse[key] = TRAKScorer(self.arrays, ridge, block_size)
+        return self.reuse[key]
+
+    def featurizers(self, ckpts, device) -> List[Featurizer]:
+        """Featurizers of ``ckpts`` (already checked to be the store's checkpoints) with the store's settings,
+        built once per device."""
+        key = ("featurizers", str(torch.device(device)))
+        if key not in self.reuse:
+            self.reuse[key] = _featurizers(ckpts, FeaturizeArgs(**self.store.settings["featurize"]), device)
+        return self.reuse[key]
 
     @classmethod
     def open(cls, path: str) -> "FeatureSet":
@@ -142,7 +161,10 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     dist = distributed.state()
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
-        store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        try:
+            store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
+        except StoreError as e:
+            raise StoreError(str(e) + _method_fix(out, args)) from None
         with _closing_on_error(store):
             arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
     with store:  # the writer's lock is held until the rows are written
@@ -158,6 +180,28 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             if missing:
                 raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names)
+
+
+def _method_fix(out: str, args: FeaturizeArgs) -> str:
+    """The way back to a store's featurization method when it differs from ``args.method`` (e.g. a store made
+    with ``vmap`` when that was the default), as a clause to append to a one-line error; "" otherwise."""
+    try:
+        old = Store.open_existing(out).settings.get("featurize", {}).get("method")
+    except (StoreError, OSError, ValueError):
+        return ""
+    if old is None or old == args.method:
+        return ""
+    return f"; or pass --method {old} (FeaturizeArgs(method={old!r})) to resume it with the method it was made with"
+
+
+def _featurizers(ckpts, fargs: FeaturizeArgs, device) -> List[Featurizer]:
+    """One featurizer per checkpoint for the settings a feature store was made with."""
+    try:
+        return [Featurizer(u, s, fargs, device) for u, s in ckpts]
+    except MatrixTooLargeError as e:
+        raise MatrixTooLargeError(f"these features were made with method={fargs.method} and a dense projector whose "
+                                  f"matrix is over the memory limit ({str(e).split(';')[0]}); raise {CACHE_ENV} to score "
+                                  "them, or featurize again with the default method (fast)") from None
 
 
 @dataclass
@@ -265,13 +309,12 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     if size is not None and len(train_indices) != size:
         raise InputError(f"{len(train_indices)} training indices given, but the features in {features.store.root} "
                          f"have {size} rows; pass the training set the features were computed on")
-    ckpts = as_checkpoints(checkpoints, device)
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
     fargs = FeaturizeArgs(**fset["featurize"])
-    featurizers = [Featurizer(u, s, fargs, device) for u, s in ckpts]
+    featurizers = features.featurizers(ckpts, device)
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]
@@ -296,14 +339,13 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
         finals = images
-        make = lambda f: torch.stack([target_features(f, images, t, args.num_noises, args.seed, key=t, output=output, cond=cond)
-                                      for t in timesteps])
+        make = lambda f: image_target_features(f, images, timesteps, args.num_noises, args.seed, output, cond)
     else:
         raise ValueError("give a trajectory or images to score")
     per_ckpt = [make(f).numpy() for f in featurizers]  # each (S, B, k)
     S, B, k = per_ckpt[0].shape
     flat = [p.reshape(S * B, k) for p in per_ckpt]
-    scorer = TRAKScorer(features.arrays, args.ridge, args.block_size)
+    scorer = features.scorer(args.ridge, args.block_size)
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
     destination = None  # the final images, their target over the whole range of timesteps

@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", "--proj-dim", type=_int(1), default=f.proj_dim)
     sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl", "countsketch"])
     sp.add_argument("--output", default=f.output, help="output function: loss, sqnorm, mean, l1, l2")
-    sp.add_argument("--method", default=f.method, choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
+    sp.add_argument("--method", default="auto", choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)

@@ -162,20 +162,27 @@ class FeaturizeArgs:
             strategy; None = all training timesteps. Features restricted to a window around the
             timestep of a sampling step are that step's *timestep-matched* features.
         proj_dim: k, the projected dimension.
-        projector: ``auto`` (fast_jl when installed and CUDA is used, else ``torch``), ``torch``
-            (dense Rademacher, seeded, generated in blocks) or ``fast_jl`` (error if unusable).
+        projector: for ``method="vmap"``: ``auto`` (fast_jl when installed and CUDA is used, else ``torch``),
+            ``torch`` (dense Rademacher, seeded; held in memory, refused over
+            ``$DIFFUSION_TRAK_PROJECTOR_CACHE_GB``, default 4 GiB), ``fast_jl`` (error if unusable) or
+            ``countsketch``. The fast methods always use their CountSketch (``auto`` or ``countsketch``).
         output: output function name, see :mod:`diffusion_trak.outputs`.
         seed: seeds the projection and every example's timesteps and noises. The draws of
             example ``i`` depend only on ``(seed, i)``, never on batch or shard.
-        batch_size: examples per vmap batch (memory ≈ batch_size × T activations + batch_size × p).
-        method: ``vmap`` (per-sample gradients with ``torch.func``, then ``projector``) or ``fast``
-            (:mod:`diffusion_trak.featurize.fast`: all batch × T pairs in one batched forward/backward,
-            exact per-layer per-example gradients from hooks, sketched layer by layer with a seeded
-            CountSketch; never forms the p-dimensional gradient nor a p × k matrix; same gradient as
-            ``vmap``, another JL matrix with the same inner-product variance). ``fast_tf32`` (CUDA only)
-            and ``fast_bf16`` are the same with TF32 matmuls or bf16 autocast (faster on GPUs, less
-            exact). The fast methods need ``projector`` ``auto`` or ``countsketch``; ``countsketch``
-            with ``vmap`` gives the same features as ``fast`` up to float rounding.
+        batch_size: examples per batch written to the store; with ``vmap`` also per vmap call (memory ≈
+            batch_size × T activations + batch_size × p). The fast methods bound memory by rows instead
+            (passes of as many (example, timestep) rows as fit
+            :data:`diffusion_trak.featurize.fast.ACTIVATION_BUDGET`).
+        method: ``fast`` (the default; :mod:`diffusion_trak.featurize.fast`: all batch × T pairs in one
+            batched forward/backward, exact per-layer per-example gradients from hooks, sketched layer by
+            layer with a seeded CountSketch; never forms the p-dimensional gradient nor a p × k matrix; same
+            gradient as ``vmap``, another JL matrix with the same inner-product variance) or ``vmap`` (the
+            paper's recipe: per-sample gradients with ``torch.func``, then the dense ``projector``).
+            ``fast_tf32`` (CUDA only) and ``fast_bf16`` are the same as ``fast`` with TF32 matmuls or bf16
+            autocast (faster on GPUs, less exact). ``auto`` (the value to pass for "the default") becomes
+            ``fast``, or ``vmap`` when a dense ``projector`` (``torch``, ``fast_jl``) is named; the resolved
+            method is what ``settings.json`` records. The fast methods need ``projector`` ``auto`` or
+            ``countsketch``; ``countsketch`` with ``vmap`` gives the same features as ``fast`` up to float rounding.
     """
 
     num_timesteps: int = 10
@@ -185,7 +192,7 @@ class FeaturizeArgs:
     output: str = "loss"
     seed: int = 0
     batch_size: int = 16
-    method: str = "vmap"
+    method: str = "auto"
     timestep_range: Optional[Tuple[int, int]] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self):
@@ -201,6 +208,8 @@ class FeaturizeArgs:
         self.proj_dim = check_int("proj_dim", self.proj_dim, 1)
         self.batch_size = check_int("batch_size", self.batch_size, 1)
         self.seed = check_int("seed", self.seed, 0, SEED_MAX)
+        if self.method == "auto":  # fast, unless a dense projector was asked for by name
+            self.method = "vmap" if self.projector in ("torch", "fast_jl") else "fast"
         if self.method not in FEATURIZE_METHODS:
             raise InputError(f"method must be one of {FEATURIZE_METHODS}, got {self.method!r}")
 

@@ -12,9 +12,14 @@ Paths, all on the same model, rows, draws and k:
   gradients, no per-sample work): the practical ceiling.
 - ``reference``: :class:`~diffusion_trak.featurize.featurizer.Featurizer` with ``method="vmap"``: per-example
   ``vmap(grad)`` of the mean over T, a ``B × p`` buffer, then one dense Rademacher projection per example
-  (fast_jl when usable — CUDA only —, otherwise the torch projector with its ``p × k`` matrix cached
-  in memory; the benchmark raises the cache limit so that it is cached whenever it fits in RAM).
-- ``fast``: the same Featurizer with ``method="fast"`` (:mod:`diffusion_trak.featurize.fast`).
+  (fast_jl when usable — CUDA only —, otherwise the torch projector with its ``p × k`` matrix held
+  in memory up to ``--cache-limit-gb``; over that limit, which the library refuses, the projection time is
+  extrapolated from a slice of the matrix's rows, a lower bound that favours the reference).
+- ``fast`` (printed ``default``): the same Featurizer with the library's defaults, ``method="fast"``
+  (:mod:`diffusion_trak.featurize.fast`), only ``k`` and the batch given.
+
+The whole flow (training featurization at T ∈ {10, 100}, attributing one trajectory, the demo's stages
+with new and old defaults) is in :mod:`evaluations.bench_flow`, which uses the helpers here.
 
 Throughput is in example-timesteps per second (B·T / seconds per batch), the median of ``--repeats``
 timed batches after one warm-up batch (the fast path's one-time self-check and the reference matrix
@@ -57,7 +62,7 @@ import torch
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs, from_dict
 from diffusion_trak.featurize.featurizer import Featurizer, example_draws
 from diffusion_trak.featurize.gradients import num_parameters
-from diffusion_trak.featurize.projectors import TorchProjector
+from diffusion_trak.featurize.projectors import ProjectorError, TorchProjector, make_projector
 from diffusion_trak.outputs import output_value
 
 
@@ -166,14 +171,24 @@ def timed(fn, device):
 
 
 def reference_featurizer(model, scheduler, k, device, cache_limit_gb):
-    """Featurizer(method=vmap) with fast_jl on CUDA when usable, else the dense torch projector, cached if it fits."""
-    fz = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, projector="auto", method="vmap", batch_size=10 ** 9), device)
-    if isinstance(fz.projector, TorchProjector):
-        p = fz.num_params
-        need = p * k * 4
-        avail = _available_bytes(device)
-        if need <= min(cache_limit_gb * 2 ** 30, 0.8 * avail):
-            fz.projector = TorchProjector(p, k, 0, device=device, cache_bytes=need)
+    """Featurizer(method=vmap) with fast_jl on CUDA when usable, else the dense torch projector with its matrix
+    in memory; ``None`` as the projector when that matrix is over ``cache_limit_gb`` (or 80% of free memory):
+    the library refuses it, and the benchmark then times the projection on a slice of its rows."""
+    from diffusion_trak.featurize.projectors import MatrixTooLargeError
+
+    fz = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, projector="countsketch", method="vmap", batch_size=10 ** 9),
+                    device)
+    if torch.device(device).type == "cuda":
+        try:
+            fz.projector = make_projector("fast_jl", fz.num_params, k, 0, device)
+            return fz
+        except ProjectorError:
+            pass
+    limit = int(min(cache_limit_gb * 2 ** 30, 0.8 * _available_bytes(device)))
+    try:
+        fz.projector = TorchProjector(fz.num_params, k, 0, device=device, cache_bytes=limit)
+    except MatrixTooLargeError:
+        fz.projector = None
     return fz
 
 
@@ -193,7 +208,7 @@ def _meminfo(key):
 
 
 def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, paths=("plain", "fast", "reference"),
-                     proj_slice_rows=0):
+                     proj_slice_rows=0, ref_batch=0):
     """Example-timesteps/s, peak memory and fractions of plain fwd+bwd for each path."""
     from diffusers import DDPMScheduler
 
@@ -212,9 +227,10 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             (output_value(model, scheduler, xs, ts.reshape(-1), ns.reshape(B * T, *shape)).sum() / T).backward()
         fns["plain"] = plain
 
-    if "fast" in paths:
+    if "fast" in paths:  # the library's defaults (method fast), only k and the batch given
         mem = PeakMemory(device).start()
-        fast = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, method="fast", batch_size=B), device)
+        fast = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, batch_size=B), device)
+        assert fast.args.method == "fast"
         fast.features(x0, ts, ns)  # warm-up + one-time self-check
         fns["fast"] = lambda: fast.features(x0, ts, ns)
         mems["fast_setup"] = mem.peak()
@@ -222,7 +238,15 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
     if "reference" in paths:
         mem = PeakMemory(device).start()
         ref = reference_featurizer(model, scheduler, k, device, cache_limit_gb)
-        res["reference_projector"] = f"{ref.projector.name}" + (" (cached)" if getattr(ref.projector, "cache", True) else " (uncached, generated per batch)")
+        if ref.projector is None:
+            proj_slice_rows = proj_slice_rows or min(1 << 18, res["p"])
+        else:
+            res["reference_projector"] = f"{ref.projector.name} (matrix in memory)"
+        if ref_batch and ref_batch < B:  # vmap's memory grows with B × T: fewer examples, same throughput measure
+            rx0, rts, rns = x0[:ref_batch], ts[:ref_batch], ns[:ref_batch]
+            res["reference_B"] = ref_batch
+        else:
+            rx0, rts, rns = x0, ts, ns
         if proj_slice_rows:
             # the p×k matrix cannot be cached: time vmap gradients, and a cached projection on a slice of
             # rows extrapolated linearly to p (a lower bound on the reference's time)
@@ -231,7 +255,7 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             holder = {}
 
             def ref_grads():
-                holder["g"] = ref.gradients(x0, ts, ns)
+                holder["g"] = ref.gradients(rx0, rts, rns)
 
             def proj_slice():
                 sl(holder["g"][:, :proj_slice_rows])
@@ -240,8 +264,8 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             fns["reference_grads"] = ref_grads
             fns["reference_proj_slice"] = proj_slice
         else:
-            ref.features(x0, ts, ns)  # warm-up: generates (and caches) the projection matrix
-            fns["reference"] = lambda: ref.features(x0, ts, ns)
+            ref.features(rx0, rts, rns)  # warm-up: generates the projection matrix
+            fns["reference"] = lambda: ref.features(rx0, rts, rns)
         mems["reference_setup"] = mem.peak()
 
     # peak memory of one call of each path (after its warm-up)
@@ -262,18 +286,18 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
         res["reference_matrix_mb_not_allocated"] = res["p"] * k * 4 / 2 ** 20
     for name, t in med.items():
         res[f"{name}_s_per_batch"] = t
-        res[f"{name}_throughput"] = B * T / t
+        res[f"{name}_throughput"] = (res.get("reference_B", B) if name == "reference" else B) * T / t
         if name in mems:
             res[f"{name}_peak_mb"] = mems[name] / 2 ** 20
     for name in ("fast", "reference"):
         if f"{name}_setup" in mems:
             res[f"{name}_peak_incl_setup_mb"] = max(mems[f"{name}_setup"], mems.get(name, 0)) / 2 ** 20
     if "fast" in med and "reference" in med:
-        res["fast_over_reference"] = med["reference"] / med["fast"]
+        res["fast_over_reference"] = res["fast_throughput"] / res["reference_throughput"]
     if "plain" in med:
         for name in ("fast", "reference"):
             if name in med:
-                res[f"{name}_fraction_of_plain"] = med["plain"] / med[name]
+                res[f"{name}_fraction_of_plain"] = res[f"{name}_throughput"] / res["plain_throughput"]
     res["repeats"] = repeats
     return res
 
@@ -282,6 +306,8 @@ def print_throughput(title, r):
     print(f"\n== {title}: p = {r['p']:,}, B = {r['B']} examples × T = {r['T']}, k = {r['k']}")
     if "reference_projector" in r:
         print(f"   reference projector: {r['reference_projector']}")
+    if "reference_B" in r:
+        print(f"   reference batch: B = {r['reference_B']} (vmap memory grows with B × T); throughput per its own rows")
     print(f"   {'path':<10} {'ex-timesteps/s':>15} {'s/batch':>9} {'peak MB':>9} {'peak incl. setup':>17} {'of plain':>9}"
           "   (peak: one batch above resident; incl. setup: + matrix / sketch tables and first batch)")
     for name in ("plain", "reference", "fast"):
@@ -289,14 +315,15 @@ def print_throughput(title, r):
             continue
         frac = r.get(f"{name}_fraction_of_plain")
         setup = r.get(f"{name}_peak_incl_setup_mb")
-        print(f"   {name:<10} {r[f'{name}_throughput']:>15.1f} {r[f'{name}_s_per_batch']:>9.3f} "
+        label = "default" if name == "fast" else name
+        print(f"   {label:<10} {r[f'{name}_throughput']:>15.1f} {r[f'{name}_s_per_batch']:>9.3f} "
               f"{r.get(f'{name}_peak_mb', float('nan')):>9.0f} {setup if setup is not None else float('nan'):>17.0f} "
               f"{(f'{100 * frac:.0f}%') if frac else '':>9}")
     if "reference_matrix_mb_not_allocated" in r:
         print(f"   (reference memory excludes its p×k matrix, {r['reference_matrix_mb_not_allocated'] / 1024:.0f} GB, "
-              "which cannot be cached here; its projection time is extrapolated from a cached slice)")
+              "which the library refuses over its limit; its projection time is extrapolated from a slice held in memory)")
     if "fast_over_reference" in r:
-        print(f"   fast / reference throughput: {r['fast_over_reference']:.2f}×")
+        print(f"   default (fast) / reference throughput: {r['fast_over_reference']:.2f}×")
 
 
 # --------------------------------------------------------------------------------------------- fidelity
@@ -365,7 +392,7 @@ def bench_fidelity(checkpoint, n_train, n_targets, k, T, seeds, ridge, progress=
     for seed in seeds:
         P = TorchProjector(G_train.shape[1], k, seed)
         phi_d, psi_d = P(G_train).numpy(), P(G_tgt).numpy()
-        fz = Featurizer(unet, sched, FeaturizeArgs(num_timesteps=T, proj_dim=k, seed=seed, method="fast", batch_size=32), "cpu")
+        fz = Featurizer(unet, sched, FeaturizeArgs(num_timesteps=T, proj_dim=k, seed=seed, batch_size=32), "cpu")  # defaults
         phi_f = fz.features(train.images, tr_t, tr_n).numpy()
         psi_f = fz.features(tgt.images, tg_t, tg_n).numpy()
         # the fast features are the CountSketch of the very same gradients
@@ -389,8 +416,8 @@ def print_fidelity(r):
           f"T = {r['T']}, k = {r['k']}, ridge {r['ridge']} (λ = {r['lambda']:.3g}), {len(r['seeds'])} projection seeds")
     print("   Spearman with exact-gradient TRAK scores, per target (mean ± sd over seeds):")
     print(f"     dense JL (reference) {r['dense_mean']:.3f} ± {r['dense_sd']:.3f}   (all pairs {r['dense_all_mean']:.3f})")
-    print(f"     fast (CountSketch)   {r['fast_mean']:.3f} ± {r['fast_sd']:.3f}   (all pairs {r['fast_all_mean']:.3f})")
-    print(f"     dense − fast: {r['gap']:+.3f} (target: ≤ 0.03); fast features vs CountSketch of exact gradients: "
+    print(f"     default (fast)       {r['fast_mean']:.3f} ± {r['fast_sd']:.3f}   (all pairs {r['fast_all_mean']:.3f})")
+    print(f"     dense − fast: {r['gap']:+.3f} (target: ≤ 0.01); fast features vs CountSketch of exact gradients: "
           f"rel. error {max(r['fast_vs_sketch_of_exact_rel_err']):.1e}")
 
 

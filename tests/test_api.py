@@ -36,6 +36,33 @@ def test_featurize_refuses_changed_settings(tmp_path, tiny_unet, scheduler, tiny
                   progress=False, overwrite=True)
 
 
+def test_store_made_with_vmap_names_the_method_to_resume_it(tmp_path, tiny_unet, scheduler, tiny_data):
+    """A store made when vmap was the default refuses the new default (fast) and says how to resume it."""
+    old = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8, method="vmap")
+    api.featurize([(tiny_unet, scheduler)], tiny_data, old, str(tmp_path / "f"), progress=False, rows=[0])
+    with pytest.raises(StoreError, match=r"featurize.method: 'vmap' -> 'fast'.*; or pass --method vmap .* to resume it"):
+        api.featurize([(tiny_unet, scheduler)], tiny_data, FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8),
+                      str(tmp_path / "f"), progress=False)
+    fs = api.featurize([(tiny_unet, scheduler)], tiny_data, old, str(tmp_path / "f"), progress=False)  # resumes
+    assert fs.store.settings["featurize"]["method"] == "vmap" and fs.store.settings["projector"] == "torch"
+    # other differences keep the plain message
+    with pytest.raises(StoreError) as e:
+        api.featurize([(tiny_unet, scheduler)], tiny_data, FeaturizeArgs(num_timesteps=3, proj_dim=16, batch_size=8,
+                                                                         method="vmap"), str(tmp_path / "f"), progress=False)
+    assert "--method" not in str(e.value)
+
+
+def test_scoring_dense_features_over_the_matrix_limit_names_the_fix(tmp_path, tiny_unet, scheduler, tiny_data, monkeypatch):
+    from diffusion_trak.featurize.projectors import CACHE_ENV, ProjectorError
+
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8, method="vmap")
+    fs = api.featurize([(tiny_unet, scheduler)], tiny_data, args, str(tmp_path / "f"), progress=False)
+    monkeypatch.setenv(CACHE_ENV, "0.0001")
+    with pytest.raises(ProjectorError, match=f"made with method=vmap .*; raise {CACHE_ENV} to score them, or featurize again"):
+        api.score(fs, [(tiny_unet, scheduler)], tiny_data.indices.numpy(), ScoreArgs(num_noises=2),
+                  images=tiny_data.images[:2], progress=False)
+
+
 def test_wrong_image_size_is_a_one_line_error(tmp_path, tiny_unet, scheduler):
     data = load_dataset(name="digits", limit=4, image_size=16)
     with pytest.raises(InputError, match="--image-size 8"):
@@ -63,6 +90,12 @@ def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data
         psi = torch.stack([target_features(f, images, t, 2, sa.seed, key=t) for t in (5, 50)]).double()
         expected = expected + psi @ inv @ phi.T / len(ckpts)
     np.testing.assert_allclose(sc.values, expected.numpy(), rtol=1e-4, atol=1e-6)
+    # target-independent work is kept for the next call: featurizers, kernel and factorisation
+    built = dict(fs.reuse)
+    assert len(built) == 2
+    again = api.score(fs, ckpts, tiny_data.indices.numpy(), sa, images=images, image_timesteps=[5, 50], progress=False)
+    assert all(fs.reuse[key] is obj for key, obj in built.items()) and len(fs.reuse) == 2
+    np.testing.assert_array_equal(again.values, sc.values)
     top, _, bottom, _ = sc.top(3)
     assert top.shape == (2, 3, 3) and set(top.reshape(-1)) <= set(tiny_data.indices.tolist())
     assert sc.destination is None  # destination_draws=0 below; ScoreArgs' default scores it

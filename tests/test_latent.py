@@ -10,8 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2D
 from diffusion_trak import latent as L
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs
 from diffusion_trak.data import load_dataset
-from diffusion_trak.featurize.featurizer import example_draws
-from diffusion_trak.featurize.projectors import make_projector
+from diffusion_trak.featurize.featurizer import Featurizer, example_draws
 from diffusion_trak.outputs import output_value
 from diffusion_trak.targets import target_features
 from diffusion_trak.text import (CaptionError, CaptionSet, TextConditioner, TinyTextEncoder, WordTokenizer,
@@ -161,7 +160,7 @@ def test_caption_modes(text, captions, pixels):
 def _direct_features(unet, sched, latents, text, args, caption_mode):
     """Per-example gradients with plain autograd (no vmap), one (timestep, noise, caption) at a time."""
     params = [p for p in unet.parameters() if p.requires_grad]
-    proj = make_projector(args.projector, sum(p.numel() for p in params), args.proj_dim, args.seed)
+    proj = Featurizer(unet, sched, args).projector  # the projection the featurizer uses (CountSketch by default)
     out = []
     for r in range(len(latents)):
         idx = int(latents.indices[r])

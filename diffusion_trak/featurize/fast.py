@@ -8,7 +8,11 @@ This path never forms the ``p``-dimensional gradient:
    of ``Σ_i (1/T) Σ_j f(θ; x0_i, t_ij, ε_ij)``. Parameters are frozen during that pass, so autograd
    computes only gradients with respect to activations; since the pairs do not interact (GroupNorm and
    attention act within a sample; the model is in ``eval`` mode), the gradient reaching a layer's output
-   at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term.
+   at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds the rows per pass
+   (``max_rows``, by default what fits :data:`ACTIVATION_BUDGET` bytes of saved activations, measured on
+   the first call), the rows go through in passes of whole examples, or of chunks of one example's
+   timesteps, each scaled by the full ``1/T``; the sketch is linear, so the passes add up to the same
+   features and memory stays bounded whatever B and T are.
 2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
    the output gradient during the backward. From the two it forms that layer's exact per-example
    gradient, summed over the T rows of each example (so the result is the gradient of the mean over T,
@@ -16,7 +20,8 @@ This path never forms the ``p``-dimensional gradient:
 
    - ``Linear``: ``Σ_{rows} g ⊗ a`` (rows = timesteps × sequence positions), bias ``Σ g``;
    - ``Conv2d``: the convolution weight-gradient kernel run on each example's T rows (it sums the outer
-     products of input patches and output gradients over positions and timesteps; no unfolded copy);
+     products of input patches and output gradients over positions and timesteps; no unfolded copy), on
+     small feature maps as one grouped call with each example's channels as their own groups;
    - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
    - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
 3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
@@ -31,8 +36,8 @@ an unbiased JL projection with the same inner-product variance as the dense Rade
 ``per_sample_gradients`` gives the same features up to float rounding (tested).
 
 At construction every trainable parameter must belong to a supported module, otherwise
-:class:`FastPathError` names the parameters that are not covered. On the first batch the sum of the
-per-example sketches is compared with the sketch of one plain batched gradient (by linearity they
+:class:`FastPathError` names the parameters that are not covered. On the first call the sum of the
+per-example sketches of one probe row is compared with the sketch of a plain gradient (by linearity they
 must agree); a mismatch, e.g. a weight used outside its module's ``forward``, raises instead of
 returning wrong features.
 
@@ -55,6 +60,14 @@ from .sketch import CountSketchProjector
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: bytes of activations saved for the backward per pass: the rows per pass are this over the bytes one row
+#: saves (measured by :meth:`FastGradientSketch._sketch` on the first call); results do not depend on it
+ACTIVATION_BUDGET = 256 * 2 ** 20
+#: Conv2d outputs with at most this many positions get their per-example weight gradients from one grouped
+#: kernel call (measured faster on CPU at 8×8 and below), larger ones from one call per example
+GROUPED_CONV_MAX_POSITIONS = 64
+NON_FINITE = ("NaN/Inf in per-example gradients; check the checkpoint for NaN weights (retrain with a lower learning rate) "
+              "and the inputs for NaN")
 
 
 class FastPathError(UserError, RuntimeError):
@@ -80,11 +93,13 @@ class FastGradientSketch:
         device: where to compute.
         precision: ``fp32``, ``tf32`` or ``bf16``.
         nnz: nonzeros per coordinate of the sparse JL (1 = CountSketch).
-        self_check: compare the first batch against a plain batched gradient.
+        self_check: on the first call, compare the sketches of a few rows against a plain batched gradient.
+        max_rows: (example, timestep) rows per forward/backward pass; default: as many as fit
+            :data:`ACTIVATION_BUDGET`, measured on the first call. Bounds memory; results do not depend on it.
     """
 
     def __init__(self, model: nn.Module, scheduler, k: int, seed: int = 0, device="cpu", precision: str = "fp32",
-                 nnz: int = 1, self_check: bool = True):
+                 nnz: int = 1, self_check: bool = True, max_rows: Optional[int] = None):
         if precision not in PRECISIONS:
             raise FastPathError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.device = torch.device(device)
@@ -123,6 +138,10 @@ class FastGradientSketch:
         assert covered == set(offsets), "fast path must cover exactly the trainable parameters"
         self.projector = CountSketchProjector(p, k, seed, self.device, nnz)
         self.k = k
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be positive, got {max_rows}")
+        self.max_rows = max_rows
+        self.row_bytes: Optional[float] = None  # activation bytes one row saves, measured on the first call
         self._checked = not self_check
         self._slices = {}
 
@@ -210,11 +229,20 @@ class FastGradientSketch:
                 padding = (0, 0) if mod.padding == "valid" else mod.padding
             x = x.to(g.dtype)
             w = mod.weight.detach().to(g.dtype)
-            gw = torch.empty(B, *w.shape, device=g.device, dtype=g.dtype)
-            for i in range(B):
-                gw[i] = torch.ops.aten.convolution_backward(
-                    g[i * T:(i + 1) * T], x[i * T:(i + 1) * T], w, None, list(mod.stride), list(padding),
-                    list(mod.dilation), False, [0, 0], mod.groups, [False, True, False])[1]
+            conv_args = (list(mod.stride), list(padding), list(mod.dilation), False, [0, 0])
+            if B > 1 and g.shape[-1] * g.shape[-2] <= GROUPED_CONV_MAX_POSITIONS:
+                # one grouped call for all B examples: example b's channels form groups of their own, and the
+                # T rows of each example are the batch that the kernel sums over
+                xg = x.reshape(B, T, *x.shape[1:]).transpose(0, 1).reshape(T, B * x.shape[1], *x.shape[2:])
+                gg = g.reshape(B, T, *g.shape[1:]).transpose(0, 1).reshape(T, B * O, *g.shape[2:])
+                gw = torch.ops.aten.convolution_backward(gg, xg, w.repeat(B, 1, 1, 1), None, *conv_args,
+                                                         mod.groups * B, [False, True, False])[1].reshape(B, *w.shape)
+            else:  # one call per example: cheaper than the grouped kernel on large feature maps
+                gw = torch.empty(B, *w.shape, device=g.device, dtype=g.dtype)
+                for i in range(B):
+                    gw[i] = torch.ops.aten.convolution_backward(
+                        g[i * T:(i + 1) * T], x[i * T:(i + 1) * T], w, None, *conv_args, mod.groups,
+                        [False, True, False])[1]
             self._add(*layer.slots["weight"], gw)
         if "bias" in layer.slots:
             self._add(*layer.slots["bias"], g.reshape(B * T, O, -1).sum(-1, dtype=torch.float32).reshape(B, T, O).sum(1))
@@ -255,11 +283,50 @@ class FastGradientSketch:
                  cond_per_timestep: bool = False) -> torch.Tensor:
         """``S · (1/T) Σ_j ∇_θ f(θ; x0_i, t_ij, ε_ij)`` for each example: (B, k) float32 on ``device``.
 
-        Same arguments as :func:`~diffusion_trak.featurize.gradients.per_sample_gradients`."""
+        Same arguments as :func:`~diffusion_trak.featurize.gradients.per_sample_gradients`. The B × T
+        (example, timestep) rows go through the model in passes of at most ``max_rows`` rows: whole
+        examples while they fit, otherwise one example's timesteps in chunks. The sketch is linear, so
+        the chunks of an example add up to its features exactly (up to float rounding), and memory is
+        bounded by ``max_rows`` rows of activations whatever B and T are. The first call also sketches one
+        probe row: for the self-check and to measure the activation bytes of one row."""
         dev = self.device
         B, T = timesteps.shape
+        x0, timesteps, noises = x0.to(dev), timesteps.to(dev), noises.to(dev)
         cond = {key: v.to(dev) for key, v in (cond or {}).items()}
-        xs, ts, ns, c = self._pairs(x0.to(dev), timesteps.to(dev), noises.to(dev), cond, cond_per_timestep)
+        if B == 0:
+            return torch.zeros(0, self.k, device=dev, dtype=torch.float32)
+        if not self._checked or self.row_bytes is None:
+            # one row, whatever the batch: the check is about the model, not the data, and a probe of fixed
+            # size makes the rows per pass (and so the float rounding) the same in every run, resumed or not
+            probe = (x0[:1], timesteps[:1, :1], noises[:1, :1],
+                     self._cond_rows(cond, slice(0, 1), slice(0, 1), cond_per_timestep), output, cond_per_timestep)
+            got = self._sketch(*probe, 1, measure=True)
+            if not self._checked:
+                self._self_check(got, *probe)
+        rows = self.max_rows or max(1, int(ACTIVATION_BUDGET // max(self.row_bytes, 1.0)))
+        out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
+        tc = _even(T, min(T, rows))
+        bc = _even(B, max(1, rows // tc))
+        for b0 in range(0, B, bc):
+            bs = slice(b0, min(B, b0 + bc))
+            for t0 in range(0, T, tc):
+                ts = slice(t0, min(T, t0 + tc))
+                out[bs] += self._sketch(x0[bs], timesteps[bs, ts], noises[bs, ts],
+                                        self._cond_rows(cond, bs, ts, cond_per_timestep), output, cond_per_timestep, T)
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(NON_FINITE)
+        return out
+
+    @staticmethod
+    def _cond_rows(cond, bs, ts, cond_per_timestep):
+        return {key: v[bs, ts] if cond_per_timestep else v[bs] for key, v in cond.items()}
+
+    def _sketch(self, x0, timesteps, noises, cond, output, cond_per_timestep, T_total, measure=False) -> torch.Tensor:
+        """One pass: ``S · (1/T_total) Σ_{j in this chunk} ∇_θ f`` per example, (B, k). With ``measure``, also
+        sets :attr:`row_bytes`: the bytes of the tensors the forward saves for the backward, per row."""
+        dev = self.device
+        B, T = timesteps.shape
+        xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
         self._BT = (B, T)
@@ -268,11 +335,20 @@ class FastGradientSketch:
         try:
             for p in params:
                 p.requires_grad_(False)
-            with torch.enable_grad(), self._precision():
-                total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
+            saved, weights = {}, {q.untyped_storage().data_ptr() for q in self.model.parameters()}
+
+            def pack(t):  # activations only: the (frozen) weights saved for input gradients do not grow with rows
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in weights:
+                    saved[(ptr, t.device)] = t.untyped_storage().nbytes()
+                return t
+            counting = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+            with torch.enable_grad(), self._precision(), counting:
+                total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T_total
+            if measure:
+                self.row_bytes = sum(saved.values()) / (B * T)
             if not torch.isfinite(total):
-                raise NonFiniteError("NaN/Inf in the model output; check the checkpoint for NaN weights "
-                                     "(retrain with a lower learning rate) and the inputs for NaN")
+                raise NonFiniteError(NON_FINITE)  # the same one line as for the gradients, whatever the method
             total.backward()
         finally:
             for h in handles:
@@ -280,15 +356,16 @@ class FastGradientSketch:
             for p in params:
                 p.requires_grad_(True)
         out, self._out = self._out, None
-        if not torch.isfinite(out).all():
-            raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
-                                 "(retrain with a lower learning rate) and the inputs for NaN")
-        if not self._checked:
-            self._self_check(out, xs, ts, ns, c, T, output)
         return out
 
-    def _self_check(self, out, xs, ts, ns, c, T, output):
-        """Σ_i S g_i must equal S (Σ_i g_i), the latter from one plain batched backward."""
+    def _self_check(self, sketches, x0, timesteps, noises, cond, output, cond_per_timestep):
+        """Once, on probe rows: Σ_i S g_i (``sketches`` of those rows) must equal S (Σ_i g_i), the latter from one
+        plain batched backward."""
+        T = timesteps.shape[1]
+        got = sketches.sum(0)
+        if not torch.isfinite(got).all():
+            raise NonFiniteError(NON_FINITE)
+        xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
         self.model.zero_grad(set_to_none=True)
         with torch.enable_grad(), self._precision():
             total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
@@ -297,13 +374,18 @@ class FastGradientSketch:
                           for p in self.model.parameters() if p.requires_grad], 1)
         self.model.zero_grad(set_to_none=True)
         want = self.projector(flat)[0]
-        got = out.sum(0)
         err = float((got - want).norm() / want.norm().clamp_min(1e-30))
         tol = 5e-2 if self.precision == "bf16" else 1e-3
         if err > tol:
             raise FastPathError(f"method=fast self-check failed (relative error {err:.2e}): some parameter is used outside "
                                 "its module's forward; use method=vmap for this model")
         self._checked = True
+
+
+def _even(n: int, most: int) -> int:
+    """The chunk size that splits ``n`` into as few chunks of at most ``most`` as possible, evenly."""
+    chunks = -(-n // most)
+    return -(-n // chunks)
 
 
 def _check_module(name: str, mod: nn.Module) -> None:

@@ -67,7 +67,8 @@ class Featurizer:
         # a private copy: switching attention processors (and hooks of the fast path) must not change
         # the caller's model, which may still be used for sampling
         self.model = copy.deepcopy(model).to(self.device).eval()
-        use_vmap_friendly_attention(self.model)
+        if not args.method.startswith("fast"):  # the fast path runs plain batched passes: SDPA is fine there
+            use_vmap_friendly_attention(self.model)
         self.scheduler, self.args = scheduler, args
         self.num_params = num_parameters(self.model)
         self.fast = None
@@ -89,19 +90,22 @@ class Featurizer:
         return int(self.scheduler.config.num_train_timesteps)
 
     def gradients(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False):
+        """Flattened per-example gradients (B, p) by ``vmap``, whatever the method."""
+        if self.fast is not None:
+            use_vmap_friendly_attention(self.model)  # SDPA falls back to a slow path under vmap
         return per_sample_gradients(self.model, self.scheduler, x0.to(self.device), timesteps.to(self.device),
                                     noises.to(self.device), output or self.args.output,
                                     {k: v.to(self.device) for k, v in (cond or {}).items()}, cond_per_timestep)
 
     def features(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False) -> torch.Tensor:
+        """(B, k) features on the CPU. The fast methods take all B × T rows at once (they bound memory by
+        rows themselves); ``vmap`` works in batches of ``batch_size`` examples."""
+        if self.fast is not None:
+            return self.fast.features(x0, timesteps, noises, output or self.args.output, cond, cond_per_timestep).cpu()
         out = []
         bs = self.args.batch_size
         for i in range(0, x0.shape[0], bs):
             c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
-            if self.fast is not None:
-                out.append(self.fast.features(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], output or self.args.output,
-                                              c, cond_per_timestep).cpu())
-                continue
             g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
             if not torch.isfinite(g).all():
                 raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "

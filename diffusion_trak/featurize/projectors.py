@@ -7,12 +7,14 @@ about ``sqrt((|x|²|y|² + <x,y>²)/k)``; norms are kept within ``1 ± ε`` for
 """
 from __future__ import annotations
 
-from ..errors import UserError
-
 import math
+import os
+import weakref
 from typing import Optional
 
 import torch
+
+from ..errors import UserError
 
 
 class ProjectorError(UserError, RuntimeError):
@@ -36,24 +38,54 @@ class Projector:
         return self.project(grads)
 
 
+class MatrixTooLargeError(ProjectorError):
+    """The dense projection matrix would not fit the cache limit (:func:`cache_limit_bytes`)."""
+
+
+#: environment variable that raises (or lowers) the largest dense matrix :class:`TorchProjector` may hold, in GiB
+CACHE_ENV = "DIFFUSION_TRAK_PROJECTOR_CACHE_GB"
+DEFAULT_CACHE_GB = 4.0
+
+# dense matrices already generated, shared by every TorchProjector with the same (p, k, seed, device, dtype):
+# the featurizers of several checkpoints, or of several calls, hold one copy and generate it once
+_MATRICES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def cache_limit_bytes() -> int:
+    """The largest dense projection matrix allowed in memory: ``$DIFFUSION_TRAK_PROJECTOR_CACHE_GB`` GiB (default 4)."""
+    raw = os.environ.get(CACHE_ENV, "")
+    try:
+        gb = float(raw) if raw.strip() else DEFAULT_CACHE_GB
+    except ValueError:
+        raise ProjectorError(f"{CACHE_ENV}={raw!r} is not a number; set it to a size in GiB, e.g. {CACHE_ENV}=8") from None
+    return int(gb * 1024 ** 3)
+
+
 class TorchProjector(Projector):
-    """Dense Rademacher projection generated in row blocks from the seed.
+    """Dense Rademacher projection generated in row blocks from the seed, then kept in memory.
 
     Block ``j`` (rows ``j·block_rows … (j+1)·block_rows`` of the ``p × k`` matrix) is drawn from a
-    CPU ``torch.Generator`` seeded with ``(seed, j)``, so the matrix is identical on every device
-    and never needs to exist whole: memory is ``block_rows × k`` unless the full matrix fits in
-    ``cache_bytes``, in which case it is kept on the device after the first call.
+    CPU ``torch.Generator`` seeded with ``(seed, j)``, so the matrix is identical on every device.
+    It is generated once, on first use, and shared by every projector with the same
+    ``(p, k, seed, device, dtype)``. A matrix larger than ``cache_bytes`` (default
+    :func:`cache_limit_bytes`) is refused with :class:`ProjectorError` at construction: regenerating it
+    for every batch would make the projection cost more than the gradients by orders of magnitude.
     """
 
     name = "torch"
 
     def __init__(self, p: int, k: int, seed: int = 0, device="cpu", dtype=torch.float32,
-                 block_rows: int = 16384, cache_bytes: int = 2 * 1024 ** 3):
+                 block_rows: int = 16384, cache_bytes: Optional[int] = None):
         super().__init__(p, k, seed)
         self.device, self.dtype = torch.device(device), dtype
         self.block_rows = int(block_rows)
-        self.cache = p * k * torch.finfo(dtype).bits // 8 <= cache_bytes
-        self._blocks: Optional[list] = None
+        need = p * k * torch.finfo(dtype).bits // 8
+        limit = cache_limit_bytes() if cache_bytes is None else int(cache_bytes)
+        if need > limit:
+            raise MatrixTooLargeError(f"the dense {p:,} × {k} projection matrix needs {need / 1024 ** 3:.1f} GiB, over the "
+                                 f"{limit / 1024 ** 3:.1f} GiB limit; use --method fast (or --projector countsketch), "
+                                 f"a smaller --proj-dim, or raise {CACHE_ENV}")
+        self._matrix: Optional[torch.Tensor] = None
 
     def _block(self, j: int) -> torch.Tensor:
         lo = j * self.block_rows
@@ -62,23 +94,22 @@ class TorchProjector(Projector):
         signs = torch.randint(0, 2, (rows, self.k), generator=g, dtype=torch.int8)
         return (signs.to(device=self.device, dtype=self.dtype) * 2 - 1) / math.sqrt(self.k)
 
-    def _iter_blocks(self):
-        nblocks = math.ceil(self.p / self.block_rows)
-        if self.cache:
-            if self._blocks is None:
-                self._blocks = [self._block(j) for j in range(nblocks)]
-            yield from enumerate(self._blocks)
-        else:
-            for j in range(nblocks):
-                yield j, self._block(j)
+    def matrix(self) -> torch.Tensor:
+        """The ``p × k`` matrix, generated on first use and shared with equal projectors."""
+        if self._matrix is None:
+            key = (self.p, self.k, self.seed, str(self.device), self.dtype, self.block_rows)
+            m = _MATRICES.get(key)
+            if m is None:
+                m = torch.empty(self.p, self.k, device=self.device, dtype=self.dtype)
+                for j in range(math.ceil(self.p / self.block_rows)):
+                    lo = j * self.block_rows
+                    m[lo:lo + self.block_rows] = self._block(j)
+                _MATRICES[key] = m
+            self._matrix = m
+        return self._matrix
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        grads = grads.to(device=self.device, dtype=self.dtype)
-        out = torch.zeros(grads.shape[0], self.k, device=self.device, dtype=self.dtype)
-        for j, block in self._iter_blocks():
-            lo = j * self.block_rows
-            out.addmm_(grads[:, lo:lo + block.shape[0]], block)
-        return out
+        return grads.to(device=self.device, dtype=self.dtype) @ self.matrix()
 
 
 class FastJLProjector(Projector):

@@ -26,6 +26,7 @@ also keeps each layer's slice ready to use (int64 buckets, fp32 signs: 12 more b
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ BLOCK = 1 << 20
 def _block_seed(seed: int, block: int, rep: int) -> int:
     ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, (int(seed) >> 32) & 0xFFFFFFFF, int(block), int(rep), 29])
     return int(ss.generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class _Tables:
+    def __init__(self, buckets: torch.Tensor, signs: torch.Tensor):
+        self.buckets, self.signs = buckets, signs
+
+
+_TABLES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 class CountSketchProjector(Projector):
@@ -58,6 +67,15 @@ class CountSketchProjector(Projector):
             raise ValueError("k must be below 2**31")
         self.device, self.nnz = torch.device(device), int(nnz)
         self.scale = 1.0 / math.sqrt(self.nnz)
+        key = (self.p, self.k, self.seed, self.nnz, str(self.device))
+        tables = _TABLES.get(key)  # shared with equal projectors (e.g. the featurizers of several checkpoints)
+        if tables is None:
+            tables = _TABLES[key] = _Tables(*self._draw())
+        self._tables = tables
+        self.buckets, self.signs = tables.buckets, tables.signs
+
+    def _draw(self):
+        """Buckets (int32) and signs (int8), ``(nnz, p)`` each, on ``device``."""
         buckets = torch.empty(self.nnz, self.p, dtype=torch.int32)
         signs = torch.empty(self.nnz, self.p, dtype=torch.int8)
         for r in range(self.nnz):
@@ -67,8 +85,7 @@ class CountSketchProjector(Projector):
                 # whole blocks are drawn, so coordinate j's bucket and sign do not depend on p
                 buckets[r, lo:lo + n] = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)[:n]
                 signs[r, lo:lo + n] = (torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8) * 2 - 1)[:n]
-        self.buckets = buckets.to(self.device)
-        self.signs = signs.to(self.device)
+        return buckets.to(self.device), signs.to(self.device)
 
     def slice(self, lo: int, n: int, dtype=torch.float32):
         """``(buckets int64 (nnz, n), scaled signs (nnz, n))`` of coordinates ``lo … lo+n``."""

@@ -82,11 +82,57 @@ def test_fast_text_unet_with_conditioning_per_timestep(scheduler):
     assert _rel(got, want) < 1e-5
 
 
+def test_fast_is_the_default_and_dense_projectors_keep_vmap():
+    """``method`` defaults to fast; naming a dense projector selects the paper's vmap recipe; the resolved
+    method is what the settings record."""
+    from diffusion_trak.config import asdict
+
+    assert FeaturizeArgs().method == "fast" and asdict(FeaturizeArgs())["method"] == "fast"
+    assert FeaturizeArgs(projector="countsketch").method == "fast"
+    assert FeaturizeArgs(projector="torch").method == "vmap"
+    assert FeaturizeArgs(projector="fast_jl").method == "vmap"
+    assert FeaturizeArgs(method="vmap").method == "vmap" and FeaturizeArgs(method="vmap").projector == "auto"
+    assert FeaturizeArgs(**asdict(FeaturizeArgs(method="vmap"))).method == "vmap"  # old stores reload as they were
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 7])
+def test_chunked_passes_add_up_to_the_whole_batch(tiny_unet, scheduler, max_rows):
+    """Passes of whole examples (max_rows ≥ T) or of chunks of one example's timesteps (max_rows < T)
+    give the features of one pass over all B × T rows, with conditioning per example or per timestep."""
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(3, 5, (1, 8, 8), seed=9)
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=15)
+    chunked = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=max_rows)
+    assert _rel(chunked.features(x0, ts, ns), whole.features(x0, ts, ns)) < 1e-5
+    with pytest.raises(ValueError, match="max_rows must be positive"):
+        FastGradientSketch(model, scheduler, k=8, max_rows=-1)
+
+
+def test_chunked_passes_with_conditioning(scheduler):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = _perturb(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=3))
+    x0, ts, ns = _draws(3, 4, (1, 8, 8), seed=3)
+    per_example = {"class_labels": torch.tensor([2, 0, 1])}
+    per_step = {"class_labels": torch.tensor([[2, 0, 1, 1], [0, 0, 2, 1], [1, 2, 2, 0]])}
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=12)
+    chunked = FastGradientSketch(model, scheduler, k=64, seed=2, max_rows=3)
+    assert _rel(chunked.features(x0, ts, ns, "loss", per_example), whole.features(x0, ts, ns, "loss", per_example)) < 1e-5
+    got = chunked.features(x0, ts, ns, "loss", per_step, cond_per_timestep=True)
+    assert _rel(got, whole.features(x0, ts, ns, "loss", per_step, cond_per_timestep=True)) < 1e-5
+    assert _rel(got, whole.features(x0, ts, ns, "loss", per_example)) > 1e-3  # the per-timestep labels mattered
+
+
 def test_featurizer_fast_equals_vmap_with_countsketch(tiny_unet, scheduler):
     model = _perturb(tiny_unet)
     x0, ts, ns = _draws(5, 2, (1, 8, 8), seed=4)
     fast = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, method="fast", batch_size=2))
-    ref = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, projector="countsketch", batch_size=3))
+    ref = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, projector="countsketch", batch_size=3,
+                                                     method="vmap"))
+    assert ref.fast is None and fast.fast is not None
     assert fast.projector.name == ref.projector.name == "countsketch"
     assert _rel(fast.features(x0, ts, ns), ref.features(x0, ts, ns)) < 1e-5
     with pytest.raises(ProjectorError, match="projector auto or countsketch"):
@@ -200,3 +246,58 @@ def test_nan_weights_are_a_one_line_error(tiny_unet, scheduler):
     with pytest.raises(NonFiniteError, match="NaN"):
         FastGradientSketch(model, scheduler, k=8).features(x0, ts, ns)
     assert all(p.requires_grad for p in model.parameters())  # restored after the error
+
+
+def test_cli_featurize_defaults_to_fast_and_keeps_vmap_by_name():
+    from diffusion_trak.cli import _featurize_args, build_parser
+
+    parse = lambda *a: _featurize_args(build_parser().parse_args(["featurize", *a]))
+    assert parse().method == "fast" and parse().projector == "auto"
+    assert parse("--method", "vmap").method == "vmap"
+    assert parse("--projector", "torch").method == "vmap"  # the dense recipe by naming its projector
+    assert parse("--projector", "countsketch").method == "fast"
+
+
+def test_rows_per_pass_follow_the_activation_budget(tiny_unet, scheduler, monkeypatch):
+    """By default the rows per pass are the activation budget over the measured bytes of one row; a budget of a
+    few rows splits the batch into several passes and gives the same features."""
+    from diffusion_trak.featurize import fast as fast_mod
+
+    model = _perturb(tiny_unet)
+    x0, ts, ns = _draws(3, 4, (1, 8, 8), seed=11)
+    whole = FastGradientSketch(model, scheduler, k=64, seed=2)
+    want = whole.features(x0, ts, ns)
+    assert whole.row_bytes > 1000  # measured on the first call: activations of one 8×8 row, weights excluded
+    passes = []
+    small = FastGradientSketch(model, scheduler, k=64, seed=2)
+    monkeypatch.setattr(fast_mod, "ACTIVATION_BUDGET", int(2.5 * whole.row_bytes))  # 2 rows per pass
+    original = small._sketch
+    small._sketch = lambda *a, **kw: passes.append(a[1].numel()) or original(*a, **kw)
+    got = small.features(x0, ts, ns)
+    assert _rel(got, want) < 1e-5
+    assert passes[0] == 1 and max(passes[1:]) <= 2 and len(passes) == 1 + 6  # probe row, then 6 passes of 2 rows
+
+
+def test_grouped_and_per_example_conv_kernels_agree(scheduler, monkeypatch):
+    """Per-example Conv2d weight gradients: one grouped call (small maps) or one call per example (large maps),
+    including a grouped convolution of the model itself, equal the reference gradient either way."""
+    from diffusion_trak.featurize import fast as fast_mod
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1, groups=2, stride=2)
+            self.c = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x, t):
+            return (F.interpolate(self.c(torch.tanh(self.b(torch.tanh(self.a(x))))), scale_factor=2),)
+
+    torch.manual_seed(0)
+    model = Grouped()
+    x0, ts, ns = _draws(3, 2, (1, 8, 8), seed=12)
+    want = FastGradientSketch(model, scheduler, k=64, seed=1).projector(per_sample_gradients(model, scheduler, x0, ts, ns))
+    for positions in (10 ** 6, 0):  # all grouped, then all per example
+        monkeypatch.setattr(fast_mod, "GROUPED_CONV_MAX_POSITIONS", positions)
+        got = FastGradientSketch(model, scheduler, k=64, seed=1).features(x0, ts, ns)
+        assert _rel(got, want) < 1e-5

@@ -66,13 +66,34 @@ def test_jl_norm_and_inner_product_bounds(name):
     assert bad <= 1 / 16
 
 
-def test_torch_projector_blocks_identical_to_cached():
+def test_torch_projector_matrix_is_its_seeded_blocks_and_shared():
     x = torch.randn(4, 5000)
-    cached = TorchProjector(5000, 64, 9, block_rows=1024)
-    blocks = TorchProjector(5000, 64, 9, block_rows=1024, cache_bytes=0)
-    assert cached.cache and not blocks.cache
-    assert torch.equal(cached(x), blocks(x))
-    assert torch.equal(cached(x), cached(x))  # second call uses the cached blocks
+    P = TorchProjector(5000, 64, 9, block_rows=1024)
+    want = torch.cat([P._block(j) for j in range(5)])
+    assert torch.equal(P.matrix(), want)
+    assert torch.allclose(P(x), x @ want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(P(x), P(x))
+    # a second projector with the same (p, k, seed) reuses the matrix instead of generating it again
+    Q = TorchProjector(5000, 64, 9, block_rows=1024)
+    assert Q.matrix() is P.matrix()
+    assert TorchProjector(5000, 64, 10, block_rows=1024).matrix() is not P.matrix()
+
+
+def test_torch_projector_refuses_a_matrix_over_the_limit(monkeypatch):
+    """No silent per-batch regeneration: too large a matrix is a one-line error naming the fixes."""
+    from diffusion_trak.featurize.projectors import CACHE_ENV, ProjectorError
+
+    with pytest.raises(ProjectorError, match=r"needs .* GiB, over the .* limit; use --method fast .*countsketch.*" + CACHE_ENV):
+        TorchProjector(5000, 64, 9, cache_bytes=5000 * 64 * 4 - 1)
+    TorchProjector(5000, 64, 9, cache_bytes=5000 * 64 * 4)  # exactly fits
+    monkeypatch.setenv(CACHE_ENV, "0.000001")  # ~1 KiB
+    with pytest.raises(ProjectorError, match=CACHE_ENV):
+        make_projector("torch", 5000, 64, 0)
+    monkeypatch.setenv(CACHE_ENV, "1")
+    assert make_projector("auto", 5000, 64, 0).name == "torch"
+    monkeypatch.setenv(CACHE_ENV, "lots")
+    with pytest.raises(ProjectorError, match="not a number"):
+        make_projector("torch", 5000, 64, 0)
 
 
 def test_countsketch_slices_scatter_and_matrix_agree():
@@ -121,3 +142,12 @@ def test_countsketch_same_on_cuda():
     a = CountSketchProjector(2000, 64, 1)(x)
     b = CountSketchProjector(2000, 64, 1, device="cuda")(x.cuda()).cpu()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_countsketch_tables_are_drawn_once_for_equal_projectors():
+    a, b = CountSketchProjector(3000, 50, 4), CountSketchProjector(3000, 50, 4)
+    assert a.buckets is b.buckets and a.signs is b.signs
+    c = CountSketchProjector(3000, 50, 5)
+    assert not torch.equal(a.buckets, c.buckets)
+    x = torch.randn(3, 3000)
+    torch.testing.assert_close(a(x), (x.double() @ a.matrix()).float(), rtol=1e-5, atol=1e-5)

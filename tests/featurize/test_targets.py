@@ -1,0 +1,82 @@
+"""Targets go through the featurizer in one call, with the same values as one step at a time."""
+import pytest
+import torch
+
+from diffusion_trak.config import FeaturizeArgs
+from diffusion_trak.featurize.featurizer import Featurizer
+from diffusion_trak.targets import image_target_features, target_features, target_noises, trajectory_target_features
+from pipelines import Trajectory
+
+
+def _trajectory(B=2, S=6, recorded=(0, 2, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = len(recorded)
+    return Trajectory(timesteps=torch.linspace(900, 50, S).long(), step_indices=torch.tensor(recorded),
+                      x_t=torch.randn(R, B, 1, 8, 8, generator=g), x0_pred=torch.rand(R, B, 1, 8, 8, generator=g) * 2 - 1,
+                      noises=torch.zeros(S, B, 1, 8, 8), initial_noise=torch.zeros(B, 1, 8, 8), final=torch.zeros(B, 1, 8, 8))
+
+
+def _one_step_at_a_time(f, traj, steps, R, seed, cond=None):
+    """The previous implementation: one featurizer call per step, noises keyed by (seed, step, target)."""
+    out = []
+    for s in steps:
+        x0 = traj.x0_pred[traj.step_of(s)]
+        B = x0.shape[0]
+        ts = torch.full((B, R), int(traj.timesteps[s]), dtype=torch.long)
+        ns = torch.stack([target_noises(seed, s, b, R, x0.shape[1:]) for b in range(B)])
+        out.append(f.features(x0, ts, ns, cond))
+    return torch.stack(out)
+
+
+class _Counting:
+    """A featurizer wrapper that counts calls of ``features``."""
+
+    def __init__(self, f):
+        self.f, self.calls, self.num_train_timesteps = f, 0, f.num_train_timesteps
+
+    def features(self, *args, **kwargs):
+        self.calls += 1
+        return self.f.features(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["fast", "vmap"])
+def test_trajectory_targets_in_one_call_equal_one_step_at_a_time(tiny_unet, scheduler, method):
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=3, method=method, projector="countsketch")
+    f = Featurizer(tiny_unet, scheduler, args)
+    if f.fast is not None:
+        f.fast.max_rows = 7  # several passes, splitting targets' noises: still the same values
+    traj = _trajectory()
+    counting = _Counting(f)
+    got = trajectory_target_features(counting, traj, [5, 0, 2], R=4, seed=3)
+    assert counting.calls == 1 and got.shape == (3, 2, 64)
+    want = _one_step_at_a_time(f, traj, [5, 0, 2], R=4, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the steps are distinct targets: different rows
+    assert (got[0] - got[1]).norm() > 1e-3 * got.norm()
+    with pytest.raises(ValueError, match="recorded steps are \\[0, 2, 5\\]"):
+        trajectory_target_features(f, traj, [1], R=4, seed=3)
+
+
+def test_image_targets_and_conditioning(scheduler):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=3)
+    f = Featurizer(unet, scheduler, FeaturizeArgs(proj_dim=64))
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = {"class_labels": torch.tensor([2, 0, 1])}
+    counting = _Counting(f)
+    got = image_target_features(counting, images, [10, 400], R=3, seed=1, cond=cond)
+    assert counting.calls == 1 and got.shape == (2, 3, 64)
+    want = torch.stack([target_features(f, images, t, 3, 1, key=t, cond=cond) for t in (10, 400)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # each target keeps its own label: scoring target 1 alone with its label gives its row
+    ns = target_noises(1, 400, 1, 3, (1, 8, 8)).unsqueeze(0)
+    one = f.features(images[1:2], torch.full((1, 3), 400), ns, {"class_labels": cond["class_labels"][1:2]})
+    torch.testing.assert_close(got[1, 1:2], one, rtol=1e-5, atol=1e-6)
+    other = f.features(images[1:2], torch.full((1, 3), 400), ns, {"class_labels": torch.tensor([2])})
+    assert (other - one).norm() > 1e-3 * one.norm()
+    with pytest.raises(ValueError, match="outside the scheduler"):
+        image_target_features(f, images, [1000], R=2, seed=0)
