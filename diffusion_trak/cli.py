@@ -14,13 +14,14 @@ Rerunning a command resumes it; other settings over existing results refuse unle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
 import sys
 from typing import List, Optional
 
-from .config import SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs
+from .config import PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
 
 DEFAULT_RUN = "runs/digits"
 
@@ -224,10 +225,18 @@ def cmd_train(ns):
     return ck
 
 
+def _given(ns, **fields) -> dict:
+    """The flags the user gave (not None), under their settings' field names."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def _featurize_args(ns) -> FeaturizeArgs:
-    return FeaturizeArgs(num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy, proj_dim=ns.proj_dim,
-                         projector=ns.projector, output=ns.output, seed=ns.seed, batch_size=ns.batch_size,
-                         method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None)
+    """The preset's settings, with every flag given on the command line in place of the preset's value."""
+    base, _ = preset(ns.preset)
+    return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
+                               method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
+                               **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
+                                        output=ns.output))
 
 
 def cmd_featurize(ns):
@@ -282,8 +291,11 @@ def cmd_generate(ns):
 
 
 def _score_args(ns) -> ScoreArgs:
-    return ScoreArgs(num_noises=ns.num_noises, ridge=ns.ridge, target_output=ns.target_output, top_k=ns.top_k,
-                     destination_draws=ns.destination_draws)
+    """The preset's settings, with every flag given on the command line in place of the preset's value."""
+    _, base = preset(ns.preset)
+    return dataclasses.replace(base, target_output=ns.target_output, top_k=ns.top_k,
+                               **_given(ns, num_noises=ns.num_noises, ridge=ns.ridge,
+                                        destination_draws=ns.destination_draws))
 
 
 def _load_trajectory(path: str):
@@ -429,13 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     f = FeaturizeArgs()
     sp.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (unet/, scheduler/); "
                     "default: the run's model/ckpt-*")
-    sp.add_argument("-T", "--num-timesteps", type=_int(1), default=f.num_timesteps)
-    sp.add_argument("--timestep-strategy", default=f.timestep_strategy, choices=["uniform", "evenly_spaced", "stratified"])
+    sp.add_argument("--preset", default="default", choices=PRESETS,
+                    help="named estimator: default (T=100 stratified, the loss) or paper (journey-TRAK: T=10 uniform); "
+                         "the flags below change single settings of it")
+    sp.add_argument("-T", "--num-timesteps", type=_int(1), default=None, help=f"default {f.num_timesteps}")
+    sp.add_argument("--timestep-strategy", default=None, choices=["uniform", "evenly_spaced", "stratified"],
+                    help=f"default {f.timestep_strategy}")
     sp.add_argument("--timestep-range", type=_int(0), nargs=2, metavar=("LO", "HI"), default=None,
                     help="draw training timesteps from LO..HI only (timestep-matched features for one step)")
     sp.add_argument("-k", "--proj-dim", type=_int(1), default=f.proj_dim)
     sp.add_argument("--projector", default=f.projector, choices=["auto", "torch", "fast_jl", "countsketch"])
-    sp.add_argument("--output", default=f.output, help="output function: loss, sqnorm, mean, l1, l2")
+    sp.add_argument("--output", default=None, help=f"output function: loss, sqnorm, mean, l1, l2 (default {f.output})")
     sp.add_argument("--method", default="auto", choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
@@ -467,10 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=_int(0), nargs="+", default=None, help="steps to score (default: all recorded)")
     sp.add_argument("--images", default=None, help="score real images instead (.npz or folder)")
     sp.add_argument("--image-timesteps", type=_int(0), nargs="+", default=[10, 100, 500])
-    sp.add_argument("-R", "--num-noises", type=_int(1), default=s.num_noises)
-    sp.add_argument("--ridge", type=_positive_float, default=s.ridge, help="relative ridge: λ = ridge·tr(ΦᵀΦ)/k")
-    sp.add_argument("--destination-draws", type=_int(0), default=s.destination_draws,
-                    help="(timestep, noise) pairs over the whole range for the final image's row (0 = none)")
+    sp.add_argument("--preset", default="default", choices=PRESETS,
+                    help="named estimator: default (ridge 1) or paper (ridge 0.01); the flags below change single settings")
+    sp.add_argument("-R", "--num-noises", type=_int(1), default=None, help=f"target noises per step (default {s.num_noises})")
+    sp.add_argument("--ridge", type=_positive_float, default=None,
+                    help=f"relative ridge: λ = ridge·tr(ΦᵀΦ)/k (default {s.ridge})")
+    sp.add_argument("--destination-draws", type=_int(0), default=None,
+                    help=f"(timestep, noise) pairs over the whole range for the final image's row (0 = none; "
+                         f"default {s.destination_draws})")
     sp.add_argument("--target-output", default=None, help="output function for targets (default: the features')")
     sp.add_argument("--top-k", type=_int(1), default=s.top_k)
     sp.add_argument("--out", default=None)

@@ -35,7 +35,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
                             score=ScoreArgs(num_noises=2, destination_draws=4), sampling_steps=10, record=3,
                             num_images=2, self_attribution_images=8)
     return DemoSettings(train=TrainArgs(block_out_channels=(16, 32), epochs=40, batch_size=64, num_checkpoints=2),
-                        featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="stratified", proj_dim=1024, batch_size=32),
+                        featurize=FeaturizeArgs(proj_dim=1024, batch_size=32),  # the library's estimator
                         score=ScoreArgs(num_noises=20))
 
 

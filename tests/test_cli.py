@@ -94,3 +94,26 @@ def test_ensemble_of_independent_runs(tmp_path, capsys):
     assert ens.shape == (3, 1, 40)
     assert not np.allclose(m0, m1)
     np.testing.assert_allclose(ens, (m0 + m1) / 2, rtol=1e-4, atol=1e-6 * np.abs(ens).max())
+
+
+def test_presets_default_and_paper_with_single_flags_on_top():
+    """``--preset paper`` is journey-TRAK's estimator; flags change single settings of a preset; the
+    Python API's ``preset`` gives the same settings."""
+    from diffusion_trak.cli import _featurize_args, _score_args, build_parser
+    from diffusion_trak.config import FeaturizeArgs, ScoreArgs, preset
+
+    p = build_parser()
+    f = _featurize_args(p.parse_args(["featurize"]))
+    assert (f.num_timesteps, f.timestep_strategy, f.output, f.method) == (100, "stratified", "loss", "fast")
+    assert f == FeaturizeArgs() == preset("default")[0]
+    f = _featurize_args(p.parse_args(["featurize", "--preset", "paper"]))
+    assert (f.num_timesteps, f.timestep_strategy, f.output) == (10, "uniform", "loss") and f == preset("paper")[0]
+    f = _featurize_args(p.parse_args(["featurize", "--preset", "paper", "-T", "32", "--method", "vmap"]))
+    assert (f.num_timesteps, f.timestep_strategy, f.method) == (32, "uniform", "vmap")
+    s = _score_args(p.parse_args(["score"]))
+    assert s.ridge == 1.0 and s == ScoreArgs() == preset("default")[1]
+    s = _score_args(p.parse_args(["score", "--preset", "paper", "-R", "5"]))
+    assert (s.ridge, s.num_noises) == (0.01, 5)
+    with pytest.raises(SystemExit) as e:
+        main(["featurize", "--preset", "nope"])
+    assert e.value.code == 2
