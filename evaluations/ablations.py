@@ -372,7 +372,15 @@ def main(argv=None):
     out = os.path.join(run, "ablations")
     os.makedirs(out, exist_ok=True)
     suffix = "" if ns.group == "all" else f"-{ns.group}"
-    with open(os.path.join(out, f"ablations{suffix}.json"), "w") as f:
+    jpath = os.path.join(out, f"ablations{suffix}.json")
+    if ns.variants is not None and os.path.exists(jpath):  # keep the rows of the group's other variants
+        with open(jpath) as f:
+            old = json.load(f)
+        mine = {v.name for v in variants}
+        rows = [r for r in old["rows"] if r["method"] not in mine and not r["method"].startswith("baseline")] + rows
+        order = {v.name: i for i, v in enumerate(pool)}
+        rows.sort(key=lambda r: (not r["method"].startswith("baseline"), order.get(r["method"], -1)))
+    with open(jpath, "w") as f:
         json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows, "audits": audits,
                    "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
     lines = [f"# Estimator ablations on `{cfg['name']}`", "",
