@@ -617,10 +617,15 @@ def main(argv=None):
         print_lds(r)
         results["lds"] = r
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save_results(a.json, results)
     return results
+
+
+def save_results(path: str, results: dict) -> None:
+    """The benchmark's figures as JSON at ``path`` (folders created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

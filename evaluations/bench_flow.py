@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import time
 
 import torch
 
-from .bench_featurize import PeakMemory, _trim, bench_throughput, print_throughput, small_unet
+from .bench_featurize import PeakMemory, _trim, save_results, bench_throughput, print_throughput, small_unet
 
 
 # --------------------------------------------------------------------------------------------- demo
@@ -287,9 +286,7 @@ def main(argv=None):
         print_demo(r)
         results["demo"] = r
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save_results(a.json, results)
     return results
 
 

@@ -265,7 +265,13 @@ def _baseline_scores(cfg, train, queries, tfeats, features, encoder, seed_base: 
 
 def _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
     """``{set: {method: (1, B, N)}}``: the baselines with the final image as the query."""
-    path = os.path.join(out, "baselines", "destination.npz")
+    return _cached_by_set(os.path.join(out, "baselines", "destination.npz"), lambda: {
+        "generated": _baseline_scores(cfg, train, [traj.final.float()], dfeats["generated"], features, encoder, 7),
+        "heldout": _baseline_scores(cfg, train, [heldout.images], dfeats["heldout"], features, encoder, 8)})
+
+
+def _cached_by_set(path: str, compute) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: array}}`` read from the ``.npz`` at ``path``, or ``compute()``-d and saved there."""
     if os.path.exists(path):
         z = np.load(path)
         res = {}
@@ -273,8 +279,7 @@ def _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, enc
             s, m = key.split("__")
             res.setdefault(s, {})[m] = z[key]
         return res
-    res = {"generated": _baseline_scores(cfg, train, [traj.final.float()], dfeats["generated"], features, encoder, 7),
-           "heldout": _baseline_scores(cfg, train, [heldout.images], dfeats["heldout"], features, encoder, 8)}
+    res = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
     os.replace(path + ".tmp.npz", path)
@@ -283,24 +288,11 @@ def _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, enc
 
 def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
     """``{set: {method: (S, B, N)}}`` for every non-TRAK method."""
-    from . import baselines as bl
-
-    path = os.path.join(out, "baselines", "scores.npz")
-    if os.path.exists(path):
-        z = np.load(path)
-        res = {}
-        for key in z.files:
-            s, m = key.split("__")
-            res.setdefault(s, {})[m] = z[key]
-        return res
     queries = {"generated": [traj.x0_pred_at(s).float() for s in steps],
                "heldout": [heldout.images for _ in steps]}
-    res = {sname: _baseline_scores(cfg, train, qs, tfeats[sname], features, encoder, 0 if sname == "generated" else 1)
-           for sname, qs in queries.items()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
-    os.replace(path + ".tmp.npz", path)
-    return res
+    return _cached_by_set(os.path.join(out, "baselines", "scores.npz"), lambda: {
+        sname: _baseline_scores(cfg, train, qs, tfeats[sname], features, encoder, 0 if sname == "generated" else 1)
+        for sname, qs in queries.items()})
 
 
 def lds_folder(name: str, lds_mode: str) -> str:

@@ -6,7 +6,6 @@ counts the file-system events of the store (memmap flushes, fsyncs, renames, all
 just before or just after the K-th one, K drawn at random over the events of an uninterrupted run: every point
 between two writes that a crash can leave behind is reachable.
 """
-import hashlib
 import os
 import random
 import signal
@@ -16,20 +15,13 @@ import numpy as np
 import pytest
 
 from diffusion_trak import cli
+from helpers import snapshot
 
 FEAT = ["-T", "2", "-k", "16", "--batch-size", "4", "--data", "digits", "--limit", "24", "--device", "cpu"]
 SCORE = ["--data", "digits", "--limit", "24", "--image-timesteps", "10", "200", "-R", "1", "--device", "cpu"]
 KILLS_PER_COMMAND = 10
 SEED = int(os.environ.get("DIFFUSION_TRAK_FAULT_SEED", "17"))
 
-
-def snapshot(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(dirpath, f), root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _instrument(kill_at, after, sig=signal.SIGKILL):

@@ -1,6 +1,5 @@
 """Every bad input of the README's table: a one-line error that names the fix, and the store unchanged."""
 import errno
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,17 +13,10 @@ from diffusion_trak.config import FeaturizeArgs, ScoreArgs
 from diffusion_trak.data import ImageDataset, load_dataset
 from diffusion_trak.errors import UserError
 from diffusion_trak.featurize.projectors import ProjectorError, make_projector
+from helpers import snapshot
 
 ARGS = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8)
 
-
-def snapshot(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(dirpath, f), root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture
