@@ -254,7 +254,7 @@ def cmd_featurize(ns):
 def cmd_generate(ns):
     from diffusers import DDIMScheduler
 
-    from pipelines import TrajectoryPipeline
+    from diffusion_trak.pipelines import TrajectoryPipeline
 
     from .errors import UserError
     from .store import make_dirs
@@ -300,7 +300,7 @@ def _score_args(ns) -> ScoreArgs:
 
 def _load_trajectory(path: str):
     """A saved trajectory (safetensors); one line naming the fix if the file is damaged."""
-    from pipelines import Trajectory
+    from diffusion_trak.pipelines import Trajectory
 
     from .errors import UserError
 
@@ -399,7 +399,7 @@ def cmd_demo(ns):
 
 
 def cmd_evaluate(ns):
-    from evaluations.run import run_from_args
+    from diffusion_trak.evaluations.run import run_from_args
 
     from .errors import UserError
 
@@ -516,10 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
-    from evaluations.arguments import add_arguments as add_evaluate_arguments
+    from diffusion_trak.evaluations.arguments import add_arguments as add_evaluate_arguments
 
     sp = sub.add_parser("evaluate", help="counterfactual validation: per-step LDS against baselines and the "
-                        "retrain-without-top-k audit (same as python -m evaluations.run)")
+                        "retrain-without-top-k audit (same as python -m diffusion_trak.evaluations.run)")
     add_evaluate_arguments(sp)
     sp.set_defaults(func=cmd_evaluate)
     return p

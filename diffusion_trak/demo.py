@@ -40,7 +40,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", overwrite: bool = False) -> dict:
-    from pipelines import TrajectoryPipeline
+    from diffusion_trak.pipelines import TrajectoryPipeline
 
     from . import api
     from .data import DataArgs, load_dataset

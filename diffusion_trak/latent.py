@@ -249,7 +249,7 @@ def encode_images(vae, images: torch.Tensor, mode: str = "mean", seed: int = 0,
 
     ``mode="mean"``: the posterior mean (a ``VQModel``'s pre-quantisation latent); ``"sample"``: one
     posterior sample per example drawn from ``(seed, indices[b])``."""
-    from pipelines.latent_trajectory import vae_scale_shift
+    from diffusion_trak.pipelines.latent_trajectory import vae_scale_shift
 
     p = next(vae.parameters())
     mean, std = _posterior(vae, images.to(device=p.device, dtype=p.dtype))
@@ -317,7 +317,7 @@ def encode_dataset(dataset, vae, cache_dir: str, mode: str = "mean", seed: int =
     The store's settings are the VAE fingerprint and class, the dataset fingerprint, the scaling and
     shift factors, the mode and (for ``"sample"``) the seed; a rerun with the same ones reuses the
     cache, other ones raise :class:`LatentError` unless ``overwrite=True`` (which re-encodes)."""
-    from pipelines.latent_trajectory import vae_scale_shift
+    from diffusion_trak.pipelines.latent_trajectory import vae_scale_shift
 
     vae = vae.eval()
     if len(dataset) == 0:
@@ -703,7 +703,7 @@ def run_latent_demo(out_dir: str = "runs/latent-demo", quick: bool = False, devi
 
     Prints the prompt, the PNG, the scores file and the self-attribution rate; returns them in a dict.
     Rerunning the same ``out_dir`` reuses every finished stage."""
-    from pipelines.latent_trajectory import LatentTrajectoryPipeline
+    from diffusion_trak.pipelines.latent_trajectory import LatentTrajectoryPipeline
 
     from .data import DataArgs, load_dataset
     from .text import default_text_model

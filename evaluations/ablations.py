@@ -1,6 +1,6 @@
 """Which estimator predicts counterfactuals best? LDS of TRAK variants on a finished evaluation run.
 
-``python -m evaluations.ablations runs/eval-digits`` reuses a run of :mod:`evaluations.run` (its
+``python -m diffusion_trak.evaluations.ablations runs/eval-digits`` reuses a run of :mod:`evaluations.run` (its
 attributed checkpoints, trajectory, held-out images, subset masks and ground truth) and scores
 variants of the estimator: output functions for training features and targets, timestep strategy and
 count, feature normalisation, number of checkpoints, and ensembles of independently trained models
@@ -299,7 +299,7 @@ def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.nd
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", help="a finished `python -m evaluations.run` folder")
+    p.add_argument("run", help="a finished `python -m diffusion_trak.evaluations.run` folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="*", default=None, help="names (default: all of the group)")
     p.add_argument("--ensemble-method", default="sequential", choices=("sequential", "stacked"),
@@ -312,7 +312,7 @@ def main(argv=None):
     ns = p.parse_args(argv)
     from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.train import list_checkpoints
-    from pipelines import Trajectory
+    from diffusion_trak.pipelines import Trajectory
 
     run = ns.run
     cfg = json.load(open(os.path.join(run, "config.json")))

@@ -1,4 +1,4 @@
-"""Command-line arguments of the benchmark runner, shared by ``python -m evaluations.run`` and
+"""Command-line arguments of the benchmark runner, shared by ``python -m diffusion_trak.evaluations.run`` and
 ``diffusion-trak evaluate``. Free of heavy imports, so building the main CLI's parser stays fast."""
 from __future__ import annotations
 

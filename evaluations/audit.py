@@ -132,7 +132,7 @@ def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequ
 def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Tensor:
     """Final images of the whole trajectory batch restarted at ``step`` with ``checkpoint``'s UNet."""
     from diffusion_trak.train import load_checkpoint
-    from pipelines import TrajectoryPipeline
+    from diffusion_trak.pipelines import TrajectoryPipeline
 
     unet, sched = load_checkpoint(checkpoint, device)
     out = TrajectoryPipeline(unet, sched)(start_from=trajectory, start_step=int(step), record_steps=[],

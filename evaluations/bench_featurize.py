@@ -1,10 +1,10 @@
 """Featurization benchmark: the reference recipe against the fast path, in one process.
 
-    python -m evaluations.bench_featurize                      # ~1.1M UNet, 16×16, k=2048, T=10 and T=1
-    python -m evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
-    python -m evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
-    python -m evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
-    python -m evaluations.bench_featurize --lds runs/eval-digits   # LDS: exact vs dense JL vs fast, 3 seeds
+    python -m diffusion_trak.evaluations.bench_featurize                      # ~1.1M UNet, 16×16, k=2048, T=10 and T=1
+    python -m diffusion_trak.evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
+    python -m diffusion_trak.evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
+    python -m diffusion_trak.evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
+    python -m diffusion_trak.evaluations.bench_featurize --lds runs/eval-digits   # LDS: exact vs dense JL vs fast, 3 seeds
 
 Paths, all on the same model, rows, draws and k:
 
@@ -423,7 +423,7 @@ def print_fidelity(r):
 
 # --------------------------------------------------------------------------------------------- LDS contract
 def bench_lds(run, seeds, progress=True):
-    """LDS of TRAK on a finished ``python -m evaluations.run`` folder with exact gradients, dense JL (the
+    """LDS of TRAK on a finished ``python -m diffusion_trak.evaluations.run`` folder with exact gradients, dense JL (the
     reference projector, ``len(seeds)`` seeds) and the fast path's CountSketch (same seeds), all from the same
     per-example gradients and the run's own draws, targets, subset models and ground truth.
 
@@ -436,7 +436,7 @@ def bench_lds(run, seeds, progress=True):
     from diffusion_trak.store import Store
     from diffusion_trak.targets import target_features, trajectory_target_features
     from diffusion_trak.train import list_checkpoints, load_checkpoint
-    from pipelines import Trajectory
+    from diffusion_trak.pipelines import Trajectory
 
     from .metrics import bootstrap_ci, lds
 
@@ -581,7 +581,7 @@ def main(argv=None):
     ap.add_argument("--fid-seeds", type=int, default=3)
     ap.add_argument("--ridge", type=float, default=ScoreArgs().ridge)
     ap.add_argument("--lds", default=None, metavar="RUN",
-                    help="a finished `python -m evaluations.run` folder: LDS of exact / dense JL / fast TRAK on it")
+                    help="a finished `python -m diffusion_trak.evaluations.run` folder: LDS of exact / dense JL / fast TRAK on it")
     ap.add_argument("--lds-seeds", type=int, default=3, help="projection seeds for --lds")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args(argv)

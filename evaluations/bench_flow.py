@@ -1,8 +1,8 @@
 """The whole flow with the library's defaults, against the reference recipe and plain forward + backward, in one process.
 
-    python -m evaluations.bench_flow                              # both parts
-    python -m evaluations.bench_flow --parts demo                 # the demo's stages and one trajectory only
-    python -m evaluations.bench_flow --parts train --timesteps 10 100
+    python -m diffusion_trak.evaluations.bench_flow                              # both parts
+    python -m diffusion_trak.evaluations.bench_flow --parts demo                 # the demo's stages and one trajectory only
+    python -m diffusion_trak.evaluations.bench_flow --parts train --timesteps 10 100
 
 Parts (every figure of a part comes from the same process and run; paths are interleaved where they repeat):
 
@@ -114,7 +114,7 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     from diffusion_trak import api
     from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.demo import demo_settings
-    from pipelines import TrajectoryPipeline
+    from diffusion_trak.pipelines import TrajectoryPipeline
 
     cfg = demo_settings()
     if channels:  # a variant of the demo: another UNet width and/or k, in the new and the old settings alike

@@ -1,7 +1,7 @@
 """Memory-bounded scoring: peak resident memory of ``TRAKScorer.score_into`` against the number of training rows.
 
-    python -m evaluations.bench_scoring                       # n = 25k, 100k, 400k, 1M; 50 targets × 4 steps; k = 256
-    python -m evaluations.bench_scoring --sizes 10000 40000 --targets 20 --steps 2 --compare-no-release
+    python -m diffusion_trak.evaluations.bench_scoring                       # n = 25k, 100k, 400k, 1M; 50 targets × 4 steps; k = 256
+    python -m diffusion_trak.evaluations.bench_scoring --sizes 10000 40000 --targets 20 --steps 2 --compare-no-release
 
 A scaled-down version of scoring 1,000,000 training rows × 10,000 targets × 20 steps. For each n, random
 training features (C checkpoints of n × k float32) are written to ``.npy`` memmaps, like a feature store,
@@ -99,7 +99,7 @@ def child(args):
 
 def run_size(n, a, workdir, no_release=False):
     paths, tpath = prepare(workdir, n, a.targets * a.steps, a.k, a.checkpoints)
-    cmd = [sys.executable, "-m", "evaluations.bench_scoring", "--child", "--workdir", workdir, "--targets-path", tpath,
+    cmd = [sys.executable, "-m", "diffusion_trak.evaluations.bench_scoring", "--child", "--workdir", workdir, "--targets-path", tpath,
            "--block-size", str(a.block_size), "--target-block", str(a.target_block), "--threads", str(a.threads),
            "--train", *paths] + (["--no-release"] if no_release else [])
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -229,7 +229,7 @@ def _power(name: str, description: str, data: DataArgs, heldout: DataArgs) -> Ev
     TRAK here is the candidate default, fixed before the benchmark was run: the fast featurizer, T = 100
     timesteps stratified over the range, the loss output, ridge 1, R = 20 target noises and a destination
     target of 100 draws. Other estimators (the paper's among them) are measured on the same run with
-    ``python -m evaluations.ablations``."""
+    ``python -m diffusion_trak.evaluations.ablations``."""
     return EvalConfig(
         name=name, description=description, data=data, heldout=heldout,
         train=TrainArgs(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,

@@ -1,6 +1,6 @@
 """Run a named counterfactual-validation benchmark end to end, resumably.
 
-    python -m evaluations.run digits-quick --out runs/eval-digits
+    python -m diffusion_trak.evaluations.run digits-quick --out runs/eval-digits
 
 Stages (each skipped when its result is already in ``--out``):
 
@@ -139,7 +139,7 @@ def apply_overrides(cfg: EvalConfig, overrides: List[str]) -> EvalConfig:
 
 def _trajectory(cfg: EvalConfig, out: str, ckpt: str, device):
     from diffusion_trak.train import load_checkpoint
-    from pipelines import Trajectory, TrajectoryPipeline
+    from diffusion_trak.pipelines import Trajectory, TrajectoryPipeline
 
     path = os.path.join(out, "trajectory.safetensors")
     if os.path.exists(path):
@@ -696,7 +696,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, ns.set)
         run(cfg, ns.out, ns.overwrite, ns.device, ns.threads, not ns.quiet, not ns.no_audit)
     except (UserError, DataError, StoreError) as e:
-        print(f"evaluations.run: error: {e}", file=sys.stderr)
+        print(f"diffusion_trak.evaluations.run: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -704,7 +704,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     from .arguments import add_arguments
 
-    p = argparse.ArgumentParser(prog="python -m evaluations.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffusion_trak.evaluations.run", description=__doc__.split("\n\n")[0])
     return run_from_args(add_arguments(p).parse_args(argv))
 
 

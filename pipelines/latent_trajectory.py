@@ -40,7 +40,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from pipelines.trajectory import GeneratorArg, Trajectory, TrajectoryPipeline
+from diffusion_trak.pipelines.trajectory import GeneratorArg, Trajectory, TrajectoryPipeline
 
 __all__ = ["LatentTrajectory", "LatentTrajectoryOutput", "LatentTrajectoryPipeline", "decode_latents",
            "vae_scale_shift"]

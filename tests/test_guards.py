@@ -33,7 +33,7 @@ def _other_unet(s):
 
 
 def _traj(s, record):
-    from pipelines import TrajectoryPipeline
+    from diffusion_trak.pipelines import TrajectoryPipeline
 
     return TrajectoryPipeline(unet=s.unet, scheduler=s.scheduler)(seed=0, num_inference_steps=4, record_steps=record,
                                                                   show_progress=False).trajectory
@@ -496,8 +496,8 @@ def test_second_writer_is_refused_naming_the_holder(run, capsys):
 
 
 def test_evaluations_check_saved_scores_against_the_training_set(run, tmp_path):
-    from evaluations.configs import EvalConfig
-    from evaluations.run import _trak_scores
+    from diffusion_trak.evaluations.configs import EvalConfig
+    from diffusion_trak.evaluations.run import _trak_scores
 
     out = tmp_path / "eval"
     shutil.copytree(os.path.join(run, "scores", "seed-0"), out / "scores" / "generated")
@@ -509,7 +509,7 @@ def test_evaluations_check_saved_scores_against_the_training_set(run, tmp_path):
 
 
 def test_evaluation_files_cannot_run_code(tmp_path):
-    from evaluations.baselines import train_encoder
+    from diffusion_trak.evaluations.baselines import train_encoder
 
     marker, path = tmp_path / "PWNED", tmp_path / "encoder.pt"
     torch.save({"image_shape": _Payload(str(marker)), "dim": 1, "width": 1, "state_dict": {}}, str(path))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from pipelines import Trajectory, TrajectoryOutput, TrajectoryPipeline
+from diffusion_trak.pipelines import Trajectory, TrajectoryOutput, TrajectoryPipeline
 
 STEPS = 6
 
@@ -292,7 +292,7 @@ def test_generator_list_matches_diffusers(unet):
 
 
 def test_loadable_as_community_pipeline(unet, tmp_path, monkeypatch):
-    import pipelines.trajectory as module
+    import diffusion_trak.pipelines.trajectory as module
     from diffusers import DiffusionPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

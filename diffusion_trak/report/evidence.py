@@ -1,4 +1,4 @@
-"""Counterfactual evidence of an evaluation run (``python -m evaluations.run``), for the journey page.
+"""Counterfactual evidence of an evaluation run (``python -m diffusion_trak.evaluations.run``), for the journey page.
 
 An evaluation run folder holds ``lds.json`` (per-step LDS of every method, with intervals and the
 noise ceiling) and, after the audit, ``audit/audit-MODE.json`` with the images regenerated from each
@@ -74,7 +74,7 @@ def audit_rows(eval_dir: str, final_images) -> Dict[int, List[dict]]:
     regenerated from that step ``without_top`` and ``without_random`` (the first random control),
     and the pixel L2 change of each (the random one averaged over its draws, as the audit reports).
     ``final_images`` is the run's ``trajectory.final`` ``(B, C, H, W)``. Empty without an audit."""
-    from evaluations.audit import MODES, Case
+    from diffusion_trak.evaluations.audit import MODES, Case
 
     out: Dict[int, List[dict]] = {}
     for mode in MODES:

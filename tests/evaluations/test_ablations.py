@@ -3,9 +3,9 @@ import os
 
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
 from diffusion_trak.data import DataArgs
-from evaluations.ablations import RIDGES, main
-from evaluations.configs import EvalConfig
-from evaluations.run import run
+from diffusion_trak.evaluations.ablations import RIDGES, main
+from diffusion_trak.evaluations.configs import EvalConfig
+from diffusion_trak.evaluations.run import run
 
 
 def tiny_config(**kw):
@@ -94,7 +94,7 @@ def test_audit_of_a_variant_shares_the_random_controls(tmp_path):
 def test_choices_group_fixed_ridges_report_all_models_and_the_destination(tmp_path):
     """The power benchmarks' group: a ridge fixed in advance is reported on every model, a selected one on
     the report half; every variant and baseline gets the destination column."""
-    from evaluations.ablations import CHOICES
+    from diffusion_trak.evaluations.ablations import CHOICES
 
     out = str(tmp_path / "run")
     run(tiny_config(gt_destination_draws=4, score=ScoreArgs(num_noises=2, destination_draws=4)), out, progress=False,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from diffusion_trak.featurize.featurizer import seed_for
-from evaluations.audit import Case, plan, removed_positions, resolve_k, summarize
+from diffusion_trak.evaluations.audit import Case, plan, removed_positions, resolve_k, summarize
 
 
 def test_resolve_k():

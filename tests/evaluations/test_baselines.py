@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from evaluations.baselines import (embedding_distance, embedding_similarity, gradient_similarity, pixel_similarity,
+from diffusion_trak.evaluations.baselines import (embedding_distance, embedding_similarity, gradient_similarity, pixel_similarity,
                                    random_scores, train_encoder)
 
 

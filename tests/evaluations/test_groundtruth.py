@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluations.groundtruth import OUTPUT_KINDS, TargetSet, draws, measure
+from diffusion_trak.evaluations.groundtruth import OUTPUT_KINDS, TargetSet, draws, measure
 
 
 def _targets():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from evaluations.metrics import (bootstrap_ci, cosine_distance, l2_distance, lds, lds_ceiling, neg_l2_similarity,
+from diffusion_trak.evaluations.metrics import (bootstrap_ci, cosine_distance, l2_distance, lds, lds_ceiling, neg_l2_similarity,
                                  quartiles, spearman, spearman_brown, split_half, subset_sums)
 
 
@@ -80,7 +80,7 @@ def test_distances():
 
 
 def test_two_way_bootstrap():
-    from evaluations.metrics import lds_ci, paired_bootstrap_ci
+    from diffusion_trak.evaluations.metrics import lds_ci, paired_bootstrap_ci
 
     rng = np.random.default_rng(2)
     n, M, T = 40, 24, 6
@@ -102,7 +102,7 @@ def test_two_way_bootstrap():
 
 
 def test_replicate_ceiling_bounds_a_perfect_predictor():
-    from evaluations.metrics import replicate_ceiling, split_half
+    from diffusion_trak.evaluations.metrics import replicate_ceiling, split_half
 
     rng = np.random.default_rng(0)
     M, T = 4000, 3

@@ -8,8 +8,8 @@ import torch
 from diffusion_trak.config import TrainArgs
 from diffusion_trak.data import load_dataset
 from diffusion_trak.train import load_checkpoint
-from evaluations.retrain import StackedTrainer, benchmark_stacked, final_checkpoint, process_share, train_models
-from evaluations.subsets import subset_masks
+from diffusion_trak.evaluations.retrain import StackedTrainer, benchmark_stacked, final_checkpoint, process_share, train_models
+from diffusion_trak.evaluations.subsets import subset_masks
 
 ARGS = TrainArgs(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(1,), norm_num_groups=4,
                  epochs=3, batch_size=8, learning_rate=2e-3, num_checkpoints=2, seed=0)

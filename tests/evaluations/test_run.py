@@ -5,8 +5,8 @@ import pytest
 
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, TrainArgs
 from diffusion_trak.data import DataArgs
-from evaluations.configs import CONFIGS, ConfigError, EvalConfig, get_config
-from evaluations.run import ConfigMismatch, apply_overrides, main, run
+from diffusion_trak.evaluations.configs import CONFIGS, ConfigError, EvalConfig, get_config
+from diffusion_trak.evaluations.run import ConfigMismatch, apply_overrides, main, run
 
 
 def tiny_config(**kw):
@@ -121,7 +121,7 @@ def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
     from diffusers import UNet2DModel
     from diffusion_trak.data import load_dataset
     from diffusion_trak.train import train_ddpm
-    from evaluations.retrain import final_checkpoint, train_models
+    from diffusion_trak.evaluations.retrain import final_checkpoint, train_models
 
     data = load_dataset(DataArgs(name="digits", limit=32))
     masks = np.ones((2, 32), dtype=bool)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluations.subsets import model_seed, subset_masks, subset_size
+from diffusion_trak.evaluations.subsets import model_seed, subset_masks, subset_size
 
 
 @pytest.mark.parametrize("n,alpha", [(10, 0.5), (11, 0.5), (100, 0.3), (7, 1.0)])

@@ -5,7 +5,7 @@ import torch
 from diffusion_trak.config import FeaturizeArgs
 from diffusion_trak.featurize.featurizer import Featurizer
 from diffusion_trak.targets import image_target_features, target_features, target_noises, trajectory_target_features
-from pipelines import Trajectory
+from diffusion_trak.pipelines import Trajectory
 
 
 def _trajectory(B=2, S=6, recorded=(0, 2, 5), seed=0):

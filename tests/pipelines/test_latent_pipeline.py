@@ -7,7 +7,7 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, LDMPipeline, UNet2DConditionModel, UNet2DModel,
                        VQModel)
 
-from pipelines.latent_trajectory import LatentTrajectory, LatentTrajectoryPipeline, decode_latents
+from diffusion_trak.pipelines.latent_trajectory import LatentTrajectory, LatentTrajectoryPipeline, decode_latents
 from diffusion_trak.text import default_text_model
 
 STEPS = 5

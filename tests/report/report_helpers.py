@@ -23,7 +23,7 @@ def make_run(root, num_targets=3, num_steps=20, record=(0, 4, 9, 14, 19), n=60, 
     ``diffusion-trak plot`` reads. Returns ``(dataset, trajectory, scores, scores_dir)``."""
     from diffusion_trak.api import Scores
     from diffusion_trak.data import DataArgs, ImageDataset, save_npz
-    from pipelines import Trajectory
+    from diffusion_trak.pipelines import Trajectory
 
     g = torch.Generator().manual_seed(seed)
     os.makedirs(root, exist_ok=True)

@@ -94,7 +94,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_pages_in_chromium(browser, demo_run):
-    from pipelines import Trajectory
+    from diffusion_trak.pipelines import Trajectory
 
     out, res = demo_run
     check_journey(browser, res["html"], res["scores"], Trajectory.load(os.path.join(out, "trajectories", "seed-0.safetensors")))
@@ -146,7 +146,7 @@ def test_evaluation_evidence(browser, tmp_path):
     """A tiny fake evaluation run folder: the page shows the audit images and the per-step LDS."""
     from diffusion_trak.cli import main
     from diffusion_trak.report.evidence import audit_rows
-    from evaluations.audit import Case
+    from diffusion_trak.evaluations.audit import Case
 
     root = str(tmp_path / "eval")
     ds, traj, sc, _ = make_run(root, scores_name="generated")
