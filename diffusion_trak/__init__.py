@@ -8,3 +8,12 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# pipelines/ and evaluations/ are top-level folders of the repository, installed as diffusion_trak.pipelines
+# and diffusion_trak.evaluations (pyproject's package-dir). In a source checkout that is not the installed one
+# (a second git worktree, or PYTHONPATH=. without an install), find them beside this package.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(
+        _os.path.join(_root, "pipelines", "__init__.py")):
+    __path__.append(_root)  # noqa: F821 (the package's own search path)
+del _root
