@@ -52,6 +52,7 @@ class Variant:
     ridge: Optional[float] = None    # a relative ridge fixed in advance (reported on ALL models); None: picked
                                      # from RIDGES on the selection half, reported on the other half
     num_noises: int = 0              # R, target noises (0: the run's)
+    destination_draws: int = 0       # D, (timestep, noise) draws of the destination target (0: the run's)
 
 
 VARIANTS = [
@@ -110,6 +111,10 @@ CHOICES = [
             num_noises=50, ridge=1.0),
     Variant("loss/loss, stratified T=100, ensemble of 4 models, ridge 1", timestep_strategy="stratified",
             num_timesteps=100, models=4, ridge=1.0),
+    Variant("loss/loss, stratified T=100, D=400, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            ridge=1.0, destination_draws=400),
+    Variant("loss/loss, stratified T=100, D=1000, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            ridge=1.0, destination_draws=1000),
     Variant("timestep-matched loss/loss, t±100, stratified T=32, ridge 1", timestep_strategy="stratified",
             num_timesteps=32, window=100, ridge=1.0),
 ]
@@ -178,8 +183,10 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         sargs = dataclasses.replace(sargs, destination_draws=0)
     if v.num_noises:
         sargs = dataclasses.replace(sargs, num_noises=v.num_noises)
+    if v.destination_draws and sargs.destination_draws:
+        sargs = dataclasses.replace(sargs, destination_draws=v.destination_draws)
     key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
-    rkey = f"-R{v.num_noises}" if v.num_noises else ""
+    rkey = (f"-R{v.num_noises}" if v.num_noises else "") + (f"-D{v.destination_draws}" if v.destination_draws else "")
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
     fpath, tpath = (os.path.join(run, "ablations", d, key) for d in ("features", "targets"))
