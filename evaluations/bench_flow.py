@@ -59,11 +59,13 @@ def demo_checkpoints(paths, train_args, image_shape, n=2):
     return out
 
 
-def plain_pairs(ckpts, trajectory, steps, R, seed):
+def plain_pairs(ckpts, trajectory, steps, R, seed, destination=0):
     """One plain batched forward + backward of the summed loss over the (step, noise) pairs of the targets, per
-    checkpoint: the same rows, timesteps and noises as the targets, no per-sample work."""
+    checkpoint: the same rows, timesteps and noises as the targets, no per-sample work. With ``destination`` = D,
+    also the D (timestep, noise) pairs of each final image's destination target (what ``api.score`` featurizes
+    for its destination row)."""
     from diffusion_trak.outputs import output_value
-    from diffusion_trak.targets import target_noises
+    from diffusion_trak.targets import destination_draws, target_noises
 
     x0 = torch.stack([trajectory.x0_pred[trajectory.step_of(s)] for s in steps])  # (S, B, C, H, W)
     S, B = x0.shape[:2]
@@ -71,6 +73,13 @@ def plain_pairs(ckpts, trajectory, steps, R, seed):
     xs = x0.reshape(S * B, 1, *shape).expand(S * B, R, *shape).reshape(S * B * R, *shape)
     ts = torch.tensor([int(trajectory.timesteps[s]) for s in steps]).repeat_interleave(B * R)
     ns = torch.cat([target_noises(seed, s, b, R, shape) for s in steps for b in range(B)])
+    if destination:
+        n_t = int(trajectory.scheduler_config.get("num_train_timesteps", 1000))
+        draws = [destination_draws(seed, b, destination, n_t, shape) for b in range(B)]
+        final = trajectory.final.float()
+        xs = torch.cat([xs, final.repeat_interleave(destination, dim=0)])
+        ts = torch.cat([ts, torch.cat([d[0] for d in draws])])
+        ns = torch.cat([ns, torch.cat([d[1] for d in draws])])
 
     def run():
         for unet, sched in ckpts:
@@ -78,7 +87,7 @@ def plain_pairs(ckpts, trajectory, steps, R, seed):
             (output_value(unet, sched, xs, ts, ns).sum() / R).backward()
         for unet, _ in ckpts:
             unet.zero_grad(set_to_none=True)
-    return run, S * B * R
+    return run, len(xs)
 
 
 def _timed(fn):
@@ -179,8 +188,14 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     if not trajectory:
         return res
 
-    # 2. attribute one trajectory: 10 recorded steps, R = 20 (the old defaults' store scored by each code)
-    sets = {"new": (api, stores["new"], cfg.score), "ref": (api, stores["old"], cfg.score)}
+    # 2. attribute one trajectory: 10 recorded steps, R = 20 (the old defaults' store scored by each code).
+    # Plain forward + backward runs over exactly the pairs each path featurizes: "steps" paths score the recorded
+    # steps only (destination row off) against the steps' pairs; "new" (the defaults, destination row on)
+    # against the steps' pairs plus the destination's D pairs per final image.
+    D = cfg.score.destination_draws
+    steps_only = dataclasses.replace(cfg.score, destination_draws=0)
+    sets = {"new": (api, stores["new"], cfg.score), "new_steps": (api, stores["new"], steps_only),
+            "ref": (api, stores["old"], steps_only)}
     if baseline_code:
         sets["old"] = (runs["old"][0], stores["old"], runs["old"][2])
     calls = {}
@@ -192,9 +207,11 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
         t, peak, _ = _measured(fn)
         res[f"{name}_trajectory_first_s"], res[f"{name}_trajectory_first_peak_mb"] = t, peak / 2 ** 20
     plain, rows = plain_pairs(ckpts, traj, traj_steps, cfg.score.num_noises, cfg.score.seed)
-    calls["plain"] = plain
-    res["trajectory_rows_per_checkpoint"] = rows
-    plain()  # warm-up
+    plain_dest, rows_dest = plain_pairs(ckpts, traj, traj_steps, cfg.score.num_noises, cfg.score.seed, D)
+    calls["plain"], calls["plain_dest"] = plain, plain_dest
+    res["trajectory_rows_per_checkpoint"], res["trajectory_rows_with_destination"] = rows, rows_dest
+    res["destination_draws"] = D
+    plain(), plain_dest()  # warm-up
     for name, fn in calls.items():
         _, peak, _ = _measured(fn)
         res[f"{name}_trajectory_peak_mb"] = peak / 2 ** 20
@@ -204,9 +221,11 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
             times[name].append(_timed(fn)[0])
     for name, v in times.items():
         res[f"{name}_trajectory_s"] = statistics.median(v)
-    for name in sets:
-        res[f"{name}_trajectory_over_plain"] = res[f"{name}_trajectory_s"] / res["plain_trajectory_s"]
-        res[f"{name}_trajectory_first_over_plain"] = res[f"{name}_trajectory_first_s"] / res["plain_trajectory_s"]
+    for name, (_, _, sargs) in sets.items():
+        base = "plain_dest" if getattr(sargs, "destination_draws", 0) else "plain"  # the same pairs on both sides
+        res[f"{name}_trajectory_plain"] = base
+        res[f"{name}_trajectory_over_plain"] = res[f"{name}_trajectory_s"] / res[f"{base}_trajectory_s"]
+        res[f"{name}_trajectory_first_over_plain"] = res[f"{name}_trajectory_first_s"] / res[f"{base}_trajectory_s"]
     res["repeats"] = repeats
     return res
 
@@ -230,9 +249,15 @@ def print_demo(r):
     print(f"\n== attribute one trajectory: {len(r['trajectory_steps'])} recorded steps × R = {r['R']} on {r['checkpoints']} "
           f"checkpoints ({r['trajectory_rows_per_checkpoint']} (step, noise) rows each); median of {r['repeats']}")
     print(f"   {'path':<44} {'s':>8} {'÷ plain':>8} {'peak MB':>9}")
-    print(f"   {'plain fwd+bwd of the same pairs':<44} {r['plain_trajectory_s']:>8.3f} {'1.00':>8} "
+    print(f"   {'plain fwd+bwd of the steps pairs':<44} {r['plain_trajectory_s']:>8.3f} {'1.00':>8} "
           f"{r['plain_trajectory_peak_mb']:>9.0f}")
-    for name, label in (("new", "default (fast)"), ("ref", "reference (vmap + dense JL)"), ("old", "old code, old defaults")):
+    if "plain_dest_trajectory_s" in r:
+        print(f"   {'plain fwd+bwd, steps + destination pairs':<44} {r['plain_dest_trajectory_s']:>8.3f} "
+              f"{r['plain_dest_trajectory_s'] / r['plain_trajectory_s']:>8.2f} {r['plain_dest_trajectory_peak_mb']:>9.0f}")
+    print(f"   (each path's ÷ plain is against the plain run of the pairs it featurizes; destination D = "
+          f"{r.get('destination_draws', 0)} pairs per final image)")
+    for name, label in (("new", "default (fast), steps + destination"), ("new_steps", "default (fast), steps only"),
+                        ("ref", "reference (vmap + dense JL), steps only"), ("old", "old code, old defaults")):
         if f"{name}_trajectory_s" not in r:
             continue
         print(f"   {label + ', repeated call':<44} {r[f'{name}_trajectory_s']:>8.3f} {r[f'{name}_trajectory_over_plain']:>8.2f} "
