@@ -53,6 +53,7 @@ class Variant:
                                      # from RIDGES on the selection half, reported on the other half
     num_noises: int = 0              # R, target noises (0: the run's)
     destination_draws: int = 0       # D, (timestep, noise) draws of the destination target (0: the run's)
+    proj_dim: int = 0                # k, the projected dimension (0: the run's)
 
 
 VARIANTS = [
@@ -113,8 +114,8 @@ CHOICES = [
             num_timesteps=100, models=4, ridge=1.0),
     Variant("loss/loss, stratified T=100, D=400, ridge 1", timestep_strategy="stratified", num_timesteps=100,
             ridge=1.0, destination_draws=400),
-    Variant("loss/loss, stratified T=100, D=1000, ridge 1", timestep_strategy="stratified", num_timesteps=100,
-            ridge=1.0, destination_draws=1000),
+    Variant("loss/loss, stratified T=100, k=8192, ridge 1", timestep_strategy="stratified", num_timesteps=100,
+            ridge=1.0, proj_dim=8192),
     Variant("timestep-matched loss/loss, t±100, stratified T=32, ridge 1", timestep_strategy="stratified",
             num_timesteps=32, window=100, ridge=1.0),
 ]
@@ -177,7 +178,8 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     """``{set: {ridge: (S, B, N)}}`` for one variant (sets ``*-destination``: S = 1, scored with the
     whole-range features, also for timestep-matched variants)."""
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
-                                      "timestep_strategy": v.timestep_strategy})
+                                      "timestep_strategy": v.timestep_strategy,
+                                      **({"proj_dim": v.proj_dim} if v.proj_dim else {})})
     sargs = from_dict(ScoreArgs, cfg["score"])
     if not cfg.get("gt_destination_draws"):
         sargs = dataclasses.replace(sargs, destination_draws=0)
@@ -185,7 +187,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         sargs = dataclasses.replace(sargs, num_noises=v.num_noises)
     if v.destination_draws and sargs.destination_draws:
         sargs = dataclasses.replace(sargs, destination_draws=v.destination_draws)
-    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}"
+    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}" + (f"-k{v.proj_dim}" if v.proj_dim else "")
     rkey = (f"-R{v.num_noises}" if v.num_noises else "") + (f"-D{v.destination_draws}" if v.destination_draws else "")
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
