@@ -26,8 +26,7 @@ of the two halves (the correlation over models of two independent measurements o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,47 +35,9 @@ from tqdm.auto import tqdm
 from diffusion_trak.featurize.featurizer import seed_for
 from diffusion_trak.outputs import output_value
 from diffusion_trak.store import Store
+from diffusion_trak.targets import TargetSet  # noqa: F401 (what is measured; re-exported)
 
 OUTPUT_KINDS = ("xhat0_loss", "final_loss_le_t")
-
-
-@dataclass
-class TargetSet:
-    """What the ground truth is measured on.
-
-    Attributes:
-        name: e.g. ``generated`` or ``heldout``.
-        steps: step indices (columns of the tables).
-        timesteps: the scheduler timestep ``t_s`` of each step.
-        x0_by_step: ``(S, B, C, H, W)``: the image whose loss at ``t_s`` is the paper's output
-            (``x̂0_s`` for generated targets, the image itself for real ones).
-        final: ``(B, C, H, W)``: the final image (generated sample or the real image).
-        class_labels: optional ``(B,)`` labels for class-conditional models.
-    """
-
-    name: str
-    steps: List[int]
-    timesteps: List[int]
-    x0_by_step: torch.Tensor
-    final: torch.Tensor
-    class_labels: Optional[torch.Tensor] = None
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.final.shape[0])
-
-    @classmethod
-    def from_trajectory(cls, traj, steps: Sequence[int], name: str = "generated") -> "TargetSet":
-        steps = [int(s) for s in steps]
-        return cls(name, steps, [traj.timestep_at(s) for s in steps],
-                   torch.stack([traj.x0_pred_at(s) for s in steps]), traj.final.clone(), traj.class_labels)
-
-    @classmethod
-    def from_images(cls, images: torch.Tensor, steps: Sequence[int], timesteps: Sequence[int], name: str = "heldout",
-                    class_labels=None) -> "TargetSet":
-        images = torch.as_tensor(images, dtype=torch.float32)
-        return cls(name, [int(s) for s in steps], [int(t) for t in timesteps],
-                   images.unsqueeze(0).expand(len(steps), *images.shape).clone(), images.clone(), class_labels)
 
 
 def draws(kind: str, seed: int, half: int, step_pos: int, target: int, timestep: int, n: int, shape):
