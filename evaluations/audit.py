@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from diffusion_trak.featurize.featurizer import seed_for
 from diffusion_trak.store import write_json_atomic
 
+from .folder import AuditFolder
 from .metrics import l2_distance, quartiles
 from .retrain import final_checkpoint, train_models
 
@@ -144,27 +145,29 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
               mode: str = "masked", label: str = "", random_draws: int = 8) -> dict:
-    """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit-MODE.json``
-    (``audit-MODE-LABEL.json`` for the scores named ``label``). ``random_draws`` random-removal models
-    per k serve as the control of every target and step."""
+    """Plan, retrain (resumable), regenerate (cached) and measure every case in ``out_dir`` (the layout of
+    :class:`~evaluations.folder.AuditFolder`); write ``audit-MODE.json`` (``audit-MODE-LABEL.json`` for the
+    scores named ``label``). ``random_draws`` random-removal models per k serve as the control of every
+    target and step."""
     if mode not in MODES:
         raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
     from .baselines import embedding_distance
 
     n = len(dataset)
+    folder = AuditFolder(out_dir)
     cases = plan(scores_by_step, targets, ks, n, seed, label, random_draws)
     os.makedirs(out_dir, exist_ok=True)
     masks = np.ones((len(cases), n), dtype=bool)
     for j, c in enumerate(cases):
         masks[j, c.removed] = False
     names = [c.name for c in cases]
-    run_dirs = train_models(dataset, args, masks, os.path.join(out_dir, f"models-{mode}"), [args.seed] * len(cases),
+    run_dirs = train_models(dataset, args, masks, folder.models(mode), [args.seed] * len(cases),
                             method="stacked" if mode == "masked" else method, stack_size=stack_size, device=device,
                             progress=progress, names=names, masked=(mode == "masked"))
     original = trajectory.final.float().clamp(-1, 1)
     steps = sorted(int(st) for st in scores_by_step)
     # the restart with the attributed model itself must give back the original image
-    check_path = os.path.join(out_dir, "restart_check.json")
+    check_path = folder.restart_check
     checked = {}
     if os.path.exists(check_path):
         with open(check_path) as f:
@@ -175,7 +178,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
             checked[str(st)] = float((regen - original).abs().max())
             write_json_atomic(check_path, {"by_step": checked})
     restart_err = max(checked[str(st)] for st in steps)
-    regen_dir = os.path.join(out_dir, f"regenerated-{mode}")
+    regen_dir = folder.regenerated(mode)
     os.makedirs(regen_dir, exist_ok=True)
     # (case, step, target) measured: a top-k case at its own step and target, a random control at all of them
     measured = [(j, st, b) for j, c in enumerate(cases)
@@ -199,7 +202,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])
         rows.append(row)
     result = {"mode": mode, "cases": rows, "summary": summarize(rows), "restart_check_max_abs": restart_err}
-    write_json_atomic(os.path.join(out_dir, f"audit-{mode}{'-' + label if label else ''}.json"), result)
+    write_json_atomic(folder.result(mode, label), result)
     return result
 
 
