@@ -652,17 +652,22 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
 def run_from_args(ns: argparse.Namespace) -> int:
     """Run the benchmark named by parsed :func:`evaluations.arguments.add_arguments` arguments; a
     user-fixable error prints one line and returns 2."""
+    from diffusion_trak.config import check_int
     from diffusion_trak.data import DataError
     from diffusion_trak.store import StoreError
 
     try:
+        from diffusion_trak.cli import _device
+
+        check_int("--threads", ns.threads, 0)  # 0: the config's
+        device = _device(ns)
         if ns.config.endswith(".json"):
             with open(ns.config) as f:
                 cfg = EvalConfig.from_dict(json.load(f))
         else:
             cfg = get_config(ns.config)
         cfg = apply_overrides(cfg, ns.set)
-        run(cfg, ns.out, ns.overwrite, ns.device, ns.threads, not ns.quiet, not ns.no_audit)
+        run(cfg, ns.out, ns.overwrite, device, ns.threads, not ns.quiet, not ns.no_audit)
     except (UserError, DataError, StoreError) as e:
         print(f"diffusion_trak.evaluations.run: error: {e}", file=sys.stderr)
         return 2

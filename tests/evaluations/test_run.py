@@ -136,3 +136,21 @@ def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
         w.append(UNet2DModel.from_pretrained(os.path.join(single, "unet")).state_dict())
         for other in w[1:]:
             assert all(torch.allclose(w[0][k], other[k], rtol=0, atol=1e-12) for k in w[0]) == same
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--set", "num_models=abc"], r"num_models must be an integer >= 2, got 'abc'; fix it in the config or with --set"),
+    (["--set", "alpha=2"], r"alpha \(the subset fraction\) must be between 0 and 1, got 2"),
+    (["--set", "audit_ks=[0]"], r"every one of audit_ks must be a finite number > 0, got 0"),
+    (["--set", "seed_mode=sometimes"], r"unknown seed_mode 'sometimes'"),
+    (["--threads", "-1"], r"--threads must be an integer >= 0, got -1"),
+    (["--device", "gpu0"], r"--device 'gpu0' is not a device; use cpu or cuda"),
+])
+def test_flags_are_checked_before_anything_runs(tmp_path, capsys, flags, pattern):
+    import re
+
+    out = tmp_path / "run"
+    assert main(["digits-quick", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+    assert not out.exists()
