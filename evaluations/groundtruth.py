@@ -26,7 +26,8 @@ of the two halves (the correlation over models of two independent measurements o
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -90,22 +91,49 @@ def measure(unet, scheduler, targets: TargetSet, kind: str, n: int, seed: int, b
     return out
 
 
-def measure_models(checkpoints: Sequence[str], targets: TargetSet, kinds: Sequence[str], n_by_kind: dict, seed: int,
-                   out: str, settings: dict, device="cpu", progress: bool = True, batch_size: int = 512) -> dict:
-    """Measure every model (checkpoint folder) into a resumable store at ``out``.
+@dataclass
+class GroundTruthJob:
+    """One ground-truth store: what is measured (``targets``, ``kinds``, draws per kind, ``seed``) and where
+    (``out``, with ``settings`` recorded beside the draws)."""
 
-    Returns ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
+    targets: TargetSet
+    kinds: Sequence[str]
+    n_by_kind: dict
+    seed: int
+    out: str
+    settings: dict
+
+
+def measure_all(checkpoints: Sequence[str], jobs: Sequence[GroundTruthJob], device="cpu", progress: bool = True,
+                batch_size: int = 512) -> List[dict]:
+    """Measure every model (checkpoint folder) for every job, each job into its resumable store, loading each
+    model once. Returns, per job, ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
     from diffusion_trak.train import load_checkpoint
 
-    M, S, B = len(checkpoints), len(targets.steps), targets.num_targets
-    store = Store(out, {**settings, "kinds": list(kinds), "n": {k: int(n_by_kind[k]) for k in kinds}, "seed": seed,
-                        "targets": targets.name, "steps": targets.steps, "timesteps": targets.timesteps,
-                        "num_models": M})
-    arrays = {k: store.array(f"{targets.name}_{k}", (M, 2 * S * B), "float64") for k in kinds}
-    todo = sorted(set().union(*[set(a.pending().tolist()) for a in arrays.values()]))
-    for m in tqdm(todo, desc=f"ground truth ({targets.name})", disable=not progress):
+    M = len(checkpoints)
+    opened = []
+    for j in jobs:
+        S, B = len(j.targets.steps), j.targets.num_targets
+        store = Store(j.out, {**j.settings, "kinds": list(j.kinds), "n": {k: int(j.n_by_kind[k]) for k in j.kinds},
+                              "seed": j.seed, "targets": j.targets.name, "steps": j.targets.steps,
+                              "timesteps": j.targets.timesteps, "num_models": M})
+        opened.append((j, {k: store.array(f"{j.targets.name}_{k}", (M, 2 * S * B), "float64") for k in j.kinds}, S, B))
+    todo = sorted(set().union(*[set(a.pending().tolist()) for _, arrays, _, _ in opened for a in arrays.values()]))
+    names = ", ".join(j.targets.name for j in jobs)
+    for m in tqdm(todo, desc=f"ground truth ({names})", disable=not progress):
         unet, sched = load_checkpoint(checkpoints[m], device)
-        for k, arr in arrays.items():
-            if not arr.done[m]:
-                arr.write([m], measure(unet, sched, targets, k, n_by_kind[k], seed, batch_size, device).reshape(1, -1))
-    return {k: np.asarray(a.read(), dtype=np.float64).reshape(M, 2, S, B) for k, a in arrays.items()}
+        for j, arrays, _, _ in opened:
+            for k, arr in arrays.items():
+                if not arr.done[m]:
+                    arr.write([m], measure(unet, sched, j.targets, k, j.n_by_kind[k], j.seed, batch_size, device).reshape(1, -1))
+    return [{k: np.asarray(a.read(), dtype=np.float64).reshape(M, 2, S, B) for k, a in arrays.items()}
+            for _, arrays, S, B in opened]
+
+
+def measure_models(checkpoints: Sequence[str], targets: TargetSet, kinds: Sequence[str], n_by_kind: dict, seed: int,
+                   out: str, settings: dict, device="cpu", progress: bool = True, batch_size: int = 512) -> dict:
+    """Measure every model (checkpoint folder) into a resumable store at ``out`` (:func:`measure_all` of one job).
+
+    Returns ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
+    return measure_all(checkpoints, [GroundTruthJob(targets, kinds, n_by_kind, seed, out, settings)], device, progress,
+                       batch_size)[0]

@@ -298,27 +298,42 @@ def _ceiling_rows(a, b, ceiling, n_boot: int):
     return rs, cs
 
 
-def _destination_ground_truth(cfg, folder, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds, device, progress):
-    """``({set: {"destination": (M, 2, 1, B)}}, the same for the replicates or None)``: the loss of the final
-    image averaged over ``gt_destination_draws`` (timestep, noise) pairs per half, timesteps stratified
-    over the whole range (``final_loss_le_t`` at the last training timestep), common to every model."""
-    from .groundtruth import TargetSet, measure_models
+def _ground_truth_jobs(cfg, folder, traj, heldout, replicates: bool, rep_seeds, destination: bool) -> dict:
+    """``{name: GroundTruthJob}`` of the subset models (or their replicates): per set, the per-step outputs
+    at the LDS steps and, with ``destination``, the set's ``*-destination``: the loss of the final image
+    averaged over ``gt_destination_draws`` (timestep, noise) pairs per half, timesteps stratified over the
+    whole range (``final_loss_le_t`` at the last training timestep), with draws of its own."""
+    from diffusion_trak.targets import TargetSet
 
-    last_t = int(cfg.train.num_train_timesteps) - 1
-    sets = {"generated": traj.final.float(), "heldout": heldout.images}
-    kind, n = "final_loss_le_t", {"final_loss_le_t": cfg.gt_destination_draws}
-    seed = cfg.gt_seed + 1000  # draws of their own, not those of the per-step columns
-    settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha, "destination": True}
+    from .groundtruth import GroundTruthJob
 
-    def measure(ckpts, replicates, extra):
-        return {s: {"destination": measure_models(
-            ckpts, TargetSet(f"{s}-destination", [cfg.num_inference_steps], [last_t], x[None].clone(), x.clone()),
-            [kind], n, seed, folder.groundtruth(f"{s}-destination", replicates),
-            {**settings, **extra}, device=device, progress=progress)[kind]} for s, x in sets.items()}
+    settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha, **({"seeds": rep_seeds} if replicates else {})}
+    n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
+    sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
+            "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps, [traj.timestep_at(s) for s in cfg.lds_steps],
+                                             "heldout")}
+    jobs = {s: GroundTruthJob(ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed, folder.groundtruth(s, replicates), settings)
+            for s, ts in sets.items()}
+    if destination:
+        last_t = int(cfg.train.num_train_timesteps) - 1
+        for s, x in (("generated", traj.final.float()), ("heldout", heldout.images)):
+            ts = TargetSet(f"{s}-destination", [cfg.num_inference_steps], [last_t], x[None].clone(), x.clone())
+            jobs[f"{s}-destination"] = GroundTruthJob(ts, ["final_loss_le_t"],
+                                                      {"final_loss_le_t": cfg.gt_destination_draws}, cfg.gt_seed + 1000,
+                                                      folder.groundtruth(f"{s}-destination", replicates),
+                                                      {**settings, "destination": True})
+    return jobs
 
-    gt = measure(sub_ckpts, False, {})
-    rep = measure(rep_ckpts, True, {"seeds": rep_seeds}) if rep_ckpts else None
-    return gt, rep
+
+def _ground_truth(cfg, folder, traj, heldout, ckpts, replicates: bool, rep_seeds, destination: bool, device, progress):
+    """``({set: {kind: (M, 2, S, B)}}, {set: {"destination": (M, 2, 1, B)}} or None)`` of the models ``ckpts``
+    (subset models, or their replicates), each loaded once for every set."""
+    from .groundtruth import measure_all
+
+    jobs = _ground_truth_jobs(cfg, folder, traj, heldout, replicates, rep_seeds, destination)
+    res = dict(zip(jobs, measure_all(ckpts, list(jobs.values()), device=device, progress=progress)))
+    dest = {s: {"destination": res[f"{s}-destination"]["final_loss_le_t"]} for s in SETS} if destination else None
+    return {s: res[s] for s in SETS}, dest
 
 
 def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
@@ -527,7 +542,6 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
 
     from .audit import run_audit
     from .baselines import train_encoder
-    from .groundtruth import TargetSet, measure_models
     from .retrain import benchmark_stacked, final_checkpoint, train_models
     from .subsets import subset_masks
 
@@ -603,22 +617,10 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
                                     **train_kw)
             rep_ckpts = [final_checkpoint(d, cfg.train) for d in rep_dirs]
     with timer.stage("ground truth"):
-        sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
-                "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps,
-                                                 [traj.timestep_at(s) for s in cfg.lds_steps], "heldout")}
-        n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
-        settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha}
-        gt = {s: measure_models(sub_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                folder.groundtruth(s), settings, device=device,
-                                progress=progress)
-              for s, ts in sets.items()}
-        gt_rep = {s: measure_models(rep_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                    folder.groundtruth(s, replicates=True),
-                                    {**settings, "seeds": rep_seeds}, device=device, progress=progress)
-                  for s, ts in sets.items()} if rep_ckpts else None
-        if dest_scores is not None:
-            gt_dest, gt_rep_dest = _destination_ground_truth(cfg, folder, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds,
-                                                             device, progress)
+        dest = dest_scores is not None
+        gt, gt_dest = _ground_truth(cfg, folder, traj, heldout, sub_ckpts, False, rep_seeds, dest, device, progress)
+        gt_rep, gt_rep_dest = (_ground_truth(cfg, folder, traj, heldout, rep_ckpts, True, rep_seeds, dest, device, progress)
+                               if rep_ckpts else (None, None))
     with timer.stage("LDS"):
         tables = _lds_tables(cfg, scores, masks, gt, gt_rep)
         if dest_scores is not None:

@@ -44,6 +44,8 @@ def test_a_masked_run_is_read_back_through_one_layout(tmp_path, monkeypatch):
     C = len(os.listdir(os.path.join(out, "target-features"))) // 4  # .npz + .json per (checkpoint, set)
     assert C == 2 and attributed == sorted(set(attributed)) and len(attributed) == C  # each loaded once
     assert len(computed) == 2 * C  # target features of (generated, heldout) × checkpoints, once, for scores and baselines
+    subset_models = [p for p in loads if os.path.join(out, "subsets-masked") in p]
+    assert len(subset_models) == 4 == len(set(subset_models))  # each measured for all four sets after one load
 
     # bench_featurize --lds reads the masks and ground truth that run.py used: its LDS of the run's TRAK scores
     # is lds.json's, value for value (a masked run has no subsets/ nor groundtruth/ folder)
