@@ -213,7 +213,7 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
     return out
 
 
-def _audit_variant(v: Variant, run: RunFolder, train, traj, final_ckpt: str, gen_scores, steps, device,
+def _audit_variant(v: Variant, run: RunFolder, train, traj, final_ckpt, gen_scores, steps, device,
                    run_missing: bool = True) -> List[dict]:
     """The run's retrain-without-top-k audit (its steps, targets, k and modes) with this variant's scores
     ``gen_scores`` (S, B, N), in the run's ``audit/`` folder, so the random controls are shared.
@@ -287,8 +287,7 @@ def main(argv=None):
     train, heldout = run.datasets()
     traj = run.load_trajectory()
     steps = list(cfg["lds_steps"])
-    ckpt_dirs = run.checkpoints()
-    ckpts = api.as_checkpoints(ckpt_dirs, ns.device)  # loaded once for every variant
+    ckpts = api.as_checkpoints(run.checkpoints(), ns.device)  # loaded once for every variant and audit
     masks = run.masks()
     M = masks.shape[0]
     sel, rep, everyone = np.arange(M // 2), np.arange(M // 2, M), np.arange(M)
@@ -333,7 +332,7 @@ def main(argv=None):
                                       for si in range(len(steps))]) for r in RIDGES}
             best = max(sel_lds, key=lambda r: sel_lds[r])
             evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
-        audits += _audit_variant(v, run, train, traj, ckpt_dirs[-1], by_ridge["generated"][best], steps, ns.device,
+        audits += _audit_variant(v, run, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
                                  run_missing=ns.audit)
     out = run.ablations
     os.makedirs(out, exist_ok=True)

@@ -130,27 +130,30 @@ def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequ
     return cases
 
 
-def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Tensor:
-    """Final images of the whole trajectory batch restarted at ``step`` with ``checkpoint``'s UNet."""
+def regenerate(checkpoint, trajectory, step: int, device="cpu") -> torch.Tensor:
+    """Final images of the whole trajectory batch restarted at ``step`` with ``checkpoint``'s UNet
+    (a checkpoint folder, or its loaded ``(unet, scheduler)``)."""
     from diffusion_trak.train import load_checkpoint
     from diffusion_trak.pipelines import TrajectoryPipeline
 
-    unet, sched = load_checkpoint(checkpoint, device)
+    unet, sched = load_checkpoint(checkpoint, device) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     out = TrajectoryPipeline(unet, sched)(start_from=trajectory, start_step=int(step), record_steps=[],
                                           show_progress=False)
     return out.images.detach().float().cpu()
 
 
-def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
+def run_audit(dataset, args, trajectory, attributed_checkpoint, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
               mode: str = "masked", label: str = "", random_draws: int = 8) -> dict:
     """Plan, retrain (resumable), regenerate (cached) and measure every case in ``out_dir`` (the layout of
     :class:`~evaluations.folder.AuditFolder`); write ``audit-MODE.json`` (``audit-MODE-LABEL.json`` for the
     scores named ``label``). ``random_draws`` random-removal models per k serve as the control of every
-    target and step."""
+    target and step. ``attributed_checkpoint``: the attributed model's folder, or its loaded ``(unet, scheduler)``."""
     if mode not in MODES:
         raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
+    from diffusion_trak.train import load_checkpoint
+
     from .baselines import embedding_distance
 
     n = len(dataset)
@@ -172,9 +175,12 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
     if os.path.exists(check_path):
         with open(check_path) as f:
             checked = json.load(f).get("by_step", {})
+    attributed = None  # loaded once, when a step is still unchecked
     for st in steps:
         if str(st) not in checked:
-            regen = regenerate(attributed_checkpoint, trajectory, st, device).clamp(-1, 1)
+            attributed = attributed or (load_checkpoint(attributed_checkpoint, device)
+                                        if isinstance(attributed_checkpoint, (str, os.PathLike)) else attributed_checkpoint)
+            regen = regenerate(attributed, trajectory, st, device).clamp(-1, 1)
             checked[str(st)] = float((regen - original).abs().max())
             write_json_atomic(check_path, {"by_step": checked})
     restart_err = max(checked[str(st)] for st in steps)
@@ -184,11 +190,14 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
     measured = [(j, st, b) for j, c in enumerate(cases)
                 for st, b in ([(c.step, c.target)] if c.kind == "top" else [(st, b) for st in steps for b in targets])]
     jobs = list(dict.fromkeys((j, st) for j, st, _ in measured))  # one regeneration per (case, step)
+    model = {}  # the case's model, loaded once for all its steps (jobs of a case are adjacent)
     for j, st in tqdm(jobs, desc="regenerate", disable=not progress):
         c = cases[j]
         path = c.image_file(regen_dir, st)
         if not os.path.exists(path):
-            img = regenerate(final_checkpoint(run_dirs[j], args), trajectory, st, device).clamp(-1, 1).numpy()
+            if j not in model:
+                model = {j: load_checkpoint(final_checkpoint(run_dirs[j], args), device)}
+            img = regenerate(model[j], trajectory, st, device).clamp(-1, 1).numpy()
             np.save(path + ".tmp.npy", img[c.target] if c.kind == "top" else img)
             os.replace(path + ".tmp.npy", path)
     rows = []

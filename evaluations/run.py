@@ -634,7 +634,7 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     if audit and cfg.audit_targets > 0 and cfg.audit_steps:
         for mode in cfg.audit_modes:
             with timer.stage(f"retrain without top-k ({mode})"):
-                audit_res[mode] = run_audit(train, cfg.train, traj, final,
+                audit_res[mode] = run_audit(train, cfg.train, traj, ckpts[ckpt_dirs.index(final)],
                                             {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
                                             list(range(cfg.audit_targets)), cfg.audit_ks, folder.audit.root,
                                             encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
