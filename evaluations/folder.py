@@ -108,8 +108,12 @@ class RunFolder:
     def report_file(self) -> str:
         return self.path("report.md")
 
+    @property
+    def plots(self) -> str:
+        return self.path("plots")
+
     def plot(self, name: str) -> str:
-        return self.path("plots", name)
+        return os.path.join(self.plots, name)
 
     @property
     def attributed(self) -> str:

@@ -2,12 +2,14 @@
 
     python -m diffusion_trak.evaluations.run digits-quick --out runs/eval-digits
 
-Stages (each skipped when its result is already in ``--out``):
+Stages (each skipped when its result is already in ``--out``; the folder's layout is
+:class:`evaluations.folder.RunFolder`):
 
 1. train the attributed model (``attributed/``, :func:`diffusion_trak.train.train_ddpm`);
 2. sample the generated targets and record their trajectories (``trajectory.safetensors``);
 3. featurize the training set and score every step with TRAK (``features/``, ``scores/``,
-   :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`);
+   :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`); the target features are kept
+   in ``target-features/`` for the baselines (:mod:`diffusion_trak.target_cache`);
 4. baseline scores (``baselines/``, :mod:`evaluations.baselines`);
 5. train ``M`` models on α-subsets (``subsets/``, or ``subsets-masked/`` with ``lds_mode="masked"``),
    printing the stacked-training speed-up, and ``num_replicates`` second-seed models (``replicates/``);
@@ -490,7 +492,7 @@ def _plots(cfg, folder, tables, traj, audit, trajectory_final):
 
     from .audit import Case
 
-    os.makedirs(os.path.dirname(folder.plot("x")), exist_ok=True)
+    os.makedirs(folder.plots, exist_ok=True)
     ts = [traj.timestep_at(s) for s in cfg.lds_steps]
     for sname, kinds in tables.items():
         for kind, e in kinds.items():
