@@ -58,11 +58,22 @@ class AuditFolder:
 
 
 class RunFolder:
-    """The files of one evaluation run. ``lds_mode`` (the config's) picks the LDS models' folders."""
+    """The files of one evaluation run. ``lds_mode`` (the config's) picks the LDS models' folders.
+
+    Attributes (paths): ``config_file``, ``timing_file``, ``speedup_file``, ``lds_file``, ``report_file``,
+    ``plots`` (folder), ``attributed`` (checkpoints), ``trajectory``, ``features`` (training-feature store),
+    ``target_features`` (the target cache, :mod:`diffusion_trak.target_cache`), ``ablations`` (folder)."""
 
     def __init__(self, root: str, lds_mode: str = "retrain"):
         self.root, self.lds_mode = root, lds_mode
         self._config: Optional[dict] = None
+        join = os.path.join
+        self.config_file, self.timing_file = join(root, "config.json"), join(root, "timing.json")
+        self.speedup_file, self.lds_file = join(root, "speedup.json"), join(root, "lds.json")
+        self.report_file, self.plots = join(root, "report.md"), join(root, "plots")
+        self.attributed, self.trajectory = join(root, "attributed"), join(root, "trajectory.safetensors")
+        self.features, self.target_features = join(root, "features"), join(root, "target-features")
+        self.ablations = join(root, "ablations")
 
     @classmethod
     def open(cls, root: str) -> "RunFolder":
@@ -79,11 +90,6 @@ class RunFolder:
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
-    # ---- files of the run
-    @property
-    def config_file(self) -> str:
-        return self.path("config.json")
-
     @property
     def config(self) -> dict:
         """The run's ``config.json`` as saved (a dict)."""
@@ -92,44 +98,8 @@ class RunFolder:
                 self._config = json.load(f)
         return self._config
 
-    @property
-    def timing_file(self) -> str:
-        return self.path("timing.json")
-
-    @property
-    def speedup_file(self) -> str:
-        return self.path("speedup.json")
-
-    @property
-    def lds_file(self) -> str:
-        return self.path("lds.json")
-
-    @property
-    def report_file(self) -> str:
-        return self.path("report.md")
-
-    @property
-    def plots(self) -> str:
-        return self.path("plots")
-
     def plot(self, name: str) -> str:
         return os.path.join(self.plots, name)
-
-    @property
-    def attributed(self) -> str:
-        return self.path("attributed")
-
-    @property
-    def trajectory(self) -> str:
-        return self.path("trajectory.safetensors")
-
-    @property
-    def features(self) -> str:
-        return self.path("features")
-
-    @property
-    def target_features(self) -> str:
-        return self.path("target-features")
 
     def scores(self, target_set: str) -> str:
         return self.path("scores", target_set)
@@ -158,10 +128,6 @@ class RunFolder:
     @property
     def audit(self) -> AuditFolder:
         return AuditFolder(self.path("audit"))
-
-    @property
-    def ablations(self) -> str:
-        return self.path("ablations")
 
     # ---- readers
     def masks(self) -> np.ndarray:
