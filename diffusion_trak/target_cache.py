@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .targets import TargetSet, _digest, all_target_features
+from .targets import TargetSet, all_target_features, digest
 
 #: the key of the cache in ``FeatureSet.reuse``
 REUSE_KEY = "target_cache"
@@ -33,12 +33,13 @@ class TargetCache:
         self.memory = {}
 
     @staticmethod
-    def digest(key: dict) -> str:
+    def file_name(key: dict) -> str:
+        """The entry's file name (without extension): a sha256 of the key."""
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
     def get(self, key: dict, compute) -> dict:
         """The arrays (``{name: np.ndarray}``) stored under ``key``, or ``compute()``-d and stored."""
-        h = self.digest(key)
+        h = self.file_name(key)
         if h in self.memory:
             return self.memory[h]
         path = os.path.join(self.folder, f"{h}.npz") if self.folder else None
@@ -82,7 +83,7 @@ def attach(features, folder: Optional[str] = None) -> TargetCache:
 def _cond_digest(cond: Optional[dict]) -> Optional[str]:
     if not cond:
         return None
-    return _digest(*[x for name in sorted(cond) for x in (name, cond[name])])
+    return digest(*[x for name in sorted(cond) for x in (name, cond[name])])
 
 
 def target_features_of(features, ckpts: Sequence, targets: TargetSet, R: int, seed: int, output: Optional[str] = None,

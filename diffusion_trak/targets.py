@@ -104,7 +104,8 @@ def destination_target_features(featurizer, images: torch.Tensor, D: int, seed: 
     return featurizer.features(images, ts, noises, cond, output)
 
 
-def _digest(*parts) -> str:
+def digest(*parts) -> str:
+    """A short sha256 of tensors (their float bytes as given) and other values (their repr), in order."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.detach().cpu().contiguous().numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
@@ -161,11 +162,11 @@ class TargetSet:
 
     def step_digest(self) -> str:
         """A digest of what the per-step target features depend on (images, timesteps, noise keys)."""
-        return _digest(self.x0_by_step.float(), [int(t) for t in self.timesteps], [int(k) for k in self.keys])
+        return digest(self.x0_by_step.float(), [int(t) for t in self.timesteps], [int(k) for k in self.keys])
 
     def final_digest(self) -> str:
         """A digest of the final images (what the destination target depends on)."""
-        return _digest(self.final.float())
+        return digest(self.final.float())
 
 
 @dataclass
