@@ -21,7 +21,8 @@ from .featurize.featurizer import Featurizer, model_fingerprint
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, make_dirs, write_json_atomic
-from .targets import destination_target_features, image_target_features, trajectory_target_features
+from .target_cache import target_features_of
+from .targets import TargetSet
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
 
@@ -314,7 +315,6 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
     fargs = FeaturizeArgs(**fset["featurize"])
-    featurizers = features.featurizers(ckpts, device)
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]
@@ -327,8 +327,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                 raise InputError(str(e)) from None
         timesteps = [int(trajectory.timesteps[s]) for s in steps]
         key = _target_key(trajectory.final)
-        finals = trajectory.final
-        make = lambda f: trajectory_target_features(f, trajectory, steps, args.num_noises, args.seed, output, cond)
+        targets = TargetSet.from_trajectory(trajectory, steps)
     elif images is not None:
         check_finite(images, "target images")
         n_t = int(fset["num_train_timesteps"][0])
@@ -338,20 +337,18 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                              f"(the scheduler's training timesteps); pass --image-timesteps between 0 and {n_t - 1}")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
         key = _target_key(images)
-        finals = images
-        make = lambda f: image_target_features(f, images, timesteps, args.num_noises, args.seed, output, cond)
+        targets = TargetSet.from_images(images, steps, timesteps)
     else:
         raise ValueError("give a trajectory or images to score")
-    per_ckpt = [make(f).numpy() for f in featurizers]  # each (S, B, k)
+    per_ckpt, dest_feats = target_features_of(features, ckpts, targets, args.num_noises, args.seed, output, cond,
+                                              args.destination_draws, device)  # each (S, B, k); (B, k)
     S, B, k = per_ckpt[0].shape
     flat = [p.reshape(S * B, k) for p in per_ckpt]
     scorer = features.scorer(args.ridge, args.block_size)
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
-    destination = None  # the final images, their target over the whole range of timesteps
-    if args.destination_draws > 0:
-        destination = scorer.score([destination_target_features(f, finals.float(), args.destination_draws, args.seed,
-                                                                output, cond).numpy() for f in featurizers])
+    # the final images, their target over the whole range of timesteps
+    destination = scorer.score(dest_feats) if dest_feats is not None else None
     if out is not None:
         dist = distributed.state()
         with distributed.main_process_first():

@@ -401,13 +401,7 @@ def cmd_demo(ns):
 def cmd_evaluate(ns):
     from diffusion_trak.evaluations.run import run_from_args
 
-    from .errors import UserError
-
-    if ns.threads < 0:
-        raise UserError(f"--threads must be an integer >= 0 (0: the config's), got {ns.threads}")
-    _device(ns)
-
-    rc = run_from_args(ns)
+    rc = run_from_args(ns)  # checks its flags (--threads, --device, --set) before anything runs
     if rc:
         raise SystemExit(rc)
 

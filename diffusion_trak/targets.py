@@ -11,10 +11,17 @@ by ``batch_size`` examples).
 
 The *destination* target of a final image (:func:`destination_target_features`) averages the output
 over many (timestep, noise) pairs spread over the whole range of timesteps instead of one step's.
+
+What is attributed is a :class:`TargetSet` (steps of a trajectory, or real images at timesteps, with
+their final images); :func:`all_target_features` is the one computation of its target features, per-step
+and destination, for one featurizer (one checkpoint). :mod:`diffusion_trak.target_cache` keeps them so that
+scoring, baselines and evaluations compute them once per (checkpoint, targets).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import hashlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -57,9 +64,8 @@ def image_target_features(featurizer, images: torch.Tensor, timesteps: Sequence[
                           output: Optional[str] = None, cond: Optional[dict] = None) -> torch.Tensor:
     """Real ``images`` (B, C, H, W) as targets at each of ``timesteps`` (noise key = the timestep): (S, B, k);
     equal to stacking :func:`target_features` ``(..., t, key=t)`` over the timesteps."""
-    S = len(timesteps)
-    x0 = images.unsqueeze(0).expand(S, *images.shape)
-    return features_at_steps(featurizer, x0, list(timesteps), list(timesteps), R, seed, output, cond)
+    targets = TargetSet.from_images(images, range(len(timesteps)), timesteps)
+    return all_target_features(featurizer, targets, R, seed, output, cond).steps
 
 
 def trajectory_target_features(featurizer, trajectory, steps: Sequence[int], R: int, seed: int,
@@ -68,9 +74,7 @@ def trajectory_target_features(featurizer, trajectory, steps: Sequence[int], R: 
     keyed by ``s``.
 
     Raises ``ValueError`` naming the recorded steps if a step was not recorded."""
-    steps = [int(s) for s in steps]
-    x0 = torch.stack([trajectory.x0_pred[trajectory.step_of(s)] for s in steps])
-    return features_at_steps(featurizer, x0, [int(trajectory.timesteps[s]) for s in steps], steps, R, seed, output, cond)
+    return all_target_features(featurizer, TargetSet.from_trajectory(trajectory, steps), R, seed, output, cond).steps
 
 
 def destination_draws(seed: int, target: int, D: int, num_train_timesteps: int, shape):
@@ -98,3 +102,89 @@ def destination_target_features(featurizer, images: torch.Tensor, D: int, seed: 
     ts = torch.stack([d[0] for d in draws])
     noises = torch.stack([d[1] for d in draws])
     return featurizer.features(images, ts, noises, cond, output)
+
+
+def digest(*parts) -> str:
+    """A short sha256 of tensors (their float bytes as given) and other values (their repr), in order."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TargetSet:
+    """What is attributed (and, in the evaluations, measured): ``B`` targets at ``S`` steps.
+
+    Attributes:
+        name: e.g. ``generated`` or ``heldout``.
+        steps: step indices (the columns of scores and tables).
+        timesteps: the scheduler timestep ``t_s`` of each step.
+        x0_by_step: ``(S, B, C, H, W)``: the clean image whose output at ``t_s`` is the target (``x̂0_s`` of a
+            generated trajectory, the image itself for a real one).
+        final: ``(B, C, H, W)``: the final image (the generated sample, or the real image): the destination.
+        class_labels: optional ``(B,)`` labels of a class-conditional model's targets.
+        keys: the noise key of each step (:func:`target_noises`): the step index for a trajectory, the
+            timestep for real images; default ``steps``.
+    """
+
+    name: str
+    steps: List[int]
+    timesteps: List[int]
+    x0_by_step: torch.Tensor
+    final: torch.Tensor
+    class_labels: Optional[torch.Tensor] = None
+    keys: Optional[List[int]] = None
+
+    def __post_init__(self):
+        if self.keys is None:
+            self.keys = list(self.steps)
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.final.shape[0])
+
+    @classmethod
+    def from_trajectory(cls, traj, steps: Sequence[int], name: str = "generated") -> "TargetSet":
+        """Recorded ``steps`` of ``traj`` (``ValueError`` naming the recorded steps if one was not recorded)."""
+        steps = [int(s) for s in steps]
+        return cls(name, steps, [traj.timestep_at(s) for s in steps], torch.stack([traj.x0_pred_at(s) for s in steps]),
+                   traj.final.clone(), traj.class_labels)
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, steps: Sequence[int], timesteps: Sequence[int], name: str = "heldout",
+                    class_labels=None) -> "TargetSet":
+        """Real ``images`` (B, C, H, W) as targets at ``timesteps``, one per step (noises keyed by the timestep)."""
+        images = torch.as_tensor(images, dtype=torch.float32)
+        timesteps = [int(t) for t in timesteps]
+        return cls(name, [int(s) for s in steps], timesteps, images.unsqueeze(0).expand(len(timesteps), *images.shape).clone(),
+                   images.clone(), class_labels, keys=timesteps)
+
+    def step_digest(self) -> str:
+        """A digest of what the per-step target features depend on (images, timesteps, noise keys)."""
+        return digest(self.x0_by_step.float(), [int(t) for t in self.timesteps], [int(k) for k in self.keys])
+
+    def final_digest(self) -> str:
+        """A digest of the final images (what the destination target depends on)."""
+        return digest(self.final.float())
+
+
+@dataclass
+class TargetFeatures:
+    """Target features of one checkpoint: ``steps`` (S, B, k) and ``destination`` (B, k) or None."""
+
+    steps: torch.Tensor
+    destination: Optional[torch.Tensor] = None
+
+
+def all_target_features(featurizer, targets: TargetSet, R: int, seed: int, output: Optional[str] = None,
+                        cond: Optional[dict] = None, destination_draws: int = 0) -> TargetFeatures:
+    """Every target feature of ``targets`` for one featurizer: the per-step targets (R noises each, all steps in
+    one featurizer call, :func:`features_at_steps`) and, with ``destination_draws > 0``, the destination of the
+    final images (:func:`destination_target_features`)."""
+    steps = features_at_steps(featurizer, targets.x0_by_step, [int(t) for t in targets.timesteps], targets.keys, R,
+                              seed, output, cond)
+    dest = None
+    if destination_draws > 0:
+        dest = destination_target_features(featurizer, targets.final.float(), destination_draws, seed, output, cond)
+    return TargetFeatures(steps, dest)

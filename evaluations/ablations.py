@@ -22,17 +22,14 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from diffusion_trak import api
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs, from_dict
-from diffusion_trak.featurize.featurizer import Featurizer
 from diffusion_trak.score import TRAKScorer
-from diffusion_trak.store import Store
-from diffusion_trak.targets import destination_target_features, target_features, trajectory_target_features
+from diffusion_trak.target_cache import attach, target_features_of
 
+from .folder import RunFolder
 from .metrics import lds, lds_ci
-from .run import lds_folder
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -140,43 +137,35 @@ def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", pro
 
     targs = from_dict(TrainArgs, cfg["train"])
     seeds = [model_seed(targs.seed + 2, m) for m in range(num)]
-    dirs = train_models(train, targs, np.ones((num, len(train)), dtype=bool), os.path.join(run, "ablations", "ensemble"),
+    dirs = train_models(train, targs, np.ones((num, len(train)), dtype=bool), os.path.join(RunFolder(run).ablations, "ensemble"),
                         seeds, method=method, stack_size=int(cfg.get("stack_size", 16)), device=device, progress=progress)
     return [final_checkpoint(d, targs) for d in dirs]
 
 
-def _features_and_targets(ckpts, fpath, tpath, fargs, sargs, v, train, heldout, traj, steps, device):
-    """Training features (one array per checkpoint) and target features ``{set: [(S, B, k) per checkpoint]}``
-    of some checkpoints, both cached in the run folder. With ``sargs.destination_draws`` the sets
-    ``generated-destination`` and ``heldout-destination`` (each (1, B, k)) hold the destination targets."""
-    ts = [traj.timestep_at(s) for s in steps]
+def _features_and_targets(run: RunFolder, ckpts, fpath, fargs, sargs, v, heldout, traj, steps, train, device):
+    """Training features (one array per checkpoint, a store at ``fpath``) and target features ``{set: [(S, B, k)
+    per checkpoint]}`` of some loaded checkpoints; target features come from the run's target cache, shared with
+    the run's own scoring and baselines. With ``sargs.destination_draws`` the sets ``generated-destination`` and
+    ``heldout-destination`` (each (1, B, k)) hold the destination targets."""
+    from .run import _target_sets
+
     fs = api.featurize(ckpts, train, fargs, fpath, device=device)
-    sets = ("generated", "heldout") + (("generated-destination", "heldout-destination") if sargs.destination_draws else ())
-    if os.path.exists(tpath):
-        z = np.load(tpath)
-        tf = {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in sets}
-    else:
-        tf = {s: [] for s in sets}
-        for ck in ckpts:
-            u, sch = api.as_checkpoints([ck], device)[0]
-            f = Featurizer(u, sch, fargs, device)
-            tf["generated"].append(trajectory_target_features(f, traj, steps, sargs.num_noises, sargs.seed, v.target_output).numpy())
-            tf["heldout"].append(torch.stack([target_features(f, heldout.images, t, sargs.num_noises, sargs.seed, key=t,
-                                                              output=v.target_output) for t in ts]).numpy())
-            if sargs.destination_draws:
-                for sname, images in (("generated", traj.final.float()), ("heldout", heldout.images)):
-                    tf[f"{sname}-destination"].append(destination_target_features(
-                        f, images, sargs.destination_draws, sargs.seed, v.target_output).numpy()[None])
-        os.makedirs(os.path.dirname(tpath), exist_ok=True)
-        np.savez(tpath + ".tmp.npz", **{f"{s}_{c}": x for s, lst in tf.items() for c, x in enumerate(lst)})
-        os.replace(tpath + ".tmp.npz", tpath)
+    attach(fs, run.target_features)
+    tf = {}
+    for sname, ts in _target_sets(traj, heldout, steps).items():
+        tf[sname], dest = target_features_of(fs, ckpts, ts, sargs.num_noises, sargs.seed, v.target_output, None,
+                                             sargs.destination_draws, device)
+        if dest is not None:
+            tf[f"{sname}-destination"] = [d[None] for d in dest]
     return fs, tf
 
 
-def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj, steps, device="cpu",
+def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, steps, device="cpu",
                    ensemble_method: str = "sequential") -> Dict[str, Dict[float, np.ndarray]]:
     """``{set: {ridge: (S, B, N)}}`` for one variant (sets ``*-destination``: S = 1, scored with the
-    whole-range features, also for timestep-matched variants)."""
+    whole-range features, also for timestep-matched variants); ``ckpts``: the attributed model's loaded
+    checkpoints."""
+    cfg = run.config
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
                                       "timestep_strategy": v.timestep_strategy,
                                       **({"proj_dim": v.proj_dim} if v.proj_dim else {})})
@@ -188,27 +177,24 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     if v.destination_draws and sargs.destination_draws:
         sargs = dataclasses.replace(sargs, destination_draws=v.destination_draws)
     key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}" + (f"-k{v.proj_dim}" if v.proj_dim else "")
-    rkey = (f"-R{v.num_noises}" if v.num_noises else "") + (f"-D{v.destination_draws}" if v.destination_draws else "")
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
-    fpath, tpath = (os.path.join(run, "ablations", d, key) for d in ("features", "targets"))
+    fpath = os.path.join(run.ablations, "features", key)
     last = f"-last{n_use}" if n_use < len(ckpts) else ""
     used = ckpts[-n_use:]
     if last and not os.path.exists(os.path.join(fpath, "manifest.json")):
         # featurize only the checkpoints used; a checkpoint's features do not depend on the others
-        ckpts, fpath, tpath = used, fpath + last, tpath + last
-    fs, tf = _features_and_targets(ckpts, fpath, f"{tpath}-{v.target_output}{rkey}.npz", fargs, sargs, v, train, heldout,
-                                   traj, steps, device)
+        ckpts, fpath = used, fpath + last
+    fs, tf = _features_and_targets(run, ckpts, fpath, fargs, sargs, v, heldout, traj, steps, train, device)
     use = slice(-n_use, None)
     tf = {s: lst[use] for s, lst in tf.items()}
     phis = [np.asarray(a) for a in fs.arrays][use]
     if v.models > 1:  # the attributed model's last checkpoint, then models-1 independently trained ones
-        for ck in ensemble_checkpoints(run, cfg, train, v.models - 1, device, method=ensemble_method):
+        for ck in ensemble_checkpoints(run.root, cfg, train, v.models - 1, device, method=ensemble_method):
             member = os.path.basename(os.path.dirname(ck))
-            mfs, mtf = _features_and_targets([ck], os.path.join(run, "ablations", "features", "ensemble", member, key),
-                                             os.path.join(run, "ablations", "targets", "ensemble", member,
-                                                          f"{key}-{v.target_output}{rkey}.npz"),
-                                             fargs, sargs, v, train, heldout, traj, steps, device)
+            mfs, mtf = _features_and_targets(run, api.as_checkpoints([ck], device),
+                                             os.path.join(run.ablations, "features", "ensemble", member, key),
+                                             fargs, sargs, v, heldout, traj, steps, train, device)
             phis += [np.asarray(a) for a in mfs.arrays]
             for s in tf:
                 tf[s] = tf[s] + mtf[s]
@@ -217,7 +203,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
         n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
         ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
         phi_sets = [[np.asarray(a) for a in api.featurize(used, train, dataclasses.replace(fargs, timestep_range=r),
-                                                           os.path.join(run, "ablations", "features", f"{key}-t{r[0]}-{r[1]}{last}"),
+                                                           os.path.join(run.ablations, "features", f"{key}-t{r[0]}-{r[1]}{last}"),
                                                            device=device).arrays] for r in ranges]
     whole = [_unit(p) for p in phis] if v.normalize else phis  # whole-range features (the destination's)
     if v.normalize:
@@ -236,7 +222,7 @@ def variant_scores(v: Variant, run: str, cfg: dict, ckpts, train, heldout, traj,
     return out
 
 
-def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str, gen_scores, steps, device,
+def _audit_variant(v: Variant, run: RunFolder, train, traj, final_ckpt, gen_scores, steps, device,
                    run_missing: bool = True) -> List[dict]:
     """The run's retrain-without-top-k audit (its steps, targets, k and modes) with this variant's scores
     ``gen_scores`` (S, B, N), in the run's ``audit/`` folder, so the random controls are shared.
@@ -248,6 +234,7 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
     from .audit import plan, run_audit
     from .baselines import train_encoder
 
+    cfg = run.config
     missing = [s for s in cfg["audit_steps"] if s not in steps]
     if missing:
         if not run_missing:
@@ -262,16 +249,16 @@ def _audit_variant(v: Variant, run: str, cfg: dict, train, traj, final_ckpt: str
     want = {c.name: c.removed.tolist()
             for c in plan(by_step, targets, cfg["audit_ks"], len(train), cfg["audit_seed"], label, draws)}
     encoder = train_encoder(train.images, epochs=cfg["encoder_epochs"], seed=cfg["train"]["seed"],
-                            path=os.path.join(run, "baselines", "encoder.pt")) if run_missing else None
+                            path=run.baselines("encoder.pt")) if run_missing else None
     rows = []
     for mode in cfg.get("audit_modes", ["masked"]):
         if run_missing:
             res = run_audit(train, from_dict(TrainArgs, cfg["train"]), traj, final_ckpt, by_step, targets,
-                            cfg["audit_ks"], os.path.join(run, "audit"), encoder=encoder, seed=cfg["audit_seed"],
+                            cfg["audit_ks"], run.audit.root, encoder=encoder, seed=cfg["audit_seed"],
                             method=cfg["train_method"], stack_size=cfg["stack_size"], device=device, mode=mode,
                             label=label, random_draws=draws)
         else:
-            res = _audit_on_disk(os.path.join(run, "audit", f"audit-{mode}-{label}.json"), want, label)
+            res = _audit_on_disk(run.audit.result(mode, label), want, label)
             if res is None:
                 continue
         rows += [{"method": v.name, "mode": mode, **r} for r in res["summary"] if r["metric"] == "pixel_l2"]
@@ -291,21 +278,6 @@ def _audit_on_disk(path: str, want: Dict[str, list], label: str):
     return res if have == want else None
 
 
-def _load_gt(run: str, sname: str, lds_mode: str = "retrain") -> Dict[str, np.ndarray]:
-    """``{kind: (M, S, B)}`` of a ground-truth store; the destination's (``*-destination``) kind is
-    ``destination``."""
-    store = Store.open_existing(os.path.join(run, lds_folder("groundtruth", lds_mode), sname))
-    res = {}
-    for name in store.names():
-        kind = "destination" if sname.endswith("-destination") else name[len(sname) + 1:]
-        spec = store.manifest["arrays"][name]
-        M = spec["shape"][0]
-        arr = np.asarray(store.get(name).read(), dtype=np.float64)
-        S = len(store.settings["steps"])
-        res[kind] = arr.reshape(M, 2, S, -1).mean(1)  # (M, S, B)
-    return res
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", help="a finished `python -m diffusion_trak.evaluations.run` folder")
@@ -319,29 +291,22 @@ def main(argv=None):
                    help="also run the retrain-without-top-k audit with each variant's scores (the run's audit "
                         "settings; random controls are shared with the run's own audit)")
     ns = p.parse_args(argv)
-    from diffusion_trak.data import DataArgs, load_dataset
-    from diffusion_trak.train import list_checkpoints
-    from diffusion_trak.pipelines import Trajectory
-
-    run = ns.run
-    cfg = json.load(open(os.path.join(run, "config.json")))
-    train = load_dataset(DataArgs.from_dict(cfg["data"]))
-    heldout = load_dataset(DataArgs.from_dict(cfg["heldout"])).subset(range(cfg["num_heldout"]))
-    traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
+    run = RunFolder.open(ns.run)
+    cfg = run.config
+    train, heldout = run.datasets()
+    traj = run.load_trajectory()
     steps = list(cfg["lds_steps"])
-    ckpts = list_checkpoints(os.path.join(run, "attributed"))
-    lds_mode = cfg.get("lds_mode", "retrain")
-    masks = np.load(os.path.join(run, lds_folder("subsets", lds_mode), "masks.npy"))
+    ckpts = api.as_checkpoints(run.checkpoints(), ns.device)  # loaded once for every variant and audit
+    masks = run.masks()
     M = masks.shape[0]
     sel, rep, everyone = np.arange(M // 2), np.arange(M // 2, M), np.arange(M)
     sets = ["generated", "heldout"]
     if cfg.get("gt_destination_draws"):
         sets += ["generated-destination", "heldout-destination"]
-    gt = {s: _load_gt(run, s, lds_mode) for s in sets}
-    base = dict(np.load(os.path.join(run, "baselines", "scores.npz")))
+    gt = {s: run.ground_truth(s) for s in sets}
+    base = dict(np.load(run.baselines("scores.npz")))
     if cfg.get("gt_destination_draws"):
-        base.update({k.replace("__", "-destination__"): v
-                     for k, v in np.load(os.path.join(run, "baselines", "destination.npz")).items()})
+        base.update({k.replace("__", "-destination__"): v for k, v in np.load(run.baselines("destination.npz")).items()})
     rows: List[dict] = []
     audits: List[dict] = []
 
@@ -366,7 +331,7 @@ def main(argv=None):
     variants = [v for v in pool if ns.variants is None or v.name in ns.variants]
     for v in variants:
         print(f"variant: {v.name}", flush=True)
-        by_ridge = variant_scores(v, run, cfg, ckpts, train, heldout, traj, steps, ns.device, ns.ensemble_method)
+        by_ridge = variant_scores(v, run, ckpts, train, heldout, traj, steps, ns.device, ns.ensemble_method)
         if v.ridge is not None:  # fixed in advance: every model reports
             best = v.ridge
             evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best, models=everyone)
@@ -376,9 +341,9 @@ def main(argv=None):
                                       for si in range(len(steps))]) for r in RIDGES}
             best = max(sel_lds, key=lambda r: sel_lds[r])
             evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
-        audits += _audit_variant(v, run, cfg, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
+        audits += _audit_variant(v, run, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
                                  run_missing=ns.audit)
-    out = os.path.join(run, "ablations")
+    out = run.ablations
     os.makedirs(out, exist_ok=True)
     suffix = "" if ns.group == "all" else f"-{ns.group}"
     jpath = os.path.join(out, f"ablations{suffix}.json")

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from diffusion_trak.featurize.featurizer import seed_for
 from diffusion_trak.store import write_json_atomic
 
+from .folder import AuditFolder
 from .metrics import l2_distance, quartiles
 from .retrain import final_checkpoint, train_models
 
@@ -129,63 +130,74 @@ def plan(scores_by_step: Dict[int, np.ndarray], targets: Sequence[int], ks: Sequ
     return cases
 
 
-def regenerate(checkpoint: str, trajectory, step: int, device="cpu") -> torch.Tensor:
-    """Final images of the whole trajectory batch restarted at ``step`` with ``checkpoint``'s UNet."""
+def regenerate(checkpoint, trajectory, step: int, device="cpu") -> torch.Tensor:
+    """Final images of the whole trajectory batch restarted at ``step`` with ``checkpoint``'s UNet
+    (a checkpoint folder, or its loaded ``(unet, scheduler)``)."""
     from diffusion_trak.train import load_checkpoint
     from diffusion_trak.pipelines import TrajectoryPipeline
 
-    unet, sched = load_checkpoint(checkpoint, device)
+    unet, sched = load_checkpoint(checkpoint, device) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     out = TrajectoryPipeline(unet, sched)(start_from=trajectory, start_step=int(step), record_steps=[],
                                           show_progress=False)
     return out.images.detach().float().cpu()
 
 
-def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_step: Dict[int, np.ndarray],
+def run_audit(dataset, args, trajectory, attributed_checkpoint, scores_by_step: Dict[int, np.ndarray],
               targets: Sequence[int], ks: Sequence, out_dir: str, encoder=None, seed: int = 0,
               method: str = "auto", stack_size: int = 16, device="cpu", progress: bool = True,
               mode: str = "masked", label: str = "", random_draws: int = 8) -> dict:
-    """Plan, retrain (resumable), regenerate (cached) and measure every case; write ``audit-MODE.json``
-    (``audit-MODE-LABEL.json`` for the scores named ``label``). ``random_draws`` random-removal models
-    per k serve as the control of every target and step."""
+    """Plan, retrain (resumable), regenerate (cached) and measure every case in ``out_dir`` (the layout of
+    :class:`~evaluations.folder.AuditFolder`); write ``audit-MODE.json`` (``audit-MODE-LABEL.json`` for the
+    scores named ``label``). ``random_draws`` random-removal models per k serve as the control of every
+    target and step. ``attributed_checkpoint``: the attributed model's folder, or its loaded ``(unet, scheduler)``."""
     if mode not in MODES:
         raise ValueError(f"unknown audit mode {mode!r}; choose one of {MODES}")
+    from diffusion_trak.train import load_checkpoint
+
     from .baselines import embedding_distance
 
     n = len(dataset)
+    folder = AuditFolder(out_dir)
     cases = plan(scores_by_step, targets, ks, n, seed, label, random_draws)
     os.makedirs(out_dir, exist_ok=True)
     masks = np.ones((len(cases), n), dtype=bool)
     for j, c in enumerate(cases):
         masks[j, c.removed] = False
     names = [c.name for c in cases]
-    run_dirs = train_models(dataset, args, masks, os.path.join(out_dir, f"models-{mode}"), [args.seed] * len(cases),
+    run_dirs = train_models(dataset, args, masks, folder.models(mode), [args.seed] * len(cases),
                             method="stacked" if mode == "masked" else method, stack_size=stack_size, device=device,
                             progress=progress, names=names, masked=(mode == "masked"))
     original = trajectory.final.float().clamp(-1, 1)
     steps = sorted(int(st) for st in scores_by_step)
     # the restart with the attributed model itself must give back the original image
-    check_path = os.path.join(out_dir, "restart_check.json")
+    check_path = folder.restart_check
     checked = {}
     if os.path.exists(check_path):
         with open(check_path) as f:
             checked = json.load(f).get("by_step", {})
+    attributed = None  # loaded once, when a step is still unchecked
     for st in steps:
         if str(st) not in checked:
-            regen = regenerate(attributed_checkpoint, trajectory, st, device).clamp(-1, 1)
+            attributed = attributed or (load_checkpoint(attributed_checkpoint, device)
+                                        if isinstance(attributed_checkpoint, (str, os.PathLike)) else attributed_checkpoint)
+            regen = regenerate(attributed, trajectory, st, device).clamp(-1, 1)
             checked[str(st)] = float((regen - original).abs().max())
             write_json_atomic(check_path, {"by_step": checked})
     restart_err = max(checked[str(st)] for st in steps)
-    regen_dir = os.path.join(out_dir, f"regenerated-{mode}")
+    regen_dir = folder.regenerated(mode)
     os.makedirs(regen_dir, exist_ok=True)
     # (case, step, target) measured: a top-k case at its own step and target, a random control at all of them
     measured = [(j, st, b) for j, c in enumerate(cases)
                 for st, b in ([(c.step, c.target)] if c.kind == "top" else [(st, b) for st in steps for b in targets])]
     jobs = list(dict.fromkeys((j, st) for j, st, _ in measured))  # one regeneration per (case, step)
+    model = {}  # the case's model, loaded once for all its steps (jobs of a case are adjacent)
     for j, st in tqdm(jobs, desc="regenerate", disable=not progress):
         c = cases[j]
         path = c.image_file(regen_dir, st)
         if not os.path.exists(path):
-            img = regenerate(final_checkpoint(run_dirs[j], args), trajectory, st, device).clamp(-1, 1).numpy()
+            if j not in model:
+                model = {j: load_checkpoint(final_checkpoint(run_dirs[j], args), device)}
+            img = regenerate(model[j], trajectory, st, device).clamp(-1, 1).numpy()
             np.save(path + ".tmp.npy", img[c.target] if c.kind == "top" else img)
             os.replace(path + ".tmp.npy", path)
     rows = []
@@ -199,7 +211,7 @@ def run_audit(dataset, args, trajectory, attributed_checkpoint: str, scores_by_s
             row["embedding_l2"] = float(embedding_distance(encoder, new, ref)[0])
         rows.append(row)
     result = {"mode": mode, "cases": rows, "summary": summarize(rows), "restart_check_max_abs": restart_err}
-    write_json_atomic(os.path.join(out_dir, f"audit-{mode}{'-' + label if label else ''}.json"), result)
+    write_json_atomic(folder.result(mode, label), result)
     return result
 
 

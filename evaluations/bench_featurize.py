@@ -422,6 +422,22 @@ def print_fidelity(r):
 
 
 # --------------------------------------------------------------------------------------------- LDS contract
+def lds_inputs(run: str) -> dict:
+    """What :func:`bench_lds` reads from a finished run (through :class:`~evaluations.folder.RunFolder`, so a
+    masked run's masks and ground truth): ``cfg``, ``train``, ``heldout``, ``traj``, ``steps`` (the scored steps:
+    LDS and audit), ``lds_pos`` (positions of the LDS steps in ``steps``), ``ckpts`` (checkpoint folders),
+    ``masks`` (M, N) and ``gts`` (``{set: {kind: (M, S_lds, B)}}``)."""
+    from .folder import SETS, RunFolder
+
+    folder = RunFolder.open(run)
+    cfg = folder.config
+    train, heldout = folder.datasets()
+    steps = sorted(set(cfg["lds_steps"]) | set(cfg.get("audit_steps", [])))
+    return {"cfg": cfg, "train": train, "heldout": heldout, "traj": folder.load_trajectory(), "steps": steps,
+            "lds_pos": [steps.index(s) for s in cfg["lds_steps"]], "ckpts": folder.checkpoints(),
+            "masks": folder.masks(), "gts": {s: folder.ground_truth(s) for s in SETS}}
+
+
 def bench_lds(run, seeds, progress=True):
     """LDS of TRAK on a finished ``python -m diffusion_trak.evaluations.run`` folder with exact gradients, dense JL (the
     reference projector, ``len(seeds)`` seeds) and the fast path's CountSketch (same seeds), all from the same
@@ -430,28 +446,20 @@ def bench_lds(run, seeds, progress=True):
     The fast path's features equal the CountSketch of the exact gradients up to float rounding (checked by
     the tests and by ``--fidelity``), so projecting the exact gradients gives its scores without featurizing
     twice; seed 0 of ``dense`` reproduces the run's own TRAK LDS (same matrix, same draws)."""
-    from diffusion_trak.data import DataArgs, load_dataset
     from diffusion_trak.featurize.sketch import CountSketchProjector
     from diffusion_trak.score import TRAKScorer
-    from diffusion_trak.store import Store
-    from diffusion_trak.targets import target_features, trajectory_target_features
-    from diffusion_trak.train import list_checkpoints, load_checkpoint
-    from diffusion_trak.pipelines import Trajectory
+    from diffusion_trak.targets import all_target_features
+    from diffusion_trak.train import load_checkpoint
 
     from .metrics import bootstrap_ci, lds
+    from .run import _target_sets
 
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
+    inp = lds_inputs(run)
+    cfg, train, heldout, traj, steps, lds_pos = (inp[x] for x in ("cfg", "train", "heldout", "traj", "steps", "lds_pos"))
+    ckpts, masks, gts = inp["ckpts"], inp["masks"], inp["gts"]
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "method": "vmap"})
     sargs = from_dict(ScoreArgs, cfg["score"])
     out_name = sargs.target_output or fargs.output
-    train = load_dataset(DataArgs.from_dict(cfg["data"]))
-    heldout = load_dataset(DataArgs.from_dict(cfg["heldout"])).subset(np.arange(cfg["num_heldout"]))
-    traj = Trajectory.load(os.path.join(run, "trajectory.safetensors"))
-    steps = sorted(set(cfg["lds_steps"]) | set(cfg.get("audit_steps", [])))
-    lds_pos = [steps.index(s) for s in cfg["lds_steps"]]
-    ckpts = list_checkpoints(os.path.join(run, "attributed"))
-    masks = np.load(os.path.join(run, "subsets", "masks.npy"))
     k, ridge = fargs.proj_dim, sargs.ridge
     shape = tuple(train.images.shape[1:])
 
@@ -469,10 +477,8 @@ def bench_lds(run, seeds, progress=True):
         g = _Grads(unet, sched, dataclasses.replace(fargs, projector="countsketch", proj_dim=1))
         d = [example_draws(int(i), fargs, int(sched.config.num_train_timesteps), shape) for i in train.indices]
         G = g.features(train.images, torch.stack([x[0] for x in d]), torch.stack([x[1] for x in d]))
-        tsteps = [traj.timestep_at(s) for s in steps]
-        Q = {"generated": trajectory_target_features(g, traj, steps, sargs.num_noises, sargs.seed, out_name),
-             "heldout": torch.stack([target_features(g, heldout.images, t, sargs.num_noises, sargs.seed, key=t,
-                                                     output=out_name) for t in tsteps])}
+        Q = {s: all_target_features(g, ts, sargs.num_noises, sargs.seed, out_name).steps
+             for s, ts in _target_sets(traj, heldout, steps).items()}
         Q = {s: q.reshape(-1, q.shape[-1]) for s, q in Q.items()}
         Gd = G.double()
         K = Gd @ Gd.T
@@ -493,15 +499,6 @@ def bench_lds(run, seeds, progress=True):
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         del G, Q
 
-    def ground_truth(sname):
-        store = Store.open_existing(os.path.join(run, "groundtruth", sname))
-        res = {}
-        for name in store.names():
-            arr = np.asarray(store.get(name).read(), dtype=np.float64)
-            res[name[len(sname) + 1:]] = arr.reshape(arr.shape[0], 2, len(store.settings["steps"]), -1).mean(1)
-        return res
-
-    gts = {s: ground_truth(s) for s in ("generated", "heldout")}
     scores = {"exact": {s: np.mean(v, 0) for s, v in exact.items()}}
     for name, e in projected.items():
         sc = TRAKScorer(e["train"], ridge)

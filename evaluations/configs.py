@@ -110,6 +110,7 @@ class EvalConfig:
     threads: int = 2
 
     def __post_init__(self):
+        self._check_numbers()
         for s in tuple(self.lds_steps) + tuple(self.audit_steps):
             if not 0 <= int(s) < self.num_inference_steps:
                 raise ConfigError(f"step {s} is outside 0..{self.num_inference_steps - 1}")
@@ -130,6 +131,35 @@ class EvalConfig:
             raise ConfigError(f"audit_random_draws must be at least 1, got {self.audit_random_draws}")
         if self.audit_targets > self.num_generated:
             raise ConfigError("audit_targets cannot exceed num_generated; lower audit_targets")
+
+    #: the least value of every integer setting
+    INT_MINIMA = {"num_models": 2, "subset_seed": 0, "num_replicates": 0, "stack_size": 1, "num_generated": 1,
+                  "generation_seed": 0, "num_inference_steps": 1, "num_heldout": 1, "gt_noises": 1, "gt_final_draws": 1,
+                  "gt_seed": 0, "gt_destination_draws": 0, "encoder_epochs": 0, "audit_targets": 0, "audit_seed": 0,
+                  "audit_random_draws": 1, "n_boot": 1, "threads": 1}
+
+    def _check_numbers(self) -> None:
+        """One-line :class:`ConfigError` for a number setting of the wrong type or out of range (``--set`` values
+        are parsed as JSON, so ``--set num_models=abc`` arrives here as a string)."""
+        from diffusion_trak.config import check_float, check_int
+        from diffusion_trak.errors import InputError
+
+        try:
+            for name, lo in self.INT_MINIMA.items():
+                check_int(name, getattr(self, name), lo)
+            for name in ("lds_steps", "audit_steps"):
+                for v in getattr(self, name):
+                    check_int(f"every one of {name}", v, 0)
+            for k in self.audit_ks:
+                check_float("every one of audit_ks", k, 0, lo_open=True)
+            alpha = check_float("alpha", self.alpha, 0, lo_open=True)
+        except InputError as e:
+            raise ConfigError(f"{e}; fix it in the config or with --set") from None
+        if alpha >= 1:
+            raise ConfigError(f"alpha (the subset fraction) must be between 0 and 1, got {alpha}; fix it in the config "
+                              "or with --set")
+        if self.seed_mode not in ("distinct", "shared"):
+            raise ConfigError(f"unknown seed_mode {self.seed_mode!r}; choose 'distinct' or 'shared'")
 
     def to_dict(self) -> dict:
         d = {}

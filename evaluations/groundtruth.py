@@ -27,7 +27,7 @@ of the two halves (the correlation over models of two independent measurements o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -36,47 +36,9 @@ from tqdm.auto import tqdm
 from diffusion_trak.featurize.featurizer import seed_for
 from diffusion_trak.outputs import output_value
 from diffusion_trak.store import Store
+from diffusion_trak.targets import TargetSet  # noqa: F401 (what is measured; re-exported)
 
 OUTPUT_KINDS = ("xhat0_loss", "final_loss_le_t")
-
-
-@dataclass
-class TargetSet:
-    """What the ground truth is measured on.
-
-    Attributes:
-        name: e.g. ``generated`` or ``heldout``.
-        steps: step indices (columns of the tables).
-        timesteps: the scheduler timestep ``t_s`` of each step.
-        x0_by_step: ``(S, B, C, H, W)``: the image whose loss at ``t_s`` is the paper's output
-            (``x̂0_s`` for generated targets, the image itself for real ones).
-        final: ``(B, C, H, W)``: the final image (generated sample or the real image).
-        class_labels: optional ``(B,)`` labels for class-conditional models.
-    """
-
-    name: str
-    steps: List[int]
-    timesteps: List[int]
-    x0_by_step: torch.Tensor
-    final: torch.Tensor
-    class_labels: Optional[torch.Tensor] = None
-
-    @property
-    def num_targets(self) -> int:
-        return int(self.final.shape[0])
-
-    @classmethod
-    def from_trajectory(cls, traj, steps: Sequence[int], name: str = "generated") -> "TargetSet":
-        steps = [int(s) for s in steps]
-        return cls(name, steps, [traj.timestep_at(s) for s in steps],
-                   torch.stack([traj.x0_pred_at(s) for s in steps]), traj.final.clone(), traj.class_labels)
-
-    @classmethod
-    def from_images(cls, images: torch.Tensor, steps: Sequence[int], timesteps: Sequence[int], name: str = "heldout",
-                    class_labels=None) -> "TargetSet":
-        images = torch.as_tensor(images, dtype=torch.float32)
-        return cls(name, [int(s) for s in steps], [int(t) for t in timesteps],
-                   images.unsqueeze(0).expand(len(steps), *images.shape).clone(), images.clone(), class_labels)
 
 
 def draws(kind: str, seed: int, half: int, step_pos: int, target: int, timestep: int, n: int, shape):
@@ -129,22 +91,49 @@ def measure(unet, scheduler, targets: TargetSet, kind: str, n: int, seed: int, b
     return out
 
 
-def measure_models(checkpoints: Sequence[str], targets: TargetSet, kinds: Sequence[str], n_by_kind: dict, seed: int,
-                   out: str, settings: dict, device="cpu", progress: bool = True, batch_size: int = 512) -> dict:
-    """Measure every model (checkpoint folder) into a resumable store at ``out``.
+@dataclass
+class GroundTruthJob:
+    """One ground-truth store: what is measured (``targets``, ``kinds``, draws per kind, ``seed``) and where
+    (``out``, with ``settings`` recorded beside the draws)."""
 
-    Returns ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
+    targets: TargetSet
+    kinds: Sequence[str]
+    n_by_kind: dict
+    seed: int
+    out: str
+    settings: dict
+
+
+def measure_all(checkpoints: Sequence[str], jobs: Sequence[GroundTruthJob], device="cpu", progress: bool = True,
+                batch_size: int = 512) -> List[dict]:
+    """Measure every model (checkpoint folder) for every job, each job into its resumable store, loading each
+    model once. Returns, per job, ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
     from diffusion_trak.train import load_checkpoint
 
-    M, S, B = len(checkpoints), len(targets.steps), targets.num_targets
-    store = Store(out, {**settings, "kinds": list(kinds), "n": {k: int(n_by_kind[k]) for k in kinds}, "seed": seed,
-                        "targets": targets.name, "steps": targets.steps, "timesteps": targets.timesteps,
-                        "num_models": M})
-    arrays = {k: store.array(f"{targets.name}_{k}", (M, 2 * S * B), "float64") for k in kinds}
-    todo = sorted(set().union(*[set(a.pending().tolist()) for a in arrays.values()]))
-    for m in tqdm(todo, desc=f"ground truth ({targets.name})", disable=not progress):
+    M = len(checkpoints)
+    opened = []
+    for j in jobs:
+        S, B = len(j.targets.steps), j.targets.num_targets
+        store = Store(j.out, {**j.settings, "kinds": list(j.kinds), "n": {k: int(j.n_by_kind[k]) for k in j.kinds},
+                              "seed": j.seed, "targets": j.targets.name, "steps": j.targets.steps,
+                              "timesteps": j.targets.timesteps, "num_models": M})
+        opened.append((j, {k: store.array(f"{j.targets.name}_{k}", (M, 2 * S * B), "float64") for k in j.kinds}, S, B))
+    todo = sorted(set().union(*[set(a.pending().tolist()) for _, arrays, _, _ in opened for a in arrays.values()]))
+    names = ", ".join(j.targets.name for j in jobs)
+    for m in tqdm(todo, desc=f"ground truth ({names})", disable=not progress):
         unet, sched = load_checkpoint(checkpoints[m], device)
-        for k, arr in arrays.items():
-            if not arr.done[m]:
-                arr.write([m], measure(unet, sched, targets, k, n_by_kind[k], seed, batch_size, device).reshape(1, -1))
-    return {k: np.asarray(a.read(), dtype=np.float64).reshape(M, 2, S, B) for k, a in arrays.items()}
+        for j, arrays, _, _ in opened:
+            for k, arr in arrays.items():
+                if not arr.done[m]:
+                    arr.write([m], measure(unet, sched, j.targets, k, j.n_by_kind[k], j.seed, batch_size, device).reshape(1, -1))
+    return [{k: np.asarray(a.read(), dtype=np.float64).reshape(M, 2, S, B) for k, a in arrays.items()}
+            for _, arrays, S, B in opened]
+
+
+def measure_models(checkpoints: Sequence[str], targets: TargetSet, kinds: Sequence[str], n_by_kind: dict, seed: int,
+                   out: str, settings: dict, device="cpu", progress: bool = True, batch_size: int = 512) -> dict:
+    """Measure every model (checkpoint folder) into a resumable store at ``out`` (:func:`measure_all` of one job).
+
+    Returns ``{kind: (M, 2, S, B) array}``. Rows (models) already measured are skipped."""
+    return measure_all(checkpoints, [GroundTruthJob(targets, kinds, n_by_kind, seed, out, settings)], device, progress,
+                       batch_size)[0]

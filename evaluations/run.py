@@ -2,12 +2,14 @@
 
     python -m diffusion_trak.evaluations.run digits-quick --out runs/eval-digits
 
-Stages (each skipped when its result is already in ``--out``):
+Stages (each skipped when its result is already in ``--out``; the folder's layout is
+:class:`evaluations.folder.RunFolder`):
 
 1. train the attributed model (``attributed/``, :func:`diffusion_trak.train.train_ddpm`);
 2. sample the generated targets and record their trajectories (``trajectory.safetensors``);
 3. featurize the training set and score every step with TRAK (``features/``, ``scores/``,
-   :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`);
+   :func:`diffusion_trak.api.featurize` / :func:`~diffusion_trak.api.score`); the target features are kept
+   in ``target-features/`` for the baselines (:mod:`diffusion_trak.target_cache`);
 4. baseline scores (``baselines/``, :mod:`evaluations.baselines`);
 5. train ``M`` models on α-subsets (``subsets/``, or ``subsets-masked/`` with ``lds_mode="masked"``),
    printing the stacked-training speed-up, and ``num_replicates`` second-seed models (``replicates/``);
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -35,6 +38,7 @@ from diffusion_trak.errors import UserError
 from diffusion_trak.store import write_json_atomic
 
 from .configs import ConfigError, EvalConfig, get_config
+from .folder import SETS, RunFolder
 
 METHOD_LABELS = {
     "random": "random",
@@ -88,7 +92,7 @@ EXTENDABLE = ("num_replicates", "audit_targets", "audit_steps", "audit_ks", "aud
 
 
 def _check_config(out: str, cfg: EvalConfig, overwrite: bool) -> None:
-    path = os.path.join(out, "config.json")
+    path = RunFolder(out).config_file
     d = cfg.to_dict()
     if os.path.exists(path):
         with open(path) as f:
@@ -137,14 +141,14 @@ def apply_overrides(cfg: EvalConfig, overrides: List[str]) -> EvalConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _trajectory(cfg: EvalConfig, out: str, ckpt: str, device):
-    from diffusion_trak.train import load_checkpoint
+def _trajectory(cfg: EvalConfig, folder: RunFolder, ckpt):
+    """The generated targets' trajectories, sampled once with ``ckpt`` (the final ``(unet, scheduler)``)."""
     from diffusion_trak.pipelines import Trajectory, TrajectoryPipeline
 
-    path = os.path.join(out, "trajectory.safetensors")
+    path = folder.trajectory
     if os.path.exists(path):
         return Trajectory.load(path)
-    unet, sched = load_checkpoint(ckpt, device)
+    unet, sched = ckpt
     res = TrajectoryPipeline(unet, sched)(batch_size=cfg.num_generated, seed=cfg.generation_seed,
                                           num_inference_steps=cfg.num_inference_steps, record_steps=None,
                                           show_progress=False)
@@ -167,7 +171,7 @@ def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
     targets = {"generated": lambda: dict(trajectory=traj, steps=steps),
                "heldout": lambda: dict(images=heldout.images, image_timesteps=[traj.timestep_at(s) for s in steps])}
     for sname, kw in targets.items():
-        path = os.path.join(out, "scores", sname)
+        path = RunFolder(out).scores(sname)
         sc = Scores.load(path) if os.path.exists(os.path.join(path, "scores.json")) else None
         if sc is not None:  # scores of an earlier run, checked against the training set they claim
             check_dataset(sc.meta.get("features", {}), train, f"the scores in {path}")
@@ -178,59 +182,28 @@ def _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
     return res, dest
 
 
-def _target_features(cfg, out, ckpts, heldout, traj, steps, device) -> Dict[str, List[np.ndarray]]:
-    """Per-checkpoint target features (S, B, k), exactly as ``api.score`` computes them, for the
-    gradient-similarity baselines."""
-    from diffusion_trak.featurize.featurizer import Featurizer
-    from diffusion_trak.targets import target_features, trajectory_target_features
-    from diffusion_trak.train import load_checkpoint
+def _target_sets(traj, heldout, steps):
+    """``{set: TargetSet}`` of the scored steps: the generated trajectories and the held-out images."""
+    from diffusion_trak.targets import TargetSet
 
-    path = os.path.join(out, "baselines", "target_features.npz")
-    if os.path.exists(path):
-        z = np.load(path)
-        C = len(ckpts)
-        return {s: [z[f"{s}_{c}"] for c in range(C)] for s in ("generated", "heldout")}
-    output = cfg.score.target_output or cfg.featurize.output
-    res = {"generated": [], "heldout": []}
-    timesteps = [traj.timestep_at(s) for s in steps]
-    for ck in ckpts:
-        unet, sched = load_checkpoint(ck, device)
-        f = Featurizer(unet, sched, cfg.featurize, device)
-        res["generated"].append(trajectory_target_features(f, traj, steps, cfg.score.num_noises, cfg.score.seed,
-                                                           output).numpy())
-        res["heldout"].append(torch.stack([target_features(f, heldout.images, t, cfg.score.num_noises, cfg.score.seed,
-                                                           key=t, output=output) for t in timesteps]).numpy())
-        del f
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **{f"{s}_{c}": v for s, lst in res.items() for c, v in enumerate(lst)})
-    os.replace(path + ".tmp.npz", path)
-    return res
+    return {"generated": TargetSet.from_trajectory(traj, steps),
+            "heldout": TargetSet.from_images(heldout.images, steps, [traj.timestep_at(s) for s in steps])}
 
 
-def _destination_features(cfg, out, ckpts, heldout, traj, device) -> Dict[str, List[np.ndarray]]:
-    """Per-checkpoint destination target features (1, B, k), exactly as ``api.score`` computes them, for
-    the gradient-similarity baselines."""
-    from diffusion_trak.featurize.featurizer import Featurizer
-    from diffusion_trak.targets import destination_target_features
-    from diffusion_trak.train import load_checkpoint
+def _target_features(cfg, features, ckpts, heldout, traj, steps, device):
+    """``({set: [(S, B, k)] per checkpoint}, {set: [(1, B, k)] per checkpoint} or None)``: the target features
+    that ``api.score`` scored (per step, and the destination when the run has one), read from the run's
+    target cache (:mod:`diffusion_trak.target_cache`), for the gradient-similarity baselines."""
+    from diffusion_trak.target_cache import target_features_of
 
-    path = os.path.join(out, "baselines", "destination_features.npz")
-    if os.path.exists(path):
-        z = np.load(path)
-        return {s: [z[f"{s}_{c}"] for c in range(len(ckpts))] for s in ("generated", "heldout")}
-    output = cfg.score.target_output or cfg.featurize.output
-    res = {"generated": [], "heldout": []}
-    for ck in ckpts:
-        unet, sched = load_checkpoint(ck, device)
-        f = Featurizer(unet, sched, cfg.featurize, device)
-        for sname, images in (("generated", traj.final.float()), ("heldout", heldout.images)):
-            res[sname].append(destination_target_features(f, images, cfg.score.destination_draws, cfg.score.seed,
-                                                          output).numpy()[None])
-        del f
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **{f"{s}_{c}": v for s, lst in res.items() for c, v in enumerate(lst)})
-    os.replace(path + ".tmp.npz", path)
-    return res
+    args = _score_args(cfg)
+    output = args.target_output or features.store.settings["featurize"]["output"]
+    steps_f, dest_f = {}, {}
+    for sname, ts in _target_sets(traj, heldout, steps).items():
+        steps_f[sname], dest = target_features_of(features, ckpts, ts, args.num_noises, args.seed, output, None,
+                                                  args.destination_draws, device)
+        dest_f[sname] = None if dest is None else [d[None] for d in dest]
+    return steps_f, (dest_f if args.destination_draws else None)
 
 
 def _baseline_scores(cfg, train, queries, tfeats, features, encoder, seed_base: int) -> Dict[str, np.ndarray]:
@@ -263,11 +236,12 @@ def _baseline_scores(cfg, train, queries, tfeats, features, encoder, seed_base: 
     return res
 
 
-def _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{set: {method: (1, B, N)}}``: the baselines with the final image as the query."""
-    return _cached_by_set(os.path.join(out, "baselines", "destination.npz"), lambda: {
-        "generated": _baseline_scores(cfg, train, [traj.final.float()], dfeats["generated"], features, encoder, 7),
-        "heldout": _baseline_scores(cfg, train, [heldout.images], dfeats["heldout"], features, encoder, 8)})
+def _destination_baselines(cfg, folder, train, heldout, traj, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: (1, B, N)}}``: the baselines with the final image as the query (``tfeats()``: the
+    output of :func:`_target_features`, asked for only when something is computed)."""
+    return _cached_by_set(folder.baselines("destination.npz"), lambda: {
+        "generated": _baseline_scores(cfg, train, [traj.final.float()], tfeats()[1]["generated"], features, encoder, 7),
+        "heldout": _baseline_scores(cfg, train, [heldout.images], tfeats()[1]["heldout"], features, encoder, 8)})
 
 
 def _cached_by_set(path: str, compute) -> Dict[str, Dict[str, np.ndarray]]:
@@ -286,19 +260,13 @@ def _cached_by_set(path: str, compute) -> Dict[str, Dict[str, np.ndarray]]:
     return res
 
 
-def _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{set: {method: (S, B, N)}}`` for every non-TRAK method."""
+def _baselines(cfg, folder, train, heldout, traj, steps, features, tfeats, encoder) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: (S, B, N)}}`` for every non-TRAK method (``tfeats`` as in :func:`_destination_baselines`)."""
     queries = {"generated": [traj.x0_pred_at(s).float() for s in steps],
                "heldout": [heldout.images for _ in steps]}
-    return _cached_by_set(os.path.join(out, "baselines", "scores.npz"), lambda: {
-        sname: _baseline_scores(cfg, train, qs, tfeats[sname], features, encoder, 0 if sname == "generated" else 1)
+    return _cached_by_set(folder.baselines("scores.npz"), lambda: {
+        sname: _baseline_scores(cfg, train, qs, tfeats()[0][sname], features, encoder, 0 if sname == "generated" else 1)
         for sname, qs in queries.items()})
-
-
-def lds_folder(name: str, lds_mode: str) -> str:
-    """Run-folder name of the LDS models and their ground truth: ``name``, or ``name-masked`` for
-    ``lds_mode="masked"``, so that both kinds of harness can live in one run folder."""
-    return name + ("-masked" if lds_mode == "masked" else "")
 
 
 def _subset_seeds(cfg: EvalConfig):
@@ -332,27 +300,42 @@ def _ceiling_rows(a, b, ceiling, n_boot: int):
     return rs, cs
 
 
-def _destination_ground_truth(cfg, out, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds, device, progress):
-    """``({set: {"destination": (M, 2, 1, B)}}, the same for the replicates or None)``: the loss of the final
-    image averaged over ``gt_destination_draws`` (timestep, noise) pairs per half, timesteps stratified
-    over the whole range (``final_loss_le_t`` at the last training timestep), common to every model."""
-    from .groundtruth import TargetSet, measure_models
+def _ground_truth_jobs(cfg, folder, traj, heldout, replicates: bool, rep_seeds, destination: bool) -> dict:
+    """``{name: GroundTruthJob}`` of the subset models (or their replicates): per set, the per-step outputs
+    at the LDS steps and, with ``destination``, the set's ``*-destination``: the loss of the final image
+    averaged over ``gt_destination_draws`` (timestep, noise) pairs per half, timesteps stratified over the
+    whole range (``final_loss_le_t`` at the last training timestep), with draws of its own."""
+    from diffusion_trak.targets import TargetSet
 
-    last_t = int(cfg.train.num_train_timesteps) - 1
-    sets = {"generated": traj.final.float(), "heldout": heldout.images}
-    kind, n = "final_loss_le_t", {"final_loss_le_t": cfg.gt_destination_draws}
-    seed = cfg.gt_seed + 1000  # draws of their own, not those of the per-step columns
-    settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha, "destination": True}
+    from .groundtruth import GroundTruthJob
 
-    def measure(ckpts, folder, extra):
-        return {s: {"destination": measure_models(
-            ckpts, TargetSet(f"{s}-destination", [cfg.num_inference_steps], [last_t], x[None].clone(), x.clone()),
-            [kind], n, seed, os.path.join(out, lds_folder(folder, cfg.lds_mode), f"{s}-destination"),
-            {**settings, **extra}, device=device, progress=progress)[kind]} for s, x in sets.items()}
+    settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha, **({"seeds": rep_seeds} if replicates else {})}
+    n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
+    sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
+            "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps, [traj.timestep_at(s) for s in cfg.lds_steps],
+                                             "heldout")}
+    jobs = {s: GroundTruthJob(ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed, folder.groundtruth(s, replicates), settings)
+            for s, ts in sets.items()}
+    if destination:
+        last_t = int(cfg.train.num_train_timesteps) - 1
+        for s, x in (("generated", traj.final.float()), ("heldout", heldout.images)):
+            ts = TargetSet(f"{s}-destination", [cfg.num_inference_steps], [last_t], x[None].clone(), x.clone())
+            jobs[f"{s}-destination"] = GroundTruthJob(ts, ["final_loss_le_t"],
+                                                      {"final_loss_le_t": cfg.gt_destination_draws}, cfg.gt_seed + 1000,
+                                                      folder.groundtruth(f"{s}-destination", replicates),
+                                                      {**settings, "destination": True})
+    return jobs
 
-    gt = measure(sub_ckpts, "groundtruth", {})
-    rep = measure(rep_ckpts, "groundtruth-replicates", {"seeds": rep_seeds}) if rep_ckpts else None
-    return gt, rep
+
+def _ground_truth(cfg, folder, traj, heldout, ckpts, replicates: bool, rep_seeds, destination: bool, device, progress):
+    """``({set: {kind: (M, 2, S, B)}}, {set: {"destination": (M, 2, 1, B)}} or None)`` of the models ``ckpts``
+    (subset models, or their replicates), each loaded once for every set."""
+    from .groundtruth import measure_all
+
+    jobs = _ground_truth_jobs(cfg, folder, traj, heldout, replicates, rep_seeds, destination)
+    res = dict(zip(jobs, measure_all(ckpts, list(jobs.values()), device=device, progress=progress)))
+    dest = {s: {"destination": res[f"{s}-destination"]["final_loss_le_t"]} for s in SETS} if destination else None
+    return {s: res[s] for s in SETS}, dest
 
 
 def _lds_tables(cfg, scores, masks, gt, gt_rep=None) -> dict:
@@ -393,7 +376,7 @@ def _fmt(e) -> str:
     return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
 
 
-def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance) -> str:
+def _write_report(cfg, folder, tables, audit, timing, speedup, traj, N, acceptance) -> str:
     steps = list(cfg.lds_steps)
     ts = [traj.timestep_at(s) for s in steps]
     L = [f"# Counterfactual validation: `{cfg.name}`", "", cfg.description, ""]
@@ -472,7 +455,7 @@ def _write_report(cfg, out, tables, audit, timing, speedup, traj, N, acceptance)
         for k, v in timing.get("stages", {}).items():
             L.append(f"| {k} | {v:.0f} |")
         L += [f"| **total** | **{sum(timing.get('stages', {}).values()):.0f}** |", ""]
-    path = os.path.join(out, "report.md")
+    path = folder.report_file
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(L))
     os.replace(path + ".tmp", path)
@@ -504,12 +487,12 @@ def _acceptance(tables, cfg) -> list:
     return res
 
 
-def _plots(cfg, out, tables, traj, audit, trajectory_final):
+def _plots(cfg, folder, tables, traj, audit, trajectory_final):
     from diffusion_trak.report import image_grid_png, plot_lines
 
     from .audit import Case
 
-    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    os.makedirs(folder.plots, exist_ok=True)
     ts = [traj.timestep_at(s) for s in cfg.lds_steps]
     for sname, kinds in tables.items():
         for kind, e in kinds.items():
@@ -521,17 +504,17 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
             if e.get("seed_ceiling"):
                 series["max LDS (seed ceiling)"] = tuple(np.array([r[x] for r in e["seed_ceiling"]])
                                                          for x in ("mean", "lo", "hi"))
-            plot_lines(os.path.join(out, "plots", f"lds_{sname}_{kind}.png"), ts, series, xlabel="timestep t of the step",
+            plot_lines(folder.plot(f"lds_{sname}_{kind}.png"), ts, series, xlabel="timestep t of the step",
                        ylabel="LDS (Spearman)", title=f"{cfg.name}: {SET_LABELS.get(sname, sname)}, {GT_LABELS.get(kind, kind)}")
     for mode, res in (audit or {}).items():
-        regen = os.path.join(out, "audit", f"regenerated-{mode}")
+        regen = folder.audit.regenerated(mode)
         for s, k in sorted({(c["step"], c["k"]) for c in res["cases"]}):
             targets = sorted({c["target"] for c in res["cases"] if c["step"] == s and c["k"] == k})
             first = {(c["kind"], c["target"]): Case.from_row(c) for c in res["cases"]
                      if c["step"] == s and c["k"] == k and c["draw"] == 0}
             rows = [trajectory_final[targets].clamp(-1, 1)] + [
                 torch.from_numpy(np.stack([first[kind, b].image(regen, s, b) for b in targets])) for kind in ("top", "random")]
-            image_grid_png(os.path.join(out, "plots", f"audit_{mode}_s{s}_k{k}.png"), rows,
+            image_grid_png(folder.plot(f"audit_{mode}_s{s}_k{k}.png"), rows,
                            ["original", f"−top {k}", f"−random {k}"], [f"target {b}" for b in targets],
                            title=f"{mode}: without top-k vs random k, restart at step {s} (t={traj.timestep_at(s)})")
         ks = sorted({c["k"] for c in res["cases"]})
@@ -542,7 +525,7 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
                 q = np.array([summ[k]["difference_quartiles"] if k in summ else [np.nan] * 3 for k in ks])
                 series[f"step {s} (t={traj.timestep_at(s)})"] = (q[:, 1], q[:, 0], q[:, 2])
             series["no effect"] = np.zeros(len(ks))
-            plot_lines(os.path.join(out, "plots", f"audit_{mode}_vs_k.png"), ks, series, xlabel="k (examples removed)",
+            plot_lines(folder.plot(f"audit_{mode}_vs_k.png"), ks, series, xlabel="k (examples removed)",
                        ylabel="top-k change − random change (pixel L2)",
                        title=f"{cfg.name} ({mode}): median and quartiles over targets")
 
@@ -554,19 +537,20 @@ def _plots(cfg, out, tables, traj, audit, trajectory_final):
 
 def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu", threads: int = 0,
         progress: bool = True, audit: bool = True) -> dict:
-    from diffusion_trak.api import featurize
+    from diffusion_trak.api import as_checkpoints, featurize
     from diffusion_trak.data import load_dataset
+    from diffusion_trak.target_cache import attach
     from diffusion_trak.train import train_ddpm
 
     from .audit import run_audit
     from .baselines import train_encoder
-    from .groundtruth import TargetSet, measure_models
     from .retrain import benchmark_stacked, final_checkpoint, train_models
     from .subsets import subset_masks
 
     torch.set_num_threads(threads or cfg.threads)
     _check_config(out, cfg, overwrite)
-    timer = Timer(os.path.join(out, "timing.json"))
+    folder = RunFolder(out, cfg.lds_mode)
+    timer = Timer(folder.timing_file)
     t_start = time.perf_counter()
     train = load_dataset(cfg.data)
     heldout = load_dataset(cfg.heldout)
@@ -578,29 +562,29 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     pos = {s: steps.index(s) for s in steps}
 
     with timer.stage("train attributed model"):
-        ckpts = train_ddpm(train, cfg.train, os.path.join(out, "attributed"), progress=progress, device=device)
-        final = final_checkpoint(os.path.join(out, "attributed"), cfg.train)
+        ckpt_dirs = train_ddpm(train, cfg.train, folder.attributed, progress=progress, device=device)
+        final = final_checkpoint(folder.attributed, cfg.train)
+        ckpts = as_checkpoints(ckpt_dirs, device)  # loaded once, for sampling, features, scores and baselines
     with timer.stage("generate targets"):
-        traj = _trajectory(cfg, out, final, device)
+        traj = _trajectory(cfg, folder, ckpts[ckpt_dirs.index(final)])
     with timer.stage("featurize training set"):
-        features = featurize(ckpts, train, cfg.featurize, out=os.path.join(out, "features"), device=device,
-                             progress=progress)
+        features = featurize(ckpts, train, cfg.featurize, out=folder.features, device=device, progress=progress)
+        attach(features, folder.target_features)  # target features: computed once, by scoring, kept for the baselines
     with timer.stage("TRAK scores"):
         trak, trak_dest = _trak_scores(cfg, out, features, ckpts, train, heldout, traj, steps, device)
     with timer.stage("baselines"):
         encoder = train_encoder(train.images, epochs=cfg.encoder_epochs, seed=cfg.train.seed,
-                                path=os.path.join(out, "baselines", "encoder.pt"))
-        tfeats = _target_features(cfg, out, ckpts, heldout, traj, steps, device)
+                                path=folder.baselines("encoder.pt"))
+        tfeats = functools.lru_cache(None)(lambda: _target_features(cfg, features, ckpts, heldout, traj, steps, device))
         lds_idx = [pos[s] for s in cfg.lds_steps]
-        base = _baselines(cfg, out, train, heldout, traj, steps, features, tfeats, encoder)
+        base = _baselines(cfg, folder, train, heldout, traj, steps, features, tfeats, encoder)
         dest_scores = None
         if cfg.gt_destination_draws:
-            dfeats = _destination_features(cfg, out, ckpts, heldout, traj, device)
-            dbase = _destination_baselines(cfg, out, train, heldout, traj, features, dfeats, encoder)
+            dbase = _destination_baselines(cfg, folder, train, heldout, traj, features, tfeats, encoder)
             dest_scores = {sname: {m: (trak_dest[sname][None] if m == "trak" else dbase[sname][m]) for m in cfg.methods}
-                           for sname in ("generated", "heldout")}
+                           for sname in SETS}
     scores = {}
-    for sname in ("generated", "heldout"):
+    for sname in SETS:
         scores[sname] = {}
         for m in cfg.methods:
             v = trak[sname] if m == "trak" else base[sname][m]
@@ -608,13 +592,13 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
 
     masks = subset_masks(N, cfg.num_models, cfg.alpha, cfg.subset_seed)
     masked = cfg.lds_mode == "masked"
-    sub_dir = os.path.join(out, lds_folder("subsets", cfg.lds_mode))
+    sub_dir = folder.subsets
     os.makedirs(sub_dir, exist_ok=True)
-    np.save(os.path.join(sub_dir, "masks.npy"), masks)
+    np.save(folder.masks_file, masks)
     seeds, rep_seeds = _subset_seeds(cfg)
     train_kw = dict(method="stacked" if masked else cfg.train_method, stack_size=cfg.stack_size, device=device,
                     progress=progress, masked=masked)
-    speed_path = os.path.join(out, "speedup.json")
+    speed_path = folder.speedup_file
     speedup = json.load(open(speed_path)) if os.path.exists(speed_path) else None
     with timer.stage("train subset models"):
         if speedup is None:
@@ -631,52 +615,40 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
     if cfg.num_replicates:
         with timer.stage("train replicate models"):
             rep_dirs = train_models(train, cfg.train, masks[:cfg.num_replicates],
-                                    os.path.join(out, lds_folder("replicates", cfg.lds_mode)), rep_seeds,
+                                    folder.replicates, rep_seeds,
                                     **train_kw)
             rep_ckpts = [final_checkpoint(d, cfg.train) for d in rep_dirs]
     with timer.stage("ground truth"):
-        sets = {"generated": TargetSet.from_trajectory(traj, cfg.lds_steps, "generated"),
-                "heldout": TargetSet.from_images(heldout.images, cfg.lds_steps,
-                                                 [traj.timestep_at(s) for s in cfg.lds_steps], "heldout")}
-        n_by_kind = {"xhat0_loss": cfg.gt_noises, "final_loss_le_t": cfg.gt_final_draws}
-        settings = {"masks_seed": cfg.subset_seed, "alpha": cfg.alpha}
-        gt = {s: measure_models(sub_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                os.path.join(out, lds_folder("groundtruth", cfg.lds_mode), s), settings, device=device,
-                                progress=progress)
-              for s, ts in sets.items()}
-        gt_rep = {s: measure_models(rep_ckpts, ts, cfg.gt_outputs, n_by_kind, cfg.gt_seed,
-                                    os.path.join(out, lds_folder("groundtruth-replicates", cfg.lds_mode), s),
-                                    {**settings, "seeds": rep_seeds}, device=device, progress=progress)
-                  for s, ts in sets.items()} if rep_ckpts else None
-        if dest_scores is not None:
-            gt_dest, gt_rep_dest = _destination_ground_truth(cfg, out, traj, heldout, sub_ckpts, rep_ckpts, rep_seeds,
-                                                             device, progress)
+        dest = dest_scores is not None
+        gt, gt_dest = _ground_truth(cfg, folder, traj, heldout, sub_ckpts, False, rep_seeds, dest, device, progress)
+        gt_rep, gt_rep_dest = (_ground_truth(cfg, folder, traj, heldout, rep_ckpts, True, rep_seeds, dest, device, progress)
+                               if rep_ckpts else (None, None))
     with timer.stage("LDS"):
         tables = _lds_tables(cfg, scores, masks, gt, gt_rep)
         if dest_scores is not None:
             for sname, kinds in _lds_tables(cfg, dest_scores, masks, gt_dest, gt_rep_dest).items():
                 tables[sname].update(kinds)
         acceptance = _acceptance(tables, cfg)
-        write_json_atomic(os.path.join(out, "lds.json"), {"steps": list(cfg.lds_steps),
+        write_json_atomic(folder.lds_file, {"steps": list(cfg.lds_steps),
                                                           "timesteps": [traj.timestep_at(s) for s in cfg.lds_steps],
                                                           "tables": tables, "acceptance": acceptance})
     audit_res = {}
     if audit and cfg.audit_targets > 0 and cfg.audit_steps:
         for mode in cfg.audit_modes:
             with timer.stage(f"retrain without top-k ({mode})"):
-                audit_res[mode] = run_audit(train, cfg.train, traj, final,
+                audit_res[mode] = run_audit(train, cfg.train, traj, ckpts[ckpt_dirs.index(final)],
                                             {s: trak["generated"][pos[s]] for s in cfg.audit_steps},
-                                            list(range(cfg.audit_targets)), cfg.audit_ks, os.path.join(out, "audit"),
+                                            list(range(cfg.audit_targets)), cfg.audit_ks, folder.audit.root,
                                             encoder=encoder, seed=cfg.audit_seed, method=cfg.train_method,
                                             stack_size=cfg.stack_size, device=device, progress=progress, mode=mode,
                                             random_draws=cfg.audit_random_draws)
     with timer.stage("report"):
-        _plots(cfg, out, tables, traj, audit_res, traj.final)
-        path = _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)
+        _plots(cfg, folder, tables, traj, audit_res, traj.final)
+        path = _write_report(cfg, folder, tables, audit_res, timer.data, speedup, traj, N, acceptance)
     total = time.perf_counter() - t_start
     timer.data["last_invocation_s"] = total
     write_json_atomic(timer.path, timer.data)
-    _write_report(cfg, out, tables, audit_res, timer.data, speedup, traj, N, acceptance)
+    _write_report(cfg, folder, tables, audit_res, timer.data, speedup, traj, N, acceptance)
     print(f"[run] done in {total:.0f} s; report: {path}", flush=True)
     return {"tables": tables, "acceptance": acceptance, "audit": audit_res, "speedup": speedup, "report": path}
 
@@ -684,17 +656,22 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
 def run_from_args(ns: argparse.Namespace) -> int:
     """Run the benchmark named by parsed :func:`evaluations.arguments.add_arguments` arguments; a
     user-fixable error prints one line and returns 2."""
+    from diffusion_trak.config import check_int
     from diffusion_trak.data import DataError
     from diffusion_trak.store import StoreError
 
     try:
+        from diffusion_trak.cli import _device
+
+        check_int("--threads", ns.threads, 0)  # 0: the config's
+        device = _device(ns)
         if ns.config.endswith(".json"):
             with open(ns.config) as f:
                 cfg = EvalConfig.from_dict(json.load(f))
         else:
             cfg = get_config(ns.config)
         cfg = apply_overrides(cfg, ns.set)
-        run(cfg, ns.out, ns.overwrite, ns.device, ns.threads, not ns.quiet, not ns.no_audit)
+        run(cfg, ns.out, ns.overwrite, device, ns.threads, not ns.quiet, not ns.no_audit)
     except (UserError, DataError, StoreError) as e:
         print(f"diffusion_trak.evaluations.run: error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,8 @@ An evaluation run folder holds ``lds.json`` (per-step LDS of every method, with 
 noise ceiling) and, after the audit, ``audit/audit-MODE.json`` with the images regenerated from each
 audited step without the top-k proponents and without k random training images
 (``audit/regenerated-MODE/``). This module reads them into plain numbers and ``[-1, 1]`` arrays;
-it writes nothing and reads through :class:`evaluations.audit.Case`, the one place that knows where
-a regenerated image lives.
+it writes nothing and finds the files through :class:`evaluations.folder.RunFolder` (the layout of a
+run) and :class:`evaluations.audit.Case` (where a regenerated image lives).
 """
 from __future__ import annotations
 
@@ -25,16 +25,10 @@ def evaluation_run(eval_dir: str) -> dict:
     """What the journey page of an evaluation run is built from: the training set's ``DataArgs``
     (from ``config.json``), the generated targets' ``scores`` folder and their ``trajectory`` file."""
     from diffusion_trak.data import DataArgs
-    from diffusion_trak.errors import UserError
+    from diffusion_trak.evaluations.folder import RunFolder
 
-    path = os.path.join(eval_dir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{eval_dir} is not an evaluation run (no config.json); give the --out folder of "
-                        "`diffusion-trak evaluate`")
-    with open(path, encoding="utf-8") as f:
-        data = DataArgs.from_dict(json.load(f)["data"])
-    return {"data": data, "scores": os.path.join(eval_dir, "scores", "generated"),
-            "trajectory": os.path.join(eval_dir, "trajectory.safetensors")}
+    run = RunFolder.open(eval_dir)
+    return {"data": DataArgs.from_dict(run.config["data"]), "scores": run.scores("generated"), "trajectory": run.trajectory}
 
 
 def load_evidence(eval_dir: str, final_images) -> dict:
@@ -45,7 +39,9 @@ def load_evidence(eval_dir: str, final_images) -> dict:
 def lds_series(eval_dir: str, target_set: str = "generated", kind: str = "xhat0_loss") -> Optional[dict]:
     """The per-step LDS plot of the run: ``{"steps", "timesteps", "kind", "series": [{"name", "mean",
     "lo", "hi"}]}`` for every method and the noise ceiling, or ``None`` without ``lds.json``."""
-    path = os.path.join(eval_dir, "lds.json")
+    from diffusion_trak.evaluations.folder import RunFolder
+
+    path = RunFolder(eval_dir).lds_file
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -75,15 +71,17 @@ def audit_rows(eval_dir: str, final_images) -> Dict[int, List[dict]]:
     and the pixel L2 change of each (the random one averaged over its draws, as the audit reports).
     ``final_images`` is the run's ``trajectory.final`` ``(B, C, H, W)``. Empty without an audit."""
     from diffusion_trak.evaluations.audit import MODES, Case
+    from diffusion_trak.evaluations.folder import RunFolder
 
+    audit = RunFolder(eval_dir).audit
     out: Dict[int, List[dict]] = {}
     for mode in MODES:
-        path = os.path.join(eval_dir, "audit", f"audit-{mode}.json")
+        path = audit.result(mode)
         if not os.path.exists(path):
             continue
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)["cases"]
-        regen = os.path.join(eval_dir, "audit", f"regenerated-{mode}")
+        regen = audit.regenerated(mode)
         for r in rows:
             if r["kind"] != "top":
                 continue

@@ -110,6 +110,11 @@ def test_choices_group_fixed_ridges_report_all_models_and_the_destination(tmp_pa
             r = rows[(name, sname, "all")]
             assert r["gt"] == "destination" and len(r["cells"]) == 1
     assert ("baseline: pixel_neg_l2", "heldout-destination", "all") in rows
-    assert os.path.exists(os.path.join(out, "ablations", "targets", "loss-stratified-T100-loss-R5.npz"))
+    # the R=5 variant's target features are kept with R=5, in the run's target cache
+    from diffusion_trak.target_cache import TargetCache
+    from diffusion_trak.evaluations.folder import RunFolder
+
+    kept = TargetCache(RunFolder(out).target_features).keys()
+    assert any(k["num_noises"] == 5 and k["featurize"]["num_timesteps"] == 100 for k in kept)
     md = open(os.path.join(out, "ablations", "ablations-choices.md")).read()
     assert "| method | ridge | models | final image |" in md

@@ -136,3 +136,66 @@ def test_init_seed_gives_every_model_the_same_initial_weights(tmp_path):
         w.append(UNet2DModel.from_pretrained(os.path.join(single, "unet")).state_dict())
         for other in w[1:]:
             assert all(torch.allclose(w[0][k], other[k], rtol=0, atol=1e-12) for k in w[0]) == same
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--set", "num_models=abc"], r"num_models must be an integer >= 2, got 'abc'; fix it in the config or with --set"),
+    (["--set", "alpha=2"], r"alpha \(the subset fraction\) must be between 0 and 1, got 2"),
+    (["--set", "audit_ks=[0]"], r"every one of audit_ks must be a finite number > 0, got 0"),
+    (["--set", "seed_mode=sometimes"], r"unknown seed_mode 'sometimes'"),
+    (["--threads", "-1"], r"--threads must be an integer >= 0, got -1"),
+    (["--device", "gpu0"], r"--device 'gpu0' is not a device; use cpu or cuda"),
+])
+def test_flags_are_checked_before_anything_runs(tmp_path, capsys, flags, pattern):
+    import re
+
+    out = tmp_path / "run"
+    assert main(["digits-quick", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+    assert not out.exists()
+
+
+def test_a_masked_run_is_read_back_through_one_layout(tmp_path, monkeypatch):
+    """One layout of an evaluation run: what run.py writes is what the readers (bench_featurize --lds, the
+    journey page) read, also for a masked run; target features are computed, and checkpoints loaded, once."""
+    import numpy as np
+
+    import diffusion_trak.target_cache as target_cache
+    import diffusion_trak.train as train_mod
+    from diffusion_trak.api import Scores
+    from diffusion_trak.evaluations.bench_featurize import lds_inputs
+    from diffusion_trak.evaluations.metrics import lds
+    from diffusion_trak.evaluations.subsets import subset_masks
+    from diffusion_trak.report.evidence import evaluation_run
+
+    loads, computed = [], []
+    real_load, real_targets = train_mod.load_checkpoint, target_cache.all_target_features
+    monkeypatch.setattr(train_mod, "load_checkpoint", lambda path, *a, **k: loads.append(str(path)) or real_load(path, *a, **k))
+    monkeypatch.setattr(target_cache, "all_target_features", lambda *a, **k: computed.append(1) or real_targets(*a, **k))
+    out = str(tmp_path / "run")
+    cfg = tiny_config(lds_mode="masked", train=TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=4,
+                                                         batch_size=16, num_checkpoints=2),
+                      gt_destination_draws=4, score=ScoreArgs(num_noises=2, destination_draws=3), audit_targets=0)
+    run(cfg, out, progress=False, audit=False)
+    attributed = sorted(p for p in loads if os.path.join(out, "attributed") in p)
+    C = len(os.listdir(os.path.join(out, "target-features"))) // 4  # .npz + .json per (checkpoint, set)
+    assert C == 2 and attributed == sorted(set(attributed)) and len(attributed) == C  # each loaded once
+    assert len(computed) == 2 * C  # target features of (generated, heldout) × checkpoints, once, for scores and baselines
+    subset_models = [p for p in loads if os.path.join(out, "subsets-masked") in p]
+    assert len(subset_models) == 4 == len(set(subset_models))  # each measured for all four sets after one load
+
+    # bench_featurize --lds reads the masks and ground truth that run.py used: its LDS of the run's TRAK scores
+    # is lds.json's, value for value (a masked run has no subsets/ nor groundtruth/ folder)
+    assert not os.path.exists(os.path.join(out, "subsets")) and not os.path.exists(os.path.join(out, "groundtruth"))
+    inp = lds_inputs(out)
+    np.testing.assert_array_equal(inp["masks"], subset_masks(48, 4, cfg.alpha, cfg.subset_seed))
+    tables = json.load(open(os.path.join(out, "lds.json")))["tables"]
+    for sname in ("generated", "heldout"):
+        scores = np.asarray(Scores.load(os.path.join(out, "scores", sname)).values)
+        for kind, y in inp["gts"][sname].items():
+            assert y.shape == (4, 3, 4)
+            for j, si in enumerate(inp["lds_pos"]):
+                want = tables[sname][kind]["methods"]["trak"][j]["values"]
+                np.testing.assert_array_equal(lds(scores[si], inp["masks"], y[:, j, :]), want)
+    assert evaluation_run(out)["scores"] == os.path.join(out, "scores", "generated")

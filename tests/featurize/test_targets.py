@@ -80,3 +80,77 @@ def test_image_targets_and_conditioning(scheduler):
     assert (other - one).norm() > 1e-3 * one.norm()
     with pytest.raises(ValueError, match="outside the scheduler"):
         image_target_features(f, images, [1000], R=2, seed=0)
+
+
+@pytest.mark.parametrize("method", ["fast", "vmap"])
+def test_all_target_features_are_bit_identical_to_the_previous_computations(tiny_unet, scheduler, method):
+    """The one computation (:func:`all_target_features`) gives bit for bit what ``api.score`` computed before it
+    (trajectory steps and images in one featurizer call each, the destination in another), and, up to float
+    rounding of the batched passes, what the evaluations computed by stacking one timestep at a time."""
+    from diffusion_trak.targets import TargetSet, all_target_features, destination_draws, features_at_steps
+
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=3, method=method, projector="countsketch")
+    f = Featurizer(tiny_unet, scheduler, args)
+    traj = _trajectory()
+    traj.final = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    R, seed, D = 3, 4, 5
+    # before: api.score's trajectory branch, its image branch and its destination row
+    x0 = torch.stack([traj.x0_pred[traj.step_of(s)] for s in (5, 0, 2)])
+    old_traj = features_at_steps(f, x0, [int(traj.timesteps[s]) for s in (5, 0, 2)], [5, 0, 2], R, seed)
+    old_img = features_at_steps(f, images.unsqueeze(0).expand(2, *images.shape), [10, 400], [10, 400], R, seed)
+    draws = [destination_draws(seed, b, D, 1000, (1, 8, 8)) for b in range(2)]
+    old_dest = f.features(traj.final.float(), torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws]))
+    got = all_target_features(f, TargetSet.from_trajectory(traj, [5, 0, 2]), R, seed, destination_draws=D)
+    assert torch.equal(got.steps, old_traj) and torch.equal(got.destination, old_dest)
+    got_img = all_target_features(f, TargetSet.from_images(images, [0, 1], [10, 400]), R, seed)
+    assert torch.equal(got_img.steps, old_img) and got_img.destination is None
+    # the evaluations' former copies stacked one timestep at a time: the same up to float rounding
+    stacked = torch.stack([target_features(f, images, t, R, seed, key=t) for t in (10, 400)])
+    torch.testing.assert_close(got_img.steps, stacked, rtol=1e-5, atol=1e-5)
+
+
+def test_target_cache_computes_once_per_checkpoint_and_targets(tmp_path, tiny_unet, scheduler, monkeypatch):
+    """With a cache attached, scoring twice, and reading the features for baselines, computes the target
+    features once per (checkpoint, targets); a cache folder gives them back bit for bit in a new process
+    (a new FeatureSet), and other targets or noises are new entries."""
+    import numpy as np
+
+    from diffusion_trak import api, target_cache
+    from diffusion_trak.config import ScoreArgs
+    from diffusion_trak.data import load_dataset
+    from diffusion_trak.targets import TargetSet
+
+    data = load_dataset(name="digits", limit=12)
+    unet2 = type(tiny_unet).from_config(tiny_unet.config)
+    ckpts = [(tiny_unet, scheduler), (unet2, scheduler)]
+    fs = api.featurize(ckpts, data, FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=4), str(tmp_path / "f"),
+                       progress=False)
+    traj = _trajectory()
+    traj.final = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    sa = ScoreArgs(num_noises=2, destination_draws=3)
+    plain = api.score(fs, ckpts, data.indices.numpy(), sa, trajectory=traj, progress=False)  # no cache attached
+
+    calls = []
+    real = target_cache.all_target_features
+    monkeypatch.setattr(target_cache, "all_target_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    folder = str(tmp_path / "targets")
+    target_cache.attach(fs, folder)
+    first = api.score(fs, ckpts, data.indices.numpy(), sa, trajectory=traj, progress=False)
+    again = api.score(fs, ckpts, data.indices.numpy(), sa, trajectory=traj, progress=False)
+    assert len(calls) == 2  # one per checkpoint
+    for sc in (first, again):
+        np.testing.assert_array_equal(sc.values, plain.values)
+        np.testing.assert_array_equal(sc.destination, plain.destination)
+    ts = TargetSet.from_trajectory(traj, traj.step_indices.tolist())
+    fresh = api.FeatureSet.open(str(tmp_path / "f"))
+    target_cache.attach(fresh, folder)
+    steps, dest = target_cache.target_features_of(fresh, ckpts, ts, 2, sa.seed, "loss", None, 3)
+    assert len(calls) == 2 and "featurizers" not in str(list(fresh.reuse))  # read back, no featurizer built
+    direct, _ = target_cache.target_features_of(api.FeatureSet.open(str(tmp_path / "f")), ckpts, ts, 2, sa.seed,
+                                                "loss", None, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(steps, direct)) and len(calls) == 4
+    assert len(target_cache.TargetCache(folder).keys()) == 2
+    target_cache.target_features_of(fresh, ckpts, ts, 3, sa.seed, "loss", None, 3)  # other R: new entries
+    assert len(calls) == 6 and len(target_cache.TargetCache(folder).keys()) == 4
+    assert {k["checkpoint"] for k in target_cache.TargetCache(folder).keys()} == set(fs.store.settings["checkpoints"])
