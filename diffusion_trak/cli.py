@@ -21,7 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
+from .config import PARAM_SELECTIONS, PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
 
 DEFAULT_RUN = "runs/digits"
 
@@ -236,7 +236,7 @@ def _featurize_args(ns) -> FeaturizeArgs:
     return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
-                                        output=ns.output))
+                                        output=ns.output, params=ns.params))
 
 
 def cmd_featurize(ns):
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default="auto", choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
+    sp.add_argument("--params", default=None, choices=list(PARAM_SELECTIONS),
+                    help="parameters the gradients cover: all (default), lora (the peft LoRA adapter only, for "
+                         "LoRA fine-tunes) or trainable (those with requires_grad)")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")

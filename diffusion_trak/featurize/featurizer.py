@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..config import FeaturizeArgs
 from ..errors import NonFiniteError
-from .gradients import num_parameters, per_sample_gradients, use_vmap_friendly_attention
+from .gradients import num_parameters, per_sample_gradients, select_parameters, use_vmap_friendly_attention
 from .projectors import ProjectorError, make_projector
 
 
@@ -67,6 +67,8 @@ class Featurizer:
         # a private copy: switching attention processors (and hooks of the fast path) must not change
         # the caller's model, which may still be used for sampling
         self.model = copy.deepcopy(model).to(self.device).eval()
+        #: the parameters θ the gradients cover (``args.params``), in the order of the flattened gradient
+        self.param_names = select_parameters(self.model, args.params)
         if not args.method.startswith("fast"):  # the fast path runs plain batched passes: SDPA is fine there
             use_vmap_friendly_attention(self.model)
         self.scheduler, self.args = scheduler, args
