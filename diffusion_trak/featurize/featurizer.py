@@ -121,7 +121,7 @@ class Featurizer:
         stable index ``dataset.indices[r]``."""
         todo = stored.pending(rows)
         bs = self.args.batch_size
-        shape = dataset.images.shape[1:]
+        shape = dataset.image_shape
         bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not progress)
         # Batches are aligned blocks of ``batch_size`` rows, computed whole, so a row's features never
         # depend on which other rows were pending: resumed and sharded runs are bit-identical.
@@ -130,7 +130,7 @@ class Featurizer:
             draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in block_rows]
             ts = torch.stack([d[0] for d in draws])
             ns = torch.stack([d[1] for d in draws])
-            x0 = dataset.images[torch.as_tensor(block_rows)]
+            x0 = dataset.read(block_rows)  # one block at a time: a disk-backed dataset is never read whole
             cond = cond_fn(block_rows) if cond_fn else None
             feats = self.features(x0, ts, ns, cond).numpy()
             keep = np.isin(block_rows, todo)
