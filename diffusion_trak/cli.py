@@ -93,8 +93,9 @@ def _data_args(ns):
 
 def _add_data(p):
     g = p.add_argument_group("data (defaults: the run's run.json, else digits)")
-    g.add_argument("--data", default=None, help="digits (default), fmnist, folder or npz")
-    g.add_argument("--data-path", default=None, help="image folder or .npz file (or Fashion-MNIST root)")
+    g.add_argument("--data", default=None, help="digits (default), fmnist, folder (captions from metadata.jsonl), npz or "
+                   "hf (a datasets save_to_disk folder or an imagefolder)")
+    g.add_argument("--data-path", default=None, help="image folder, .npz file or datasets folder (or Fashion-MNIST root)")
     g.add_argument("--image-size", type=_int(1, 4096), default=None, help="resize images to this square size")
     g.add_argument("--classes", type=_int(0), nargs="+", default=None, help="keep only these labels")
     g.add_argument("--limit", type=_int(1), default=None, help="keep the first N examples")

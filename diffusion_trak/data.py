@@ -217,9 +217,10 @@ class _Examples(torch.utils.data.Dataset):
         """``(C, H, W)``."""
         raise NotImplementedError
 
-    def batches(self, size: int = READ_BATCH):
-        """``(positions, images)`` for consecutive blocks of at most ``size`` examples: the whole dataset
-        without ever holding more than one block."""
+    def batches(self, size: Optional[int] = None):
+        """``(positions, images)`` for consecutive blocks of at most ``size`` (default :data:`READ_BATCH`)
+        examples: the whole dataset without ever holding more than one block."""
+        size = size or READ_BATCH
         for lo in range(0, len(self), size):
             pos = np.arange(lo, min(lo + size, len(self)))
             yield pos, self.read(pos)
