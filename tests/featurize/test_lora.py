@@ -166,3 +166,13 @@ def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, metho
     with pytest.raises(StoreError, match="overwrite"):
         api.featurize(ckpts, data, FeaturizeArgs(**{**args.__dict__, "params": "all"}), out=str(tmp_path / "f"),
                       progress=False, cond_fn=lambda rows: {"encoder_hidden_states": emb[torch.as_tensor(rows)]})
+
+
+def test_cli_params_flag():
+    from diffusion_trak import cli
+
+    parser = cli.build_parser()
+    assert cli._featurize_args(parser.parse_args(["featurize", "--params", "lora"])).params == "lora"
+    assert cli._featurize_args(parser.parse_args(["featurize"])).params == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["featurize", "--params", "adapter"])
