@@ -43,9 +43,10 @@ def is_class_conditional(unet) -> bool:
     return getattr(unet, "class_embedding", None) is not None
 
 
-def check_finite(images: torch.Tensor, what: str = "dataset") -> None:
+def check_finite(images: torch.Tensor, what: str = "dataset", first_row: int = 0) -> None:
     if not torch.isfinite(images).all():
-        bad = (~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).nonzero().reshape(-1)[:5].tolist()
+        bad = (~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).nonzero().reshape(-1)[:5] + first_row
+        bad = bad.tolist()
         raise NonFiniteError(f"NaN/Inf in the {what} at rows {bad}; clean or drop those images")
 
 
@@ -140,7 +141,8 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         raise InputError("dataset is empty; check --classes/--limit")
     for unet, sched in ckpts:
         check_compatible(unet, sched, dataset)
-    check_finite(dataset.images)
+    for pos, x in dataset.batches():  # in batches: a disk-backed dataset is never read whole
+        check_finite(x, first_row=int(pos[0]))
     check_timesteps(ckpts)
     n_t = int(ckpts[0][1].config.num_train_timesteps)
     if args.timestep_range is not None and args.timestep_range[1] >= n_t:
@@ -382,7 +384,7 @@ def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, 
         cond = {"class_labels": dataset.labels[torch.as_tensor(pos)]}
     from dataclasses import replace
 
-    sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.images[pos],
+    sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.read(pos),
                image_timesteps=[timestep], device=device, progress=False, cond=cond, dataset=dataset)
     best = sc.values[0].argmax(axis=1)
     return float((best == pos).mean()), pos

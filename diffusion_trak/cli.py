@@ -21,7 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
+from .config import PARAM_SELECTIONS, PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
 
 DEFAULT_RUN = "runs/digits"
 
@@ -93,8 +93,9 @@ def _data_args(ns):
 
 def _add_data(p):
     g = p.add_argument_group("data (defaults: the run's run.json, else digits)")
-    g.add_argument("--data", default=None, help="digits (default), fmnist, folder or npz")
-    g.add_argument("--data-path", default=None, help="image folder or .npz file (or Fashion-MNIST root)")
+    g.add_argument("--data", default=None, help="digits (default), fmnist, folder (captions from metadata.jsonl), npz or "
+                   "hf (a datasets save_to_disk folder or an imagefolder)")
+    g.add_argument("--data-path", default=None, help="image folder, .npz file or datasets folder (or Fashion-MNIST root)")
     g.add_argument("--image-size", type=_int(1, 4096), default=None, help="resize images to this square size")
     g.add_argument("--classes", type=_int(0), nargs="+", default=None, help="keep only these labels")
     g.add_argument("--limit", type=_int(1), default=None, help="keep the first N examples")
@@ -236,7 +237,7 @@ def _featurize_args(ns) -> FeaturizeArgs:
     return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
-                                        output=ns.output))
+                                        output=ns.output, params=ns.params))
 
 
 def cmd_featurize(ns):
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", default="auto", choices=["vmap", "fast", "fast_tf32", "fast_bf16"],
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
+    sp.add_argument("--params", default=None, choices=list(PARAM_SELECTIONS),
+                    help="parameters the gradients cover: all (default), lora (the peft LoRA adapter only, for "
+                         "LoRA fine-tunes) or trainable (those with requires_grad)")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")

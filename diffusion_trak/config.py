@@ -18,6 +18,8 @@ from .errors import InputError
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
 SEED_MAX = 2**32 - 1  #: seeds are mixed as 32-bit words (``featurizer.seed_for``), so larger ones would alias
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
+#: which UNet parameters the gradients cover (``FeaturizeArgs.params``)
+PARAM_SELECTIONS = ("all", "lora", "trainable")
 
 
 def check_int(name: str, value, lo: int = None, hi: int = None) -> int:
@@ -183,6 +185,10 @@ class FeaturizeArgs:
             ``fast``, or ``vmap`` when a dense ``projector`` (``torch``, ``fast_jl``) is named; the resolved
             method is what ``settings.json`` records. The fast methods need ``projector`` ``auto`` or
             ``countsketch``; ``countsketch`` with ``vmap`` gives the same features as ``fast`` up to float rounding.
+        params: which parameters θ the gradients cover: ``all`` (every UNet parameter), ``lora`` (only the
+            active ``peft`` LoRA adapter's parameters, as D-TRAK attributes Stable Diffusion LoRA fine-tunes)
+            or ``trainable`` (the parameters with ``requires_grad``, e.g. what a ``peft`` model leaves
+            unfrozen). See :func:`diffusion_trak.featurize.gradients.select_parameters`.
     """
 
     num_timesteps: int = 100
@@ -194,8 +200,11 @@ class FeaturizeArgs:
     batch_size: int = 16
     method: str = "auto"
     timestep_range: Optional[Tuple[int, int]] = field(default=None, metadata=ADDED_LATER)
+    params: str = field(default="all", metadata=ADDED_LATER)
 
     def __post_init__(self):
+        if self.params not in PARAM_SELECTIONS:
+            raise InputError(f"params must be one of {', '.join(PARAM_SELECTIONS)}, got {self.params!r}")
         if self.timestep_range is not None:
             lo, hi = (int(v) for v in self.timestep_range)
             if not 0 <= lo <= hi:

@@ -1,8 +1,11 @@
 """Image datasets for training-data attribution.
 
-Every dataset is loaded fully into memory as a float32 tensor ``(N, C, H, W)``
-scaled to ``[-1, 1]`` (the range diffusers' UNets are trained on), together
-with optional integer labels and a *stable index* per example.  The stable
+Every dataset gives float32 images ``(N, C, H, W)`` scaled to ``[-1, 1]`` (the
+range diffusers' UNets are trained on), together with optional integer labels,
+optional captions and a *stable index* per example. The bundled sets and
+``.npz`` files are held in memory (:class:`ImageDataset`); image folders and
+Hugging Face datasets stay on disk and are decoded in batches
+(:class:`DiskImageDataset`), so memory does not grow with their size.  The stable
 index is the position of the example in the original source ordering (before
 ``classes``/``limit`` filtering), so attribution scores stored on disk keep
 referring to the same training images however the dataset was filtered.
@@ -19,7 +22,16 @@ Supported sources (``DataArgs.name``):
     torchvision as a last resort.
 ``folder``
     A directory of image files (png/jpg/jpeg/bmp/webp); first-level
-    subfolders, if every image sits in one, are the classes.
+    subfolders, if every image sits in one, are the classes. A
+    ``metadata.jsonl`` beside them (the layout of diffusers' text-to-image
+    training scripts: lines ``{"file_name": "a.png", "text": "a caption"}``)
+    gives the captions (``dataset.captions``, a :class:`~diffusion_trak.text.CaptionSet`).
+``hf``
+    A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (a
+    ``DatasetDict``'s ``split``), or an image folder read by ``datasets``'
+    ``imagefolder`` builder: the ``image`` column (any ``datasets.Image``
+    column), ``label`` (a ``ClassLabel`` names the classes) and ``text``
+    (captions) when present. Needs ``pip install datasets``.
 ``npz``
     A NumPy ``.npz`` archive with an ``images`` array and optional ``labels``,
     ``class_names``, ``indices`` and ``value_range`` arrays (see
@@ -32,6 +44,7 @@ from .errors import UserError
 import dataclasses
 import gzip
 import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +59,7 @@ __all__ = [
     "DataArgs",
     "DataError",
     "ImageDataset",
+    "DiskImageDataset",
     "load_dataset",
     "save_npz",
     "DATASET_NAMES",
@@ -54,7 +68,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
 ]
 
-DATASET_NAMES = ("digits", "fmnist", "folder", "npz")
+DATASET_NAMES = ("digits", "fmnist", "folder", "npz", "hf")
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -97,7 +111,8 @@ class DataArgs:
         name: Data source, one of ``"digits"`` (scikit-learn 8x8 digits),
             ``"fmnist"`` (Fashion-MNIST 28x28), ``"folder"`` (a directory of
             image files) or ``"npz"`` (a NumPy archive, see :func:`save_npz`).
-        path: For ``folder``: the directory holding the images.  For ``npz``:
+        path: For ``folder``: the directory holding the images.  For ``hf``: the
+            ``save_to_disk`` folder or the image folder.  For ``npz``:
             the ``.npz`` file.  For ``fmnist``: an optional directory holding
             the IDX files (or a torchvision download root); when omitted the
             Debian package directory ``/usr/share/datasets/fashion-mnist`` is
@@ -105,8 +120,9 @@ class DataArgs:
             Unused for ``digits``.
         split: ``"train"`` or ``"test"``.  For ``digits`` a fixed-seed
             permutation of the 1797 images gives 1500 ``train`` and 297
-            ``test`` images; for ``fmnist`` the official split.  ``folder`` and
-            ``npz`` have a single split and ignore it.
+            ``test`` images; for ``fmnist`` the official split; for ``hf`` the
+            split of a ``DatasetDict`` (a single split is used whatever its name).
+            ``folder`` and ``npz`` have a single split and ignore it.
         image_size: Resize every image to ``image_size x image_size`` with
             bilinear, antialiased interpolation.  ``None`` keeps the native size.
         classes: Keep only examples whose integer label is in this list
@@ -148,7 +164,7 @@ class DataArgs:
             self.channels = int(self.channels)
             if self.channels not in (1, 3):
                 raise DataError(f"--channels must be 1 or 3, got {self.channels}")
-        if self.name in ("folder", "npz") and not self.path:
+        if self.name in ("folder", "npz", "hf") and not self.path:
             raise DataError(f"dataset {self.name!r} needs a path; pass --data-path")
 
     def to_dict(self) -> Dict[str, Any]:
@@ -170,58 +186,52 @@ class DataArgs:
 # --------------------------------------------------------------------------
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """In-memory image dataset with stable example ids.
+#: rows per batch when a dataset is read whole (fingerprint, finiteness check): bounds the memory of those reads
+READ_BATCH = 256
 
-    Attributes:
-        images: float32 tensor ``(N, C, H, W)`` with values in ``[-1, 1]``.
-        labels: int64 tensor ``(N,)`` or ``None`` for unlabelled data.
-        indices: int64 tensor ``(N,)``: the index of each example in the
-            original source ordering (before filtering/limit).
-        class_names: names of the label values (``class_names[label]``) or ``None``.
-        name: short name of the source (e.g. ``"digits"``).
 
-    ``dataset[i]`` returns ``{"pixel_values": (C,H,W) tensor, "index": int,
-    "label": int}`` (``label`` is -1 when unlabelled), which the default
-    DataLoader collate function batches.
+class _Examples(torch.utils.data.Dataset):
+    """What every dataset offers: stable indices, labels, captions, batch reads and the fingerprint.
+
+    Subclasses hold the images (:class:`ImageDataset`: in memory; :class:`DiskImageDataset`: on disk,
+    decoded batch by batch) and implement :meth:`read` and :attr:`image_shape`.
+
+    ``dataset[i]`` returns ``{"pixel_values": (C,H,W) tensor, "index": int, "label": int}`` (``label``
+    is -1 when unlabelled), which the default DataLoader collate function batches.
     """
 
     caption_template = "a photo of a {}"
+    labels: Optional[torch.Tensor]
+    indices: torch.Tensor
+    class_names: Optional[List[str]]
+    name: str
+    #: captions of the examples (a :class:`~diffusion_trak.text.CaptionSet` keyed by stable index) or None
+    captions: Any = None
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        indices: Optional[torch.Tensor] = None,
-        class_names: Optional[Sequence[str]] = None,
-        name: str = "dataset",
-    ) -> None:
-        images = torch.as_tensor(images)
-        if images.ndim != 4:
-            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-        self.images = images.to(torch.float32).contiguous()
-        n = self.images.shape[0]
-        if labels is not None:
-            labels = torch.as_tensor(labels).to(torch.long).reshape(-1)
-            if labels.shape[0] != n:
-                raise ValueError(f"{labels.shape[0]} labels for {n} images")
-        self.labels = labels
-        if indices is None:
-            indices = torch.arange(n, dtype=torch.long)
-        indices = torch.as_tensor(indices).to(torch.long).reshape(-1)
-        if indices.shape[0] != n:
-            raise ValueError(f"{indices.shape[0]} indices for {n} images")
-        self.indices = indices
-        self.class_names = list(class_names) if class_names is not None else None
-        self.name = name
+    def read(self, positions) -> torch.Tensor:
+        """The images at ``positions`` (positions, not stable indices): float32 ``(B, C, H, W)`` in [-1, 1]."""
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple:
+        """``(C, H, W)``."""
+        raise NotImplementedError
+
+    def batches(self, size: Optional[int] = None):
+        """``(positions, images)`` for consecutive blocks of at most ``size`` (default :data:`READ_BATCH`)
+        examples: the whole dataset without ever holding more than one block."""
+        size = size or READ_BATCH
+        for lo in range(0, len(self), size):
+            pos = np.arange(lo, min(lo + size, len(self)))
+            yield pos, self.read(pos)
 
     # -- torch Dataset protocol -------------------------------------------
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.indices.shape[0])
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         return {
-            "pixel_values": self.images[i],
+            "pixel_values": self.read([i])[0],
             "index": int(self.indices[i]),
             "label": int(self.labels[i]) if self.labels is not None else -1,
         }
@@ -229,22 +239,18 @@ class ImageDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         c, h, w = self.image_shape
         lab = "labelled" if self.labels is not None else "unlabelled"
-        return f"ImageDataset(name={self.name!r}, n={len(self)}, shape=({c},{h},{w}), {lab})"
+        cap = ", captioned" if self.captions is not None else ""
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape=({c},{h},{w}), {lab}{cap})"
 
     # -- properties ---------------------------------------------------------
     @property
-    def image_shape(self) -> tuple:
-        """``(C, H, W)``."""
-        return tuple(int(s) for s in self.images.shape[1:])
-
-    @property
     def num_channels(self) -> int:
-        return int(self.images.shape[1])
+        return int(self.image_shape[0])
 
     @property
     def resolution(self) -> int:
         """Image height (images are square for all built-in loaders with ``image_size``)."""
-        return int(self.images.shape[2])
+        return int(self.image_shape[1])
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -256,26 +262,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
     # -- helpers --------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Short sha256 hex digest of the image bytes, shape, stable indices and labels."""
+        """Short sha256 hex digest of the image bytes, shape, stable indices and labels, read in batches (the
+        same digest whether the images are in memory or on disk)."""
         h = hashlib.sha256()
-        h.update(repr(tuple(self.images.shape)).encode())
-        h.update(self.images.detach().cpu().contiguous().numpy().tobytes())
+        h.update(repr((len(self), *self.image_shape)).encode())
+        for _, x in self.batches():
+            h.update(x.detach().cpu().contiguous().numpy().tobytes())
         h.update(self.indices.detach().cpu().numpy().astype("<i8").tobytes())
         if self.labels is not None:
             h.update(b"labels")
             h.update(self.labels.detach().cpu().numpy().astype("<i8").tobytes())
         return h.hexdigest()[:16]
-
-    def subset(self, positions: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "ImageDataset":
-        """New dataset with the examples at ``positions`` (positions, not stable indices)."""
-        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long).reshape(-1)
-        return ImageDataset(
-            self.images[pos].clone(),
-            self.labels[pos].clone() if self.labels is not None else None,
-            self.indices[pos].clone(),
-            self.class_names,
-            self.name,
-        )
 
     def positions_of(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
         """Positions of the given stable indices (raises ``KeyError`` for unknown ids)."""
@@ -297,11 +294,150 @@ class ImageDataset(torch.utils.data.Dataset):
         return str(lab)
 
     def caption(self, i: int) -> str:
-        """Text prompt for example ``i``: ``"a photo of a {class name}"``, or ``""`` if unlabelled."""
+        """Text prompt for example ``i``: its first caption (``captions``), else ``"a photo of a {class name}"``,
+        or ``""`` if unlabelled."""
+        if self.captions is not None:
+            return self.captions.of(int(self.indices[i]))[0]
         cname = self.class_name(i)
         if cname is None:
             return ""
         return self.caption_template.format(cname)
+
+    def _subset_fields(self, positions):
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long).reshape(-1)
+        return pos, (self.labels[pos].clone() if self.labels is not None else None), self.indices[pos].clone()
+
+
+class ImageDataset(_Examples):
+    """In-memory image dataset with stable example ids.
+
+    Attributes:
+        images: float32 tensor ``(N, C, H, W)`` with values in ``[-1, 1]``.
+        labels: int64 tensor ``(N,)`` or ``None`` for unlabelled data.
+        indices: int64 tensor ``(N,)``: the index of each example in the
+            original source ordering (before filtering/limit).
+        class_names: names of the label values (``class_names[label]``) or ``None``.
+        name: short name of the source (e.g. ``"digits"``).
+        captions: a :class:`~diffusion_trak.text.CaptionSet` keyed by stable index, or ``None``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        indices: Optional[torch.Tensor] = None,
+        class_names: Optional[Sequence[str]] = None,
+        name: str = "dataset",
+        captions: Any = None,
+    ) -> None:
+        images = torch.as_tensor(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        self.images = images.to(torch.float32).contiguous()
+        n = self.images.shape[0]
+        self.labels, self.indices = _check_labels_indices(labels, indices, n)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.name = name
+        self.captions = captions
+
+    def read(self, positions) -> torch.Tensor:
+        return self.images[torch.as_tensor(np.asarray(positions), dtype=torch.long)]
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    def subset(self, positions: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "ImageDataset":
+        """New dataset with the examples at ``positions`` (positions, not stable indices)."""
+        pos, labels, indices = self._subset_fields(positions)
+        return ImageDataset(self.images[pos].clone(), labels, indices, self.class_names, self.name, self.captions)
+
+
+def _check_labels_indices(labels, indices, n: int):
+    if labels is not None:
+        labels = torch.as_tensor(labels).to(torch.long).reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"{labels.shape[0]} labels for {n} images")
+    if indices is None:
+        indices = torch.arange(n, dtype=torch.long)
+    indices = torch.as_tensor(indices).to(torch.long).reshape(-1)
+    if indices.shape[0] != n:
+        raise ValueError(f"{indices.shape[0]} indices for {n} images")
+    return labels, indices
+
+
+class DiskImageDataset(_Examples):
+    """Images kept on disk and decoded batch by batch: memory does not grow with the number of images.
+
+    The same interface as :class:`ImageDataset` (``len``, ``dataset[i]``, :meth:`read`, :meth:`batches`,
+    :meth:`fingerprint`, labels, stable indices, captions), and the same pixels: an image folder read this
+    way gives bit-identical images (and so the same fingerprint) as one read whole. :attr:`images` reads
+    every image into one tensor, for code that needs them all (training, plots); featurization reads
+    batches only.
+
+    Args:
+        source: where the images are: an object with ``load(rows) -> [item, ...]`` (cheap: paths, encoded
+            bytes), ``image(item)`` (opens one as a PIL image) and ``describe(row) -> str``: an image folder's
+            files (``_FileSource``) or a Hugging Face dataset's image column (``_HFSource``).
+        rows: the source rows of the examples, in order.
+        mode: ``"L"`` or ``"RGB"``: every image is converted to it.
+        image_size: resize to this square size (bilinear, antialiased) or ``None``.
+        shape: ``(C, H, W)`` of the decoded images.
+    """
+
+    def __init__(self, source, rows, mode: str, image_size: Optional[int], shape: tuple,
+                 labels: Optional[torch.Tensor] = None, indices: Optional[torch.Tensor] = None,
+                 class_names: Optional[Sequence[str]] = None, name: str = "dataset", captions: Any = None) -> None:
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64).reshape(-1)
+        self.mode, self.image_size, self._shape = mode, image_size, tuple(int(s) for s in shape)
+        self.labels, self.indices = _check_labels_indices(labels, indices, len(self.rows))
+        self.class_names = list(class_names) if class_names is not None else None
+        self.name = name
+        self.captions = captions
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def image_shape(self) -> tuple:
+        return self._shape
+
+    def read(self, positions) -> torch.Tensor:
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        out = torch.empty(len(pos), *self._shape, dtype=torch.float32)
+        rows = self.rows[pos]
+        for j, (row, item) in enumerate(zip(rows, self.source.load(rows))):
+            try:
+                with self.source.image(item) as im:
+                    x = _decode(im, self.mode, self.image_size)
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"cannot read image {self.source.describe(row)} ({e}); remove or fix it") from None
+            if tuple(x.shape) != self._shape:
+                raise DataError(f"image {self.source.describe(row)} is {x.shape[1]}x{x.shape[2]}, not "
+                                f"{self._shape[1]}x{self._shape[2]} like the others; pass --image-size to resize them all")
+            out[j] = x
+        return out
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image in one ``(N, C, H, W)`` tensor (read now; not kept)."""
+        return self.read(np.arange(len(self)))
+
+    def fingerprint(self) -> str:
+        """As :meth:`ImageDataset.fingerprint` (the same digest for the same pixels), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = super().fingerprint()
+        return self._fingerprint
+
+    def subset(self, positions: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "DiskImageDataset":
+        """New dataset with the examples at ``positions`` (positions, not stable indices); nothing is read."""
+        pos, labels, indices = self._subset_fields(positions)
+        return DiskImageDataset(self.source, self.rows[pos.numpy()], self.mode, self.image_size, self._shape, labels,
+                                indices, self.class_names, self.name, self.captions)
+
+    def to_memory(self) -> ImageDataset:
+        """The same dataset held in memory."""
+        return ImageDataset(self.images, self.labels, self.indices, self.class_names, self.name, self.captions)
 
 
 # --------------------------------------------------------------------------
@@ -499,9 +635,156 @@ def _list_images(root: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _load_folder(args: DataArgs) -> ImageDataset:
-    from PIL import Image
+def _decode(im, mode: str, image_size: Optional[int]) -> torch.Tensor:
+    """One PIL image as a float32 ``(C, H, W)`` tensor in [-1, 1]: converted to ``mode`` (16-bit and float
+    grayscale rescaled from their own range), resized to ``image_size`` (bilinear, antialiased)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
+        a = np.asarray(im, dtype=np.float32)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+    else:
+        a = np.asarray(im.convert(mode), dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    t = torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None]
+    t = _resize(t, image_size)[0]
+    return torch.from_numpy(_to_unit_range(t.numpy(), (-1.0, 1.0)))
 
+
+class _FileSource:
+    """Image files, opened one at a time (``DiskImageDataset.source``)."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+
+    def load(self, rows) -> list:
+        return [self.files[int(r)] for r in rows]
+
+    @staticmethod
+    def image(item):
+        from PIL import Image
+
+        return Image.open(item)
+
+    def describe(self, row) -> str:
+        return str(self.files[int(row)])
+
+
+class _HFSource:
+    """The image column of a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow; read without decoding,
+    as ``{"bytes", "path"}``), a batch of rows at a time."""
+
+    def __init__(self, ds, column: str, where: str):
+        import datasets
+
+        self.ds = ds.cast_column(column, datasets.Image(decode=False))
+        self.column, self.where = column, where
+
+    def load(self, rows) -> list:
+        return self.ds[[int(r) for r in rows]][self.column]
+
+    @staticmethod
+    def image(item):
+        import io
+
+        from PIL import Image
+
+        if item.get("bytes") is not None:
+            return Image.open(io.BytesIO(item["bytes"]))
+        return Image.open(item["path"])
+
+    def describe(self, row) -> str:
+        return f"row {int(row)} of {self.where}"
+
+
+def _probe(source, rows: np.ndarray, args: DataArgs, where: str) -> tuple:
+    """``(mode, (C, H, W))`` of the images at ``rows`` of ``source``: the forced or majority mode (``L`` or
+    ``RGB``) and the common size, from the image headers only (nothing is decoded); none is opened when
+    ``--channels`` and ``--image-size`` are both given."""
+    modes, sizes, first_of = Counter(), Counter(), {}
+    if args.channels is None or args.image_size is None:
+        for lo in range(0, len(rows), READ_BATCH):
+            chunk = rows[lo:lo + READ_BATCH]
+            for row, item in zip(chunk, source.load(chunk)):
+                try:
+                    with source.image(item) as im:
+                        modes["L" if im.mode in _GRAY_MODES else "RGB"] += 1
+                        size = (im.size[1], im.size[0])
+                except Exception as e:  # noqa: BLE001
+                    raise DataError(f"cannot read image {source.describe(row)} ({e}); remove or fix it") from None
+                sizes[size] += 1
+                first_of.setdefault(size, row)
+    if args.channels is not None:
+        mode = "L" if args.channels == 1 else "RGB"
+    else:
+        mode = "L" if modes["L"] > modes["RGB"] else "RGB"
+    if args.image_size is not None:
+        hw = (args.image_size, args.image_size)
+    else:
+        (hw, _), *rest = sizes.most_common()
+        if rest:
+            odd = next(first_of[s] for s in sizes if s != hw)
+            raise DataError(
+                f"images under {where} have different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}, "
+                f"e.g. {source.describe(odd)}); pass --image-size to resize them all"
+            )
+    return mode, (1 if mode == "L" else 3, *hw)
+
+
+def _read_metadata(root: Path, rel: List[Path]) -> Optional[Dict[int, List[str]]]:
+    """Captions from ``root/metadata.jsonl`` (diffusers' text-to-image layout: one line
+    ``{"file_name": "a.png", "text": "a caption"}`` per image; ``text`` may be a list of captions), keyed by
+    each file's position in ``rel``; ``None`` without the file."""
+    path = root / "metadata.jsonl"
+    if not path.is_file():
+        return None
+    by_name: Dict[str, List[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {lineno} is not JSON; write one JSON object per line") from None
+            if not isinstance(rec, dict) or "file_name" not in rec or "text" not in rec:
+                raise DataError(f'{path} line {lineno} needs "file_name" and "text"; write lines like '
+                                '{"file_name": "a.png", "text": "a caption"}')
+            text = rec["text"]
+            captions = [text] if isinstance(text, str) else text
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+                raise DataError(f'{path} line {lineno}: "text" must be a caption or a list of captions')
+            by_name[Path(rec["file_name"]).as_posix()] = captions
+    names = [r.as_posix() for r in rel]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"{len(missing)} images under {root} have no line in metadata.jsonl (e.g. {missing[0]}); "
+                        "add their captions or remove the images")
+    unknown = sorted(set(by_name) - set(names))
+    if unknown:
+        raise DataError(f"metadata.jsonl names {len(unknown)} files that are not images under {root} "
+                        f"(e.g. {unknown[0]}); fix their file_name or remove the lines")
+    return {i: by_name[n] for i, n in enumerate(names)}
+
+
+def _captions(by_index: Optional[Dict[int, List[str]]], indices: np.ndarray):
+    """The :class:`~diffusion_trak.text.CaptionSet` of the kept examples (``None`` without captions)."""
+    if by_index is None:
+        return None
+    from .text import CaptionSet
+
+    return CaptionSet({int(i): by_index[int(i)] for i in indices})
+
+
+def _disk_dataset(source, labels, keep, class_names, captions, args: DataArgs, where: str) -> DiskImageDataset:
+    mode, shape = _probe(source, keep, args, where)
+    return DiskImageDataset(source, keep, mode, args.image_size, shape,
+                            torch.from_numpy(labels[keep]) if labels is not None else None,
+                            torch.from_numpy(keep.astype(np.int64)), class_names, args.name,
+                            _captions(captions, keep))
+
+
+def _load_folder(args: DataArgs) -> DiskImageDataset:
     root = Path(args.path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; check --data-path")
@@ -517,51 +800,52 @@ def _load_folder(args: DataArgs) -> ImageDataset:
         class_names = sorted({r.parts[0] for r in rel})
         cid = {c: i for i, c in enumerate(class_names)}
         labels = np.array([cid[r.parts[0]] for r in rel], dtype=np.int64)
+    captions = _read_metadata(root, rel)
     keep = _select(labels, len(files), args, f"folder {root}")
+    return _disk_dataset(_FileSource(files), labels, keep, class_names, captions, args, str(root))
 
-    if args.channels is not None:
-        mode = "L" if args.channels == 1 else "RGB"
+
+def _datasets_module():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--data hf needs the Hugging Face datasets package; pip install datasets") from None
+    return datasets
+
+
+def _load_hf(args: DataArgs) -> DiskImageDataset:
+    """A ``datasets`` dataset saved with ``save_to_disk``, or an image folder read by ``datasets``'
+    ``imagefolder`` builder (subfolder labels, ``metadata.jsonl`` columns)."""
+    datasets = _datasets_module()
+    root = Path(args.path).expanduser()
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        ds, where = datasets.load_from_disk(str(root)), f"the saved dataset {root}"
+    elif root.is_dir():
+        ds, where = datasets.load_dataset("imagefolder", data_dir=str(root)), f"the imagefolder {root}"
     else:
-        modes = Counter()
-        for i in keep:
-            try:
-                with Image.open(files[i]) as im:
-                    modes["L" if im.mode in _GRAY_MODES else "RGB"] += 1
-            except Exception as e:  # noqa: BLE001
-                raise DataError(f"cannot read image {files[i]} ({e}); remove or fix it") from None
-        mode = "L" if modes["L"] > modes["RGB"] else "RGB"
-
-    tensors = []
-    for i in keep:
-        try:
-            with Image.open(files[i]) as im:
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
-                    a = np.asarray(im, dtype=np.float32)
-                    hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-                    a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
-                else:
-                    a = np.asarray(im.convert(mode), dtype=np.uint8)
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read image {files[i]} ({e}); remove or fix it") from None
-        if a.ndim == 2:
-            a = a[:, :, None]
-        t = torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None]
-        tensors.append(_resize(t, args.image_size)[0])
-    sizes = Counter(tuple(t.shape[1:]) for t in tensors)
-    if len(sizes) > 1:
-        (common, _), *_ = sizes.most_common()
-        odd = next(files[i] for i, t in zip(keep, tensors) if tuple(t.shape[1:]) != common)
-        raise DataError(
-            f"images under {root} have different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}, "
-            f"e.g. {odd.name}); pass --image-size to resize them all"
-        )
-    images = torch.stack(tensors)
-    ds_args = dataclasses.replace(args, image_size=None)  # already resized
-    x = images.numpy()
-    return _finish(x, labels[keep] if labels is not None else None, keep, class_names, ds_args,
-                   value_range=(-1.0, 1.0))
+        raise DataError(f"{root} is neither a dataset saved with save_to_disk nor an image folder; check --data-path")
+    if isinstance(ds, datasets.DatasetDict):
+        if args.split in ds:
+            ds = ds[args.split]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise DataError(f"{where} has splits {', '.join(ds)} but no {args.split!r}; "
+                            f"save the training split alone (ds[...].save_to_disk)")
+    images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if not images:
+        raise DataError(f"{where} has no image column (columns: {', '.join(ds.column_names)}); "
+                        "store the images in a datasets.Image column")
+    column = "image" if "image" in images else images[0]
+    labels, class_names = None, None
+    if "label" in ds.features:
+        labels = np.asarray(ds["label"], dtype=np.int64)
+        class_names = getattr(ds.features["label"], "names", None)
+    captions = None
+    if "text" in ds.features:  # the caption column of diffusers' text-to-image scripts
+        captions = {i: [t] if isinstance(t, str) else list(t) for i, t in enumerate(ds["text"])}
+    keep = _select(labels, len(ds), args, where)
+    return _disk_dataset(_HFSource(ds, column, where), labels, keep, class_names, captions, args, where)
 
 
 def _load_npz(args: DataArgs) -> ImageDataset:
@@ -609,11 +893,13 @@ _LOADERS = {
     "fmnist": _load_fmnist,
     "folder": _load_folder,
     "npz": _load_npz,
+    "hf": _load_hf,
 }
 
 
-def load_dataset(args: Union[DataArgs, Dict[str, Any], None] = None, **overrides: Any) -> ImageDataset:
-    """Load the dataset described by ``args`` (a :class:`DataArgs` or dict).
+def load_dataset(args: Union[DataArgs, Dict[str, Any], None] = None, **overrides: Any):
+    """Load the dataset described by ``args`` (a :class:`DataArgs` or dict): an :class:`ImageDataset`
+    (``digits``, ``fmnist``, ``npz``) or a :class:`DiskImageDataset` (``folder``, ``hf``).
 
     Keyword ``overrides`` replace fields of ``args`` (``load_dataset(name="digits", limit=10)``).
     Raises :class:`DataError` with a one-line, actionable message on user errors.

@@ -134,7 +134,7 @@ class FastGradientSketch:
         if missing:
             raise FastPathError(f"method=fast cannot cover {len(missing)} trainable parameters "
                                 f"({', '.join(missing[:4])}{', …' if len(missing) > 4 else ''}): they are not the weight/bias "
-                                f"of a {'/'.join(c.__name__ for c in SUPPORTED)}; use method=vmap for this model")
+                                f"of a {'/'.join(c.__name__ for c in SUPPORTED)}; use --method vmap (FeaturizeArgs(method='vmap')) for this model")
         assert covered == set(offsets), "fast path must cover exactly the trainable parameters"
         self.projector = CountSketchProjector(p, k, seed, self.device, nnz)
         self.k = k

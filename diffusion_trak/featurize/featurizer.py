@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..config import FeaturizeArgs
 from ..errors import NonFiniteError
-from .gradients import num_parameters, per_sample_gradients, use_vmap_friendly_attention
+from .gradients import num_parameters, per_sample_gradients, select_parameters, use_vmap_friendly_attention
 from .projectors import ProjectorError, make_projector
 
 
@@ -67,6 +67,8 @@ class Featurizer:
         # a private copy: switching attention processors (and hooks of the fast path) must not change
         # the caller's model, which may still be used for sampling
         self.model = copy.deepcopy(model).to(self.device).eval()
+        #: the parameters θ the gradients cover (``args.params``), in the order of the flattened gradient
+        self.param_names = select_parameters(self.model, args.params)
         if not args.method.startswith("fast"):  # the fast path runs plain batched passes: SDPA is fine there
             use_vmap_friendly_attention(self.model)
         self.scheduler, self.args = scheduler, args
@@ -119,7 +121,7 @@ class Featurizer:
         stable index ``dataset.indices[r]``."""
         todo = stored.pending(rows)
         bs = self.args.batch_size
-        shape = dataset.images.shape[1:]
+        shape = dataset.image_shape
         bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not progress)
         # Batches are aligned blocks of ``batch_size`` rows, computed whole, so a row's features never
         # depend on which other rows were pending: resumed and sharded runs are bit-identical.
@@ -128,7 +130,7 @@ class Featurizer:
             draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in block_rows]
             ts = torch.stack([d[0] for d in draws])
             ns = torch.stack([d[1] for d in draws])
-            x0 = dataset.images[torch.as_tensor(block_rows)]
+            x0 = dataset.read(block_rows)  # one block at a time: a disk-backed dataset is never read whole
             cond = cond_fn(block_rows) if cond_fn else None
             feats = self.features(x0, ts, ns, cond).numpy()
             keep = np.isin(block_rows, todo)

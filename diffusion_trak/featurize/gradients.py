@@ -6,11 +6,12 @@ parameter of the UNet. Inside the vmap each example runs one forward over its T 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..errors import InputError
 from ..outputs import output_value
 
 
@@ -22,6 +23,53 @@ def use_vmap_friendly_attention(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, Attention):
             m.set_processor(AttnProcessor())
+
+
+def lora_parameter_names(model: torch.nn.Module) -> List[str]:
+    """Names of the parameters of the active ``peft`` adapters injected in ``model`` (``lora_A``/``lora_B``,
+    LoRA embeddings, DoRA magnitudes: each tuner layer's ``adapter_layer_names``), in ``named_parameters``
+    order; ``[]`` without peft or without adapters."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    ids = set()
+    for m in model.modules():
+        if not isinstance(m, BaseTunerLayer):
+            continue
+        for attr in m.adapter_layer_names:
+            holder = getattr(m, attr, None)
+            for adapter in m.active_adapters:
+                if holder is None or adapter not in holder:
+                    continue
+                part = holder[adapter]
+                ids.update(id(p) for p in (part.parameters() if isinstance(part, torch.nn.Module) else [part]))
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def select_parameters(model: torch.nn.Module, params: str = "all") -> List[str]:
+    """Make ``params`` the parameters that gradients cover, by setting ``requires_grad`` on ``model`` (the
+    featurizer's private copy): ``all`` every parameter, ``lora`` only the active peft adapter's, ``trainable``
+    those that already have ``requires_grad``. Both featurization paths differentiate exactly the parameters
+    with ``requires_grad`` (:func:`trainable_parameters`, :class:`~diffusion_trak.featurize.fast.FastGradientSketch`).
+    Returns the selected names in ``named_parameters`` order."""
+    named = list(model.named_parameters())
+    if params == "all":
+        chosen = {n for n, _ in named}
+    elif params == "trainable":
+        chosen = {n for n, p in named if p.requires_grad}
+    elif params == "lora":
+        chosen = set(lora_parameter_names(model))
+        if not chosen:
+            raise InputError("the model has no active peft LoRA adapter (e.g. unet.add_adapter(LoraConfig(...)) or "
+                             "pipe.load_lora_weights(...)); load the adapter or use --params all")
+    else:
+        raise InputError(f"params must be one of all, lora, trainable, got {params!r}")
+    if not chosen:
+        raise InputError("the model has no parameter with requires_grad; use --params all")
+    for n, p in named:
+        p.requires_grad_(n in chosen)
+    return [n for n, _ in named if n in chosen]
 
 
 def trainable_parameters(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
