@@ -20,7 +20,7 @@ kind is a :class:`~diffusion_trak.models.Conditioning`; every computation is :mo
     features/            the feature store (settings: FeaturizeArgs, data, checkpoints; checked on rerun)
     latents/             the VAE latents of the training images (latent models)
     trajectories/        trajectories of :meth:`pipeline` (when saved)
-    scores/<name>/       scores of :meth:`attribute` with ``name=`` (settings: ScoreArgs; checked on rerun)
+    scores/<name>/       scores saved by :meth:`attribute` (``out=attr.scores_dir(name)``; settings: ScoreArgs)
     report/<name>.png/.html
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Attributor:
             mean of each checkpoint's). The last one is the model :meth:`pipeline` samples from.
         train_data: the training images: a dataset (:class:`~diffusion_trak.data.ImageDataset`), a
             :class:`~diffusion_trak.data.DataArgs` (or dict), an image folder, an ``.npz`` file, or a bundled
-            set's name (``digits``). Folders are resized to the model's input size.
+            set's name (``digits``); loaded when first needed (None: sampling only). A folder given as a path is
+            resized to the model's input size.
         out: the run folder.
         vae, text_encoder, tokenizer: the frozen parts of a latent / text-conditional model.
         captions, caption_mode: training captions of a text model (default: the data's own, else its class
@@ -60,12 +61,14 @@ class Attributor:
             not record x̂0).
         featurize_args, score_args: the settings (saved with the features and the scores; a rerun with other
             settings refuses unless ``overwrite``).
+        features_dir, latents_dir: the feature store and the latent cache (default ``out/features``, ``out/latents``).
     """
 
     def __init__(self, checkpoints, train_data, out: str = "runs/attribution", *, vae=None, text_encoder=None,
                  tokenizer=None, captions=None, caption_mode: str = "random", conditioning: Optional[Conditioning] = None,
                  sampler=None, featurize_args: Optional[FeaturizeArgs] = None, score_args: Optional[ScoreArgs] = None,
-                 device="cpu", overwrite: bool = False, progress: bool = True):
+                 features_dir: Optional[str] = None, latents_dir: Optional[str] = None, device="cpu",
+                 overwrite: bool = False, progress: bool = True):
         if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
                                                           and isinstance(checkpoints[0], torch.nn.Module)):
             checkpoints = [checkpoints]
@@ -76,7 +79,9 @@ class Attributor:
         self.sampler = sampler if sampler is not None else self.checkpoints[-1][1]
         self.featurize_args = featurize_args or FeaturizeArgs()
         self.score_args = score_args or ScoreArgs()
-        self.data_args, self.dataset = self._load_data(train_data)
+        self.features_dir = os.fspath(features_dir) if features_dir else os.path.join(self.out, "features")
+        self.latents_dir = os.fspath(latents_dir) if latents_dir else os.path.join(self.out, "latents")
+        self.train_data, self._dataset = train_data, None
         self._inputs, self._features, self._last = None, None, None
 
     # ------------------------------------------------------------------ constructors
@@ -122,7 +127,7 @@ class Attributor:
 
     def __repr__(self) -> str:
         return (f"Attributor({len(self.checkpoints)} checkpoint(s) of {type(self.unet).__name__}, {self.conditioning}, "
-                f"{self.dataset!r}, out={self.out!r})")
+                f"{self._dataset if self._dataset is not None else self.train_data!r}, out={self.out!r})")
 
     # ------------------------------------------------------------------ data
     @property
@@ -139,11 +144,21 @@ class Attributor:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         return (size * factor if size else None), vae.config.in_channels
 
+    @property
+    def dataset(self):
+        """The training images (pixels; what reports show)."""
+        if self._dataset is None:
+            self._dataset = self._load_data(self.train_data)
+        return self._dataset
+
     def _load_data(self, train_data):
         from .data import DataArgs, load_dataset
 
+        if train_data is None:
+            raise InputError("this Attributor has no training data; pass train_data= (a dataset, an image folder, "
+                             "an .npz file or a bundled set's name)")
         if hasattr(train_data, "images") and hasattr(train_data, "indices"):
-            return None, train_data
+            return train_data
         if isinstance(train_data, (str, os.PathLike)):
             path = os.fspath(train_data)
             if os.path.isdir(path):
@@ -158,36 +173,23 @@ class Attributor:
         if not isinstance(train_data, DataArgs):
             raise InputError(f"train_data is a {type(train_data).__name__}; pass a dataset, an image folder, an .npz "
                              "file, a DataArgs or a bundled set's name (digits)")
-        return train_data, load_dataset(train_data)
+        return load_dataset(train_data)
 
     @property
     def inputs(self):
         """The training set in the unet's space: the dataset, or its VAE latents (cached in ``out/latents``)."""
         if self._inputs is None:
-            self._inputs = self.conditioning.encode(self.dataset, os.path.join(self.out, "latents"), self.overwrite,
+            self._inputs = self.conditioning.encode(self.dataset, self.latents_dir, self.overwrite,
                                                     self.progress)
         return self._inputs
 
     # ------------------------------------------------------------------ featurize
-    @property
-    def features_dir(self) -> str:
-        return os.path.join(self.out, "features")
-
     def featurize(self, rows: Optional[Sequence[int]] = None) -> api.FeatureSet:
         """TRAK features of every training image for every checkpoint (:func:`diffusion_trak.api.featurize`);
         a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
         computes its share."""
-        if self.data_args is not None:  # the run folder names its data, as `diffusion-trak train` leaves it
-            from .cli import check_run_json, write_run_json
-
-            check_run_json(self.out, self.data_args, self.overwrite)
         fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
-        if self.data_args is not None:
-            from . import distributed
-
-            if distributed.state().is_main_process:
-                write_run_json(self.out, self.data_args)
         self._features = fs
         return fs
 
@@ -229,16 +231,17 @@ class Attributor:
 
     # ------------------------------------------------------------------ attribute
     def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
-                  prompts: Optional[Sequence[str]] = None, class_labels=None, name: Optional[str] = None) -> api.Scores:
+                  prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None) -> api.Scores:
         """Scores of every training image (:func:`diffusion_trak.api.score`).
 
         ``target``: a trajectory (or the output of :meth:`pipeline`): a row per recorded step (``steps``: some of
         them) with the generation's own conditioning, and the destination row of the final image; or images
         ``(B, C, H, W)`` in ``[-1, 1]`` (pixels; encoded for a latent model), scored at ``image_timesteps`` with
-        ``prompts`` / ``class_labels`` for a conditional model. With ``name`` the scores are streamed into
-        ``out/scores/<name>`` (resumable; other settings refuse unless ``overwrite``)."""
+        ``prompts`` / ``class_labels`` for a conditional model. With ``out`` (e.g. ``attr.scores_dir("seed-0")``)
+        the scores are streamed into that folder and saved there (resumable; other settings refuse unless
+        ``overwrite``)."""
         target = getattr(target, "trajectory", target)
-        kw = dict(out=os.path.join(self.out, "scores", name) if name else None, overwrite=self.overwrite,
+        kw = dict(out=out, overwrite=self.overwrite,
                   device=self.device, progress=self.progress, dataset=self.inputs)
         if hasattr(target, "x0_pred"):
             scores = api.score(self.features, self.checkpoints, self.inputs.indices.numpy(), self.score_args,
@@ -253,6 +256,10 @@ class Attributor:
                            images=self.conditioning.encode_images(images), image_timesteps=image_timesteps, cond=cond, **kw)
         self._last = ("images", images)
         return scores
+
+    def scores_dir(self, name: str) -> str:
+        """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""
+        return os.path.join(self.out, "scores", name)
 
     def self_attribution(self, num: int = 50, timestep: int = 10, seed: int = 0):
         """``(rate, positions)``: how often a training image, scored as a target at a low-noise ``timestep`` with

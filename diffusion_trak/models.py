@@ -280,7 +280,7 @@ class Conditioning:
     def _need_text(self):
         if self.text is None:
             raise LatentError("this unet reads text: pass text= (a TextConditioner of the tokenizer and text encoder "
-                              "it was trained with), or load the model from its pipeline folder")
+                              "it was trained with), or load the model from its pipeline folder (--pipeline DIR)")
 
     # ---- conditioning -----------------------------------------------------------------------------
     def training(self, unet, dataset, num_timesteps: int, seed: int):
