@@ -45,10 +45,12 @@ def check_timesteps(ckpts, expected: Optional[int] = None, what: str = "the feat
 
 
 def check_dataset(features_settings: dict, dataset, where: str = "the features") -> None:
-    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on."""
+    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on
+    (for a latent model: its latents, or the training images they are of)."""
     want = features_settings.get("dataset") or {}
     fp, n = dataset.fingerprint(), len(dataset)
-    if want.get("fingerprint") == fp and want.get("size") == n:
+    pixels = (features_settings.get("conditioning") or {}).get("pixels") or {}
+    if any(w.get("fingerprint") == fp and w.get("size") == n for w in (want, pixels)):
         return
     name = getattr(dataset, "name", "") or "in memory"
     raise InputError(f"the dataset ({name}, {n} images, fingerprint {fp}) is not the one {where} were computed on "

@@ -358,8 +358,7 @@ def cmd_score(ns):
     root = features.store.root
     attr = _attributor(ns, dataset, score_args=args, features_dir=root,
                        latents_dir=os.path.join(os.path.dirname(os.path.abspath(root)), "latents"))
-    if getattr(attr.conditioning, "vae", None) is None:  # latents are checked once encoded (by api.score)
-        api.check_dataset(features.store.settings, dataset, f"the features in {features.store.root}")
+    api.check_dataset(features.store.settings, dataset, f"the features in {root}")
     if ns.images:
         from .data import DataArgs, load_dataset
 

@@ -349,6 +349,10 @@ class Conditioning:
         if vae_fp is not None:
             out["vae"] = {"fingerprint": vae_fp, "scaling_factor": dataset.scaling_factor,
                           "shift_factor": dataset.shift_factor, "mode": dataset.mode}
+            pixels = getattr(dataset, "pixels", None)
+            if pixels is not None:  # the training images the latents are of (checked by api.check_dataset too)
+                out["pixels"] = {"fingerprint": pixels.fingerprint(), "size": len(pixels),
+                                 "name": getattr(pixels, "name", "")}
         if kind == "text":
             self._need_text()
             out.update(caption_mode=self.caption_mode, captions=self._captions(dataset).fingerprint(),

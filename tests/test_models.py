@@ -64,13 +64,17 @@ def test_unsupported_component_is_one_line(tmp_path, sd):
         load_pipeline(bad)
 
 
+def _class_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=10)
+
+
 def test_model_kinds():
     assert unet_conditioning(tiny_pixel_unet()) == "none"
     assert unet_conditioning(tiny_cond_unet(16)) == "text"
-    torch.manual_seed(0)
-    cls = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                      norm_num_groups=4, num_class_embeds=10)
-    assert unet_conditioning(cls) == "class"
+    assert unet_conditioning(_class_unet()) == "class"
 
 
 def test_pixel_conditioning_adds_nothing_to_the_store_settings():
@@ -78,8 +82,7 @@ def test_pixel_conditioning_adds_nothing_to_the_store_settings():
     c = Conditioning()
     assert c.settings(tiny_pixel_unet(), data) == {}
     assert c.training(tiny_pixel_unet(), data, 2, 0) == (None, False)
-    fn, per_t = c.training(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                       norm_num_groups=4, num_class_embeds=10), data, 2, 0)
+    fn, per_t = c.training(_class_unet(), data, 2, 0)
     assert torch.equal(fn([1, 3])["class_labels"], data.labels[[1, 3]]) and not per_t
     with pytest.raises(LatentError, match="pass text="):
         c.settings(tiny_cond_unet(16), data)

@@ -36,7 +36,7 @@ def tiny_cond_unet(dim, seed=0):
                                 attention_head_dim=4, norm_num_groups=4).eval()
 
 
-def tiny_clip(folder, max_length=12, hidden=16, seed=0):
+def tiny_clip(folder, max_length=32, hidden=16, seed=0):
     """A character-level ``CLIPTokenizer`` (vocab and merges written to ``folder``) and a tiny ``CLIPTextModel``."""
     import transformers
 
@@ -70,8 +70,9 @@ def save_sd_pipeline(folder, seed=0):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     tok, enc = tiny_clip(folder + "-vocab", seed=seed)
+    sched = DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False)
     pipe = StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=enc, tokenizer=tok, unet=tiny_cond_unet(16, seed),
-                                   scheduler=DDPMScheduler(num_train_timesteps=1000), safety_checker=None,
+                                   scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
