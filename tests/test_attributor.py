@@ -196,3 +196,22 @@ def test_cli_same_commands_for_pipeline_folders(tmp_path, folders, kind, capsys)
     np.testing.assert_array_equal(attr.attribute(traj).values, scores)
     if kind == "sd":  # the latents were cached beside the features, once
         assert os.path.isdir(os.path.join(run, "latents"))
+
+
+def test_readme_first_python_example_runs(tmp_path, folders, monkeypatch):
+    """The README's first Python example: a saved DDPMPipeline folder, a generated image attributed in 5 lines."""
+    import shutil
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in block.splitlines() if line.strip()]) <= 5
+    assert "my-ddpm-pipeline/" in block and "my_images/" in block
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folders["ddpm"], "my-ddpm-pipeline")
+    shutil.copytree(folders["imgs"], "my_images")
+    assert json.load(open("my-ddpm-pipeline/model_index.json"))["_class_name"] == "DDPMPipeline"
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    scores = scope["scores"]
+    assert scores.values.shape == (10, 1, 12) and np.isfinite(scores.values).all() and scores.destination is not None
+    assert os.path.getsize("runs/mine/report/attribution.png") > 0 and os.path.isfile("runs/mine/report/attribution.html")
