@@ -33,8 +33,8 @@ import torch
 from . import api
 from .config import FeaturizeArgs, ScoreArgs
 from .errors import InputError
-from .models import (Conditioning, as_checkpoints, conditioning_of, is_pipeline_folder, load_checkpoint, load_pipeline,
-                     training_scheduler, unet_conditioning)
+from .models import (Conditioning, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder, load_checkpoint,
+                     load_pipeline, training_scheduler, unet_conditioning)
 
 __all__ = ["Attributor"]
 
@@ -179,8 +179,12 @@ class Attributor:
     def inputs(self):
         """The training set in the unet's space: the dataset, or its VAE latents (cached in ``out/latents``)."""
         if self._inputs is None:
-            self._inputs = self.conditioning.encode(self.dataset, self.latents_dir, self.overwrite,
-                                                    self.progress)
+            if self.conditioning.vae is not None:  # check on one image before the cache is written
+                probe = self.conditioning.encode(self.dataset.subset([0]))
+                for unet, _ in self.checkpoints:
+                    check_compatible(unet, probe)
+                self.conditioning.training(self.unet, probe, 1, 0)
+            self._inputs = self.conditioning.encode(self.dataset, self.latents_dir, self.overwrite, self.progress)
         return self._inputs
 
     # ------------------------------------------------------------------ featurize

@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
-    sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")
+    sp.add_argument("--out", default=None, help="feature store folder (default RUN/features; a latent model's "
+                    "training latents are cached beside it, in latents/)")
     sp.set_defaults(func=cmd_featurize)
 
     sp = sub.add_parser("generate", help="sample images, recording the trajectory (x_t, x̂0_t, noise)")

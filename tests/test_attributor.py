@@ -215,3 +215,11 @@ def test_readme_first_python_example_runs(tmp_path, folders, monkeypatch):
     scores = scope["scores"]
     assert scores.values.shape == (10, 1, 12) and np.isfinite(scores.values).all() and scores.destination is not None
     assert os.path.getsize("runs/mine/report/attribution.png") > 0 and os.path.isfile("runs/mine/report/attribution.html")
+
+
+def test_latent_size_mismatch_is_refused_before_anything_is_written(tmp_path, folders):
+    big = load_dataset(name="folder", path=folders["imgs"], image_size=16)  # the VAE makes 8×8 latents of these
+    attr = Attributor.from_pretrained(folders["sd"], big, str(tmp_path / "run"), **KW)
+    with pytest.raises(LatentError, match=r"4×4 latents but the VAE makes 8×8 \(use --image-size 8\)"):
+        attr.featurize()
+    assert not os.path.exists(tmp_path / "run")
