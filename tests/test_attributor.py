@@ -223,3 +223,13 @@ def test_latent_size_mismatch_is_refused_before_anything_is_written(tmp_path, fo
     with pytest.raises(LatentError, match=r"4×4 latents but the VAE makes 8×8 \(use --image-size 8\)"):
         attr.featurize()
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_from_a_pipeline_in_memory(tmp_path, folders):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(folders["ddpm"])
+    a = Attributor.from_pipeline(pipe, folders["imgs"], str(tmp_path / "a"), **KW).featurize()
+    b = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "b"), **KW).featurize()
+    assert a.store.settings == b.store.settings
+    np.testing.assert_array_equal(np.asarray(a.arrays[0]), np.asarray(b.arrays[0]))
