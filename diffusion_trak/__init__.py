@@ -17,3 +17,13 @@ if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(
         _os.path.join(_root, "pipelines", "__init__.py")):
     __path__.append(_root)  # noqa: F821 (the package's own search path)
 del _root
+
+
+def __getattr__(name):  # the one object, imported on first use (torch is imported after the setting above)
+    if name == "Attributor":
+        from .attributor import Attributor
+        return Attributor
+    if name == "Conditioning":
+        from .models import Conditioning
+        return Conditioning
+    raise AttributeError(f"module 'diffusion_trak' has no attribute {name!r}")

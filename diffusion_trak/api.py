@@ -19,28 +19,13 @@ from .config import FeaturizeArgs, ScoreArgs, asdict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, model_fingerprint
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
+from .models import Conditioning, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, make_dirs, write_json_atomic
 from .target_cache import target_features_of
 from .targets import TargetSet
 
 Checkpoint = Tuple[torch.nn.Module, object]  # (unet, scheduler)
-
-
-def as_checkpoints(checkpoints, device="cpu") -> List[Checkpoint]:
-    """Accept checkpoint folders or ``(unet, scheduler)`` pairs."""
-    from .train import load_checkpoint
-
-    out = []
-    for c in checkpoints:
-        out.append(load_checkpoint(c, device) if isinstance(c, (str, os.PathLike)) else c)
-    if not out:
-        raise InputError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
-    return out
-
-
-def is_class_conditional(unet) -> bool:
-    return getattr(unet, "class_embedding", None) is not None
 
 
 def check_finite(images: torch.Tensor, what: str = "dataset", first_row: int = 0) -> None:
@@ -61,23 +46,13 @@ def check_timesteps(ckpts, expected: Optional[int] = None, what: str = "the feat
     return counts[0]
 
 
-def check_compatible(unet, scheduler, dataset) -> None:
-    """One-line errors for a model that cannot take this dataset."""
-    cfg = unet.config
-    C, H, W = dataset.image_shape
-    if cfg.in_channels != C:
-        raise InputError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
-                         f"use --channels {cfg.in_channels}")
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    if size is not None and size != H:
-        raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
-
-
 def check_dataset(features_settings: dict, dataset, where: str = "the features") -> None:
-    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on."""
+    """Refuse (one line) a dataset other than the one the features (settings of their store) were computed on
+    (for a latent model: its latents, or the training images they are of)."""
     want = features_settings.get("dataset") or {}
     fp, n = dataset.fingerprint(), len(dataset)
-    if want.get("fingerprint") == fp and want.get("size") == n:
+    pixels = (features_settings.get("conditioning") or {}).get("pixels") or {}
+    if any(w.get("fingerprint") == fp and w.get("size") == n for w in (want, pixels)):
         return
     name = getattr(dataset, "name", "") or "in memory"
     raise InputError(f"the dataset ({name}, {n} images, fingerprint {fp}) is not the one {where} were computed on "
@@ -131,16 +106,24 @@ class FeatureSet:
 
 
 def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArgs(), out: str = "features",
-              overwrite: bool = False, device="cpu", progress: bool = True, cond_fn=None,
-              rows: Optional[Sequence[int]] = None) -> FeatureSet:
+              overwrite: bool = False, device="cpu", progress: bool = True,
+              conditioning: Optional[Conditioning] = None, rows: Optional[Sequence[int]] = None) -> FeatureSet:
     """Featurize ``dataset`` with every checkpoint into the store at ``out`` (resumable).
 
+    ``conditioning`` (a :class:`~diffusion_trak.models.Conditioning`) says what the model kind adds: a VAE
+    (``dataset`` is encoded to latents unless it already is), a text model and captions; by default a pixel
+    model, class-conditional on the dataset's labels when its unet has a class embedding.
     ``rows`` restricts the work to some dataset positions (a shard); the store stays shared."""
     ckpts = as_checkpoints(checkpoints, device)
     if len(dataset) == 0:
         raise InputError("dataset is empty; check --classes/--limit")
-    for unet, sched in ckpts:
-        check_compatible(unet, sched, dataset)
+    conditioning = conditioning or Conditioning()
+    dataset = conditioning.encode(dataset)
+    kinds = {unet_conditioning(u) for u, _ in ckpts}
+    if len(kinds) != 1:
+        raise InputError(f"checkpoints mix conditionings {sorted(kinds)}; featurize them separately")
+    for unet, _ in ckpts:
+        check_compatible(unet, dataset)
     for pos, x in dataset.batches():  # in batches: a disk-backed dataset is never read whole
         check_finite(x, first_row=int(pos[0]))
     check_timesteps(ckpts)
@@ -148,10 +131,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     if args.timestep_range is not None and args.timestep_range[1] >= n_t:
         raise InputError(f"timestep_range {tuple(args.timestep_range)} reaches past the model's {n_t} training "
                          f"timesteps; use HI <= {n_t - 1}")
-    if cond_fn is None and is_class_conditional(ckpts[0][0]):
-        if dataset.labels is None:
-            raise InputError("the model is class-conditional but the dataset has no labels; use a labelled dataset")
-        cond_fn = lambda rows: {"class_labels": dataset.labels[torch.as_tensor(rows)]}
+    cond_fn, per_timestep = conditioning.training(ckpts[0][0], dataset, args.num_timesteps, args.seed)
     featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
     settings = {
         "featurize": asdict(args),
@@ -160,6 +140,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         "dataset": {"fingerprint": dataset.fingerprint(), "size": len(dataset), "name": getattr(dataset, "name", "")},
         "checkpoints": [model_fingerprint(u) for u, _ in ckpts],
         "num_train_timesteps": [int(s.config.num_train_timesteps) for _, s in ckpts],
+        **conditioning.settings(ckpts[0][0], dataset),
     }
     dist = distributed.state()
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
@@ -176,7 +157,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             mine = np.intersect1d(mine, np.asarray(rows))
         for c, (f, arr) in enumerate(zip(featurizers, arrays)):
             f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
-                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}")
+                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep)
         dist.wait_for_everyone()
         if rows is None:
             missing = [n for n, a in zip(names, arrays) if not a.complete()]
@@ -300,6 +281,8 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     """TRAK scores for every step of a trajectory (``trajectory`` + ``steps``), or for real ``images``
     at the given timesteps. With ``out`` the (steps × targets) rows are streamed into a resumable store.
 
+    ``cond``: the unet's keyword arguments for the targets (``class_labels``, ``encoder_hidden_states``); for a
+    trajectory it defaults to the generation's own (:meth:`~diffusion_trak.models.Conditioning.of_trajectory`).
     With ``dataset`` (the training set), it must be the one the features were computed on.
     With ``args.destination_draws > 0`` the result also holds the destination row (``Scores.destination``):
     the final images (the trajectory's samples, or ``images``) scored with their target averaged over that
@@ -328,6 +311,8 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
             except ValueError as e:  # names the recorded steps and the fix
                 raise InputError(str(e)) from None
         timesteps = [int(trajectory.timesteps[s]) for s in steps]
+        if cond is None:
+            cond = Conditioning.of_trajectory(trajectory)
         key = _target_key(trajectory.final)
         targets = TargetSet.from_trajectory(trajectory, steps)
     elif images is not None:
@@ -374,14 +359,15 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
 
 
 def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,
-                          args: ScoreArgs = ScoreArgs(), device="cpu", seed: int = 0) -> Tuple[float, np.ndarray]:
-    """Score ``num`` training images as targets at a low-noise ``timestep``; return how often each
-    image's own index ranks first among all training examples, and the positions used."""
+                          args: ScoreArgs = ScoreArgs(), device="cpu", seed: int = 0,
+                          conditioning: Optional[Conditioning] = None) -> Tuple[float, np.ndarray]:
+    """Score ``num`` training images as targets at a low-noise ``timestep``, each with its own conditioning
+    (label, or first caption); return how often each image's own index ranks first among all training
+    examples, and the positions used. ``dataset`` is in the unet's space (latents for a latent model)."""
     g = np.random.default_rng(seed)
     pos = np.sort(g.choice(len(dataset), size=min(num, len(dataset)), replace=False))
-    cond = None
-    if dataset.labels is not None and is_class_conditional(as_checkpoints(checkpoints[:1], device)[0][0]):
-        cond = {"class_labels": dataset.labels[torch.as_tensor(pos)]}
+    checkpoints = as_checkpoints(checkpoints, device)
+    cond = (conditioning or Conditioning()).examples(checkpoints[0][0], dataset, pos)
     from dataclasses import replace
 
     sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.read(pos),

@@ -102,6 +102,18 @@ def _add_data(p):
     g.add_argument("--channels", type=int, default=None, choices=[1, 3], help="force 1 or 3 channels")
 
 
+def _add_pipeline(p, captions: bool = False):
+    p.add_argument("--pipeline", nargs="+", default=None, metavar="DIR",
+                   help="a diffusers pipeline folder (model_index.json: DDPM/DDIM, LDM, Stable Diffusion) or checkpoint "
+                        "folders, instead of --checkpoints; a VAE and text encoder in it are used")
+    if captions:
+        p.add_argument("--captions", default=None, help="training captions of a text-conditional model (.json "
+                       "{index: [caption, ...]} or .csv index,caption; default: the class names)")
+        p.add_argument("--caption-mode", default=None, choices=["random", "mean", "first"],
+                       help="with several captions per image: one drawn per timestep (random, default), their mean "
+                            "embedding, or the first")
+
+
 def _load_run_data(ns):
     """The dataset of a run: with ``--data``, the command-line flags; else the run's run.json, with the data
     flags that were given (``--limit``, ``--classes``, ...) replacing its fields, never silently ignored."""
@@ -240,14 +252,27 @@ def _featurize_args(ns) -> FeaturizeArgs:
                                         output=ns.output, params=ns.params))
 
 
-def cmd_featurize(ns):
-    from . import api
+def _models(ns) -> List[str]:
+    """The model folders: ``--pipeline`` (pipeline or checkpoint folders), else ``--checkpoints`` / the run's."""
+    return ns.pipeline or _checkpoints(ns)
 
+
+def _attributor(ns, dataset, **kwargs):
+    """The :class:`~diffusion_trak.Attributor` of the command's model folders, training data and run folder."""
+    from .attributor import Attributor
+
+    return Attributor.from_pretrained(_models(ns), dataset, ns.run, captions=getattr(ns, "captions", None),
+                                      caption_mode=getattr(ns, "caption_mode", None) or "random", device=_device(ns),
+                                      overwrite=ns.overwrite, **kwargs)
+
+
+def cmd_featurize(ns):
     out = ns.out or os.path.join(ns.run, "features")
     _check_out(out, "--out")
     args = _featurize_args(ns)
     dataset, _ = _load_run_data(ns)
-    fs = api.featurize(_checkpoints(ns), dataset, args, out, overwrite=ns.overwrite, device=_device(ns))
+    fs = _attributor(ns, dataset, featurize_args=args, features_dir=out,
+                     latents_dir=os.path.join(os.path.dirname(os.path.abspath(out)), "latents")).featurize()
     _say(f"features: {out} ({len(fs.names)} checkpoints × {len(dataset)} rows × k={ns.proj_dim})")
     return fs
 
@@ -255,11 +280,9 @@ def cmd_featurize(ns):
 def cmd_generate(ns):
     from diffusers import DDIMScheduler
 
-    from diffusion_trak.pipelines import TrajectoryPipeline
-
+    from .attributor import Attributor
     from .errors import UserError
     from .store import make_dirs
-    from .train import load_checkpoint
 
     path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
     _check_out(path, "--out", folder=False)
@@ -267,8 +290,9 @@ def cmd_generate(ns):
     if bad:
         raise UserError(f"--record-steps {bad} are past the last step {ns.steps - 1} of --steps {ns.steps}; "
                         f"use steps between 0 and {ns.steps - 1}")
-    ckpt = ns.checkpoint or _checkpoints(ns)[-1]
-    unet, sched = load_checkpoint(ckpt, _device(ns))
+    ckpt = ns.checkpoint or (ns.pipeline[-1] if ns.pipeline else _checkpoints(ns)[-1])
+    attr = Attributor.from_pretrained(ckpt, None, ns.run, device=_device(ns))
+    unet, sched = attr.unet, attr.sampler
     n_classes = getattr(unet.config, "num_class_embeds", None)
     if ns.class_label is not None and not n_classes:
         raise UserError(f"{ckpt} is not class-conditional; drop --class-label")
@@ -277,14 +301,20 @@ def cmd_generate(ns):
     if ns.steps > sched.config.num_train_timesteps:
         raise UserError(f"--steps must be between 1 and {sched.config.num_train_timesteps} (the scheduler's training "
                         f"timesteps), got {ns.steps}")
+    text = {}
+    if ns.prompt is not None:
+        if getattr(unet.config, "cross_attention_dim", None) is None:
+            raise UserError(f"{ckpt} takes no text; drop --prompt")
+        text = {"prompt": ns.prompt, "guidance_scale": ns.guidance_scale}
+    elif attr.conditioning.text is not None:
+        raise UserError(f"{ckpt} is text-conditional; pass --prompt")
     if ns.scheduler == "ddim":
-        sched = DDIMScheduler.from_config(sched.config)
-    pipe = TrajectoryPipeline(unet=unet, scheduler=sched)
+        attr.sampler = DDIMScheduler.from_config(sched.config)
     record = ns.record_steps
     if record is None and ns.num_record:
         record = sorted({int(round(i * (ns.steps - 1) / max(1, ns.num_record - 1))) for i in range(ns.num_record)})
-    out = pipe(batch_size=ns.num_images, seed=ns.seed, num_inference_steps=ns.steps, record_steps=record,
-               class_labels=ns.class_label)
+    out = attr.pipeline(batch_size=ns.num_images, seed=ns.seed, num_inference_steps=ns.steps, record_steps=record,
+                        class_labels=ns.class_label, **text)
     make_dirs(os.path.dirname(os.path.abspath(path)))
     out.trajectory.save(path)
     _say(f"trajectory: {path} (steps recorded: {out.trajectory.step_indices.tolist()})")
@@ -326,24 +356,21 @@ def cmd_score(ns):
     _check_out(out, "--out")
     dataset, _ = _load_run_data(ns)
     features = api.FeatureSet.open(ns.features or os.path.join(ns.run, "features"))
-    api.check_dataset(features.store.settings, dataset, f"the features in {features.store.root}")
+    root = features.store.root
+    attr = _attributor(ns, dataset, score_args=args, features_dir=root,
+                       latents_dir=os.path.join(os.path.dirname(os.path.abspath(root)), "latents"))
+    api.check_dataset(features.store.settings, dataset, f"the features in {root}")
     if ns.images:
         from .data import DataArgs, load_dataset
 
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,
                                         image_size=dataset.resolution, channels=dataset.num_channels))
-        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), args, images=targets.images,
-                       image_timesteps=ns.image_timesteps, out=out, overwrite=ns.overwrite, device=_device(ns),
-                       dataset=dataset)
+        prompts = [ns.prompt] * len(targets) if ns.prompt is not None else None
+        sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, out=out)
     else:
         if not os.path.isfile(tpath):
             raise UserError(f"no trajectory at {tpath}; run `diffusion-trak generate --run {ns.run}` or pass --trajectory")
-        traj = _load_trajectory(tpath)
-        cond = None
-        if traj.class_labels is not None:
-            cond = {"class_labels": traj.class_labels}
-        sc = api.score(features, _checkpoints(ns), dataset.indices.numpy(), args, trajectory=traj,
-                       steps=ns.steps, out=out, overwrite=ns.overwrite, device=_device(ns), cond=cond, dataset=dataset)
+        sc = attr.attribute(_load_trajectory(tpath), steps=ns.steps, out=out)
     _say(f"scores: {out}/scores.npy {list(sc.values.shape)} (steps × targets × training examples); "
          f"top-{ns.top_k} per step: {out}/scores.json")
     return out
@@ -391,12 +418,9 @@ def cmd_plot(ns):
 def cmd_demo(ns):
     from .demo import run_demo
 
-    _check_out(ns.out or ("runs/demo-latent" if ns.latent else "runs/demo"), "--out")
-    if ns.latent:
-        from .latent import run_latent_demo
-        kw = {"prompt": ns.prompt} if ns.prompt else {}
-        return run_latent_demo(ns.out or "runs/demo-latent", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite, **kw)
-    return run_demo(ns.out or "runs/demo", quick=ns.quick, device=_device(ns), overwrite=ns.overwrite)
+    out = ns.out or ("runs/demo-latent" if ns.latent else "runs/demo")
+    _check_out(out, "--out")
+    return run_demo(out, quick=ns.quick, device=_device(ns), overwrite=ns.overwrite, latent=ns.latent, prompt=ns.prompt)
 
 
 def cmd_evaluate(ns):
@@ -436,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = FeaturizeArgs()
     sp.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint folders (unet/, scheduler/); "
                     "default: the run's model/ckpt-*")
+    _add_pipeline(sp, captions=True)
     sp.add_argument("--preset", default="default", choices=PRESETS,
                     help="named estimator: default (T=100 stratified, the loss) or paper (journey-TRAK: T=10 uniform); "
                          "the flags below change single settings of it")
@@ -455,13 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "LoRA fine-tunes) or trainable (those with requires_grad)")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
-    sp.add_argument("--out", default=None, help="feature store folder (default RUN/features)")
+    sp.add_argument("--out", default=None, help="feature store folder (default RUN/features; a latent model's "
+                    "training latents are cached beside it, in latents/)")
     sp.set_defaults(func=cmd_featurize)
 
     sp = sub.add_parser("generate", help="sample images, recording the trajectory (x_t, x̂0_t, noise)")
     common(sp)
-    sp.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the run's last)")
+    sp.add_argument("--checkpoint", default=None, help="checkpoint or pipeline folder (default: the run's last)")
     sp.add_argument("--checkpoints", nargs="+", default=None, help=argparse.SUPPRESS)
+    _add_pipeline(sp)
+    sp.add_argument("--prompt", default=None, help="the prompt (text-conditional models)")
+    sp.add_argument("--guidance-scale", type=_positive_float, default=1.0,
+                    help="classifier-free guidance scale with --prompt (default 1: none)")
     sp.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim"])
     sp.add_argument("--steps", type=_int(1), default=100, help="sampling steps")
     sp.add_argument("--num-record", type=_int(1), default=10, help="record this many evenly spaced steps")
@@ -476,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp); _add_data(sp)
     s = ScoreArgs()
     sp.add_argument("--checkpoints", nargs="+", default=None)
+    _add_pipeline(sp, captions=True)
+    sp.add_argument("--prompt", default=None, help="with --images on a text-conditional model: their prompt")
     sp.add_argument("--features", default=None, help="feature store (default RUN/features)")
     sp.add_argument("--trajectory", default=None, help="trajectory file (default RUN/trajectories/seed-0.safetensors)")
     sp.add_argument("--steps", type=_int(0), nargs="+", default=None, help="steps to score (default: all recorded)")

@@ -16,3 +16,7 @@ class NonFiniteError(UserError, FloatingPointError):
 class CheckpointError(InputError):
     """A checkpoint folder or training state that cannot be used (missing, incomplete, another model class,
     or a file that could run code when loaded)."""
+
+
+class LatentError(InputError):
+    """A user-fixable problem of a latent or text-conditional model: VAE, latents, captions (one line naming the fix)."""

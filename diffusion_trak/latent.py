@@ -1,6 +1,8 @@
 """Latent diffusion: a frozen VAE, a UNet in latent space, text or class conditioning.
 
-The path is the pixel DDPM's with the images replaced by cached latents:
+What is particular to latent models lives here; featurizing, scoring and attributing them is the pixel
+path's (:mod:`diffusion_trak.api`, :class:`diffusion_trak.Attributor`) with a
+:class:`~diffusion_trak.models.Conditioning` that holds the VAE (and the text model):
 
 1. **VAE** (:func:`train_vae`, or the user's ``AutoencoderKL`` / ``VQModel``): frozen.
 2. **Latent cache** (:func:`encode_dataset`): every training image is encoded once, in the unet's
@@ -16,15 +18,9 @@ The path is the pixel DDPM's with the images replaced by cached latents:
    through cross-attention (captions dropped to ``""`` with probability ``uncond_prob`` so that
    classifier-free guidance works), or ``UNet2DModel`` unconditional / class-conditional. The loss is
    :func:`diffusion_trak.outputs.output_value`, the one the featurizer differentiates.
-4. **Features** (:func:`featurize_latent`): TRAK features of the latent denoising loss, gradients
-   with respect to the UNet only (VAE and text encoder frozen). A store in the same format as
-   :func:`diffusion_trak.api.featurize`, so :func:`diffusion_trak.api.score` reads it.
-5. **Generation and per-step scores**: :class:`pipelines.latent_trajectory.LatentTrajectoryPipeline`
-   records latents x_t, x̂0_t and x̂0_t decoded; :func:`score_latent` scores each recorded step with the
-   generation's own conditioning (the prompt's embedding; under guidance, the conditional branch).
-6. **Report**: :func:`plot_latent` draws the per-step PNG/HTML with the prompt in the title.
 
-:func:`run_latent_demo` runs it all on the embedded digits (upscaled to 16×16) on CPU.
+Sampling with the trajectory recorded is :class:`pipelines.latent_trajectory.LatentTrajectoryPipeline`;
+``diffusion-trak demo --latent`` runs the whole latent path on the embedded digits.
 """
 from __future__ import annotations
 
@@ -32,31 +28,25 @@ import json
 import math
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import FeaturizeArgs, ScoreArgs, TrainArgs, asdict
+from .config import TrainArgs, asdict
 from .data import ImageDataset
-from .errors import InputError, UserError
-from .featurize.featurizer import Featurizer, model_fingerprint, seed_for
+from .errors import InputError, LatentError
+from .featurize.featurizer import model_fingerprint, seed_for
+from .models import load_checkpoint, unet_conditioning
 from .store import Store, StoreError, write_json_atomic
-from .text import CAPTION_MODES, CaptionSet, TextConditioner, caption_conditioning
+from .text import CaptionSet, TextConditioner
 
 __all__ = ["VAEArgs", "LatentTrainArgs", "LatentDataset", "LatentError", "build_vae", "train_vae", "load_vae",
-           "encode_images", "encode_dataset", "build_latent_unet", "train_latent_unet", "load_latent_checkpoint",
-           "list_latent_checkpoints", "unet_conditioning", "check_latent_compatible", "featurize_latent", "score_latent",
-           "latent_self_attribution_rate", "plot_latent", "run_latent_demo"]
+           "encode_images", "encode_dataset", "encode_in_memory", "build_latent_unet", "train_latent_unet"]
 
 CONDITIONINGS = ("text", "class", "none")
-
-
-class LatentError(UserError, ValueError):
-    """A user-fixable problem on the latent path (one line naming the fix)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,19 +325,44 @@ def encode_dataset(dataset, vae, cache_dir: str, mode: str = "mean", seed: int =
                               f"({str(e).split('(', 1)[-1].split(')')[0]}); rerun with --overwrite to re-encode, "
                               "or choose another cache folder") from None
         raise
-    shape = tuple(encode_images(vae, dataset.images[:1], mode, seed, dataset.indices[:1].tolist()).shape[1:])
-    arr = store.array("latents", (len(dataset), *shape))
-    todo = arr.pending()
+    with store:
+        shape = tuple(encode_images(vae, dataset.images[:1], mode, seed, dataset.indices[:1].tolist()).shape[1:])
+        arr = store.array("latents", (len(dataset), *shape))
+        _encode_rows(dataset, vae, arr.pending(), lambda rows, z: arr.write(rows, z.numpy()), mode, seed, batch_size,
+                     progress)
+        latents = torch.from_numpy(np.array(arr.read()))
+    return _latent_dataset(dataset, latents, vfp, scale, shift, mode, captions)
+
+
+def encode_in_memory(dataset, vae, mode: str = "mean", seed: int = 0, batch_size: int = 64,
+                     captions: Optional[CaptionSet] = None) -> LatentDataset:
+    """:func:`encode_dataset` without a cache: the same latents, computed every time."""
+    from diffusion_trak.pipelines.latent_trajectory import vae_scale_shift
+
+    vae = vae.eval()
+    scale, shift = vae_scale_shift(vae)
+    parts = {}
+    _encode_rows(dataset, vae, np.arange(len(dataset)), lambda rows, z: parts.update({int(rows[0]): z}), mode, seed,
+                 batch_size, False)
+    latents = torch.cat([parts[k] for k in sorted(parts)])
+    return _latent_dataset(dataset, latents, model_fingerprint(vae), scale, shift, mode, captions)
+
+
+def _encode_rows(dataset, vae, todo, write, mode, seed, batch_size, progress):
     bar = tqdm(total=len(todo), desc="encode latents", unit="img", disable=not progress or len(todo) == 0)
     for i in range(0, len(todo), batch_size):
         rows = todo[i:i + batch_size]
-        z = encode_images(vae, dataset.images[torch.as_tensor(rows)], mode, seed, dataset.indices[torch.as_tensor(rows)].tolist())
-        arr.write(rows, z.numpy())
+        pos = torch.as_tensor(rows)
+        write(rows, encode_images(vae, dataset.images[pos], mode, seed, dataset.indices[pos].tolist()))
         bar.update(len(rows))
     bar.close()
-    latents = torch.from_numpy(np.array(arr.read()))
+
+
+def _latent_dataset(dataset, latents, vae_fingerprint, scale, shift, mode, captions) -> LatentDataset:
+    if captions is None and isinstance(getattr(dataset, "captions", None), CaptionSet):
+        captions = dataset.captions
     out = LatentDataset(latents, dataset.labels, dataset.indices, dataset.class_names,
-                        f"{getattr(dataset, 'name', 'dataset')}-latents", dataset, None, vfp, scale, shift, mode)
+                        f"{getattr(dataset, 'name', 'dataset')}-latents", dataset, None, vae_fingerprint, scale, shift, mode)
     return out.with_captions(captions)
 
 
@@ -376,56 +391,6 @@ def build_latent_unet(args: LatentTrainArgs, latent_shape, num_classes: Optional
                                 layers_per_block=args.layers_per_block, down_block_types=down, up_block_types=up,
                                 mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=args.norm_num_groups,
                                 cross_attention_dim=int(cross_attention_dim), attention_head_dim=args.attention_head_dim)
-
-
-def unet_conditioning(unet) -> str:
-    """``text`` for a unet with cross-attention, ``class`` for one with a class embedding, else ``none``."""
-    cfg = unet.config
-    if getattr(cfg, "cross_attention_dim", None) is not None and hasattr(cfg, "encoder_hid_dim"):
-        return "text"
-    if getattr(cfg, "num_class_embeds", None) is not None or getattr(cfg, "class_embed_type", None) is not None:
-        return "class"
-    return "none"
-
-
-def list_latent_checkpoints(run_dir: str) -> List[str]:
-    from .train import list_checkpoints
-
-    return list_checkpoints(run_dir)
-
-
-def load_latent_checkpoint(path: str, device="cpu"):
-    """``(unet, scheduler)`` from ``path/{unet,scheduler}``; the unet class is read from its config."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
-    with open(os.path.join(path, "unet", "config.json")) as f:
-        name = json.load(f).get("_class_name", "UNet2DModel")
-    cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(name)
-    if cls is None:
-        raise LatentError(f"{path}/unet is a {name}; supported are UNet2DModel and UNet2DConditionModel")
-    return cls.from_pretrained(os.path.join(path, "unet")).to(device), DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"))
-
-
-def check_latent_compatible(unet, latents: LatentDataset) -> None:
-    """One-line errors for a unet that cannot take these latents (naming the image size that fits)."""
-    cfg = unet.config
-    c, h, w = latents.image_shape
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
-    if cfg.in_channels != c:
-        raise LatentError(f"the unet takes {cfg.in_channels}-channel latents but the VAE makes {c}; "
-                          "use the VAE the unet was trained with")
-    if size is not None and size != h:
-        hint = ""
-        if latents.pixels is not None:
-            hint = f" (use --image-size {latents.pixels.image_shape[1] * size // h})"
-        raise LatentError(f"the unet takes {size}×{size} latents but the VAE makes {h}×{w}{hint}")
-
-
-def _as_checkpoints(checkpoints, device="cpu"):
-    out = [load_latent_checkpoint(c, device) if isinstance(c, (str, os.PathLike)) else c for c in checkpoints]
-    if not out:
-        raise InputError("no checkpoints given; train a latent model first or pass (unet, scheduler) pairs")
-    return out
 
 
 class _CaptionTable:
@@ -489,7 +454,7 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
         unet = build_latent_unet(args, latents.image_shape, num_classes, table.embeds.shape[-1] if table else None)
     scheduler = build_scheduler(args.unet_args())
     opt, lr_sched = make_optimizer(unet.parameters(), args, len(latents))
-    start_epoch = resume(run_dir, unet, opt, lr_sched, lambda ck: load_latent_checkpoint(ck)[0])
+    start_epoch = resume(run_dir, unet, opt, lr_sched, lambda ck: load_checkpoint(ck)[0])
     unet, opt = accelerator.prepare(unet, opt)
     labels = latents.labels
 
@@ -503,271 +468,3 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
     fit(accelerator, unet, scheduler, opt, lr_sched, latents.images, args, checkpoint_epochs(args.unet_args()), run_dir,
         cond_fn, start_epoch, "train latent unet", progress)
     return list_checkpoints(run_dir)
-
-
-# --------------------------------------------------------------------------------------------
-# Features and scores
-# --------------------------------------------------------------------------------------------
-
-
-class _PerTimestepFeaturizer(Featurizer):
-    """The core featurizer, with conditioning given per (example, timestep): ``(B, T, ...)`` tensors."""
-
-    def features(self, x0, timesteps, noises, cond=None, output=None, cond_per_timestep=True):
-        return super().features(x0, timesteps, noises, cond, output, cond_per_timestep=True)
-
-
-def _training_cond_fn(latents: LatentDataset, kind: str, text: Optional[TextConditioner], caption_mode: str, args: FeaturizeArgs):
-    """``rows -> cond dict`` for training examples, and whether it is per timestep."""
-    if kind == "text":
-        if text is None or latents.captions is None:
-            raise LatentError("this unet reads text: pass text= (a TextConditioner) and a dataset encoded with captions=")
-        if caption_mode not in CAPTION_MODES:
-            raise LatentError(f"unknown caption mode {caption_mode!r}; choose one of {', '.join(CAPTION_MODES)}")
-        latents.captions.check_covers(latents.indices.tolist())
-
-        def fn(rows):
-            idx = latents.indices[torch.as_tensor(np.asarray(rows))].tolist()
-            return caption_conditioning(text, latents.captions, idx, caption_mode, args.num_timesteps, args.seed)
-        return fn, caption_mode == "random"
-    if kind == "class":
-        if latents.labels is None:
-            raise LatentError("this unet is class-conditional but the dataset has no labels")
-        return (lambda rows: {"class_labels": latents.labels[torch.as_tensor(np.asarray(rows))]}), False
-    return None, False
-
-
-def featurize_latent(checkpoints: Sequence, latents: LatentDataset, args: FeaturizeArgs = FeaturizeArgs(),
-                     out: str = "features", text: Optional[TextConditioner] = None, caption_mode: str = "random",
-                     overwrite: bool = False, device="cpu", progress: bool = True,
-                     rows: Optional[Sequence[int]] = None):
-    """TRAK features of the latent denoising loss for every checkpoint (resumable store at ``out``).
-
-    Checkpoints are folders (:func:`load_latent_checkpoint`) or ``(unet, scheduler)`` pairs. Gradients
-    are taken with respect to the UNet only. Text unets get ``encoder_hidden_states`` from ``text`` and
-    ``latents.captions`` (``caption_mode``: ``random`` — default, one caption per timestep —, ``mean``
-    or ``first``, see :mod:`diffusion_trak.text`); class unets get ``class_labels``. Returns an
-    :class:`~diffusion_trak.api.FeatureSet` that :func:`diffusion_trak.api.score` reads."""
-    from .api import FeatureSet
-
-    ckpts = _as_checkpoints(checkpoints, device)
-    if len(latents) == 0:
-        raise InputError("dataset is empty; check --classes/--limit")
-    kinds = {unet_conditioning(u) for u, _ in ckpts}
-    if len(kinds) != 1:
-        raise LatentError(f"checkpoints mix conditionings {sorted(kinds)}; featurize them separately")
-    kind = kinds.pop()
-    for unet, _ in ckpts:
-        check_latent_compatible(unet, latents)
-    cond_fn, per_t = _training_cond_fn(latents, kind, text, caption_mode, args)
-    cls = _PerTimestepFeaturizer if per_t else Featurizer
-    # Featurizers are made one at a time: each holds its own (possibly cached) projection matrix.
-    make = lambda c: cls(ckpts[c][0], ckpts[c][1], args, device)
-    f = make(0)
-    settings = {
-        "featurize": asdict(args),
-        "projector": f.projector.name,
-        "num_params": f.num_params,
-        "dataset": {"fingerprint": latents.fingerprint(), "size": len(latents), "name": getattr(latents, "name", "")},
-        "checkpoints": [model_fingerprint(u) for u, _ in ckpts],
-        "num_train_timesteps": [int(s.config.num_train_timesteps) for _, s in ckpts],
-        "latent": {"vae": latents.vae_fingerprint, "scaling_factor": latents.scaling_factor,
-                   "shift_factor": latents.shift_factor, "mode": latents.mode, "conditioning": kind,
-                   "caption_mode": caption_mode if kind == "text" else None,
-                   "captions": latents.captions.fingerprint() if kind == "text" else None,
-                   "text": text.fingerprint() if kind == "text" else None},
-    }
-    store = Store(out, settings, overwrite=overwrite)
-    names = []
-    for c in range(len(ckpts)):
-        name = f"features_{c:02d}"
-        arr = store.array(name, (len(latents), args.proj_dim))
-        if len(arr.pending(rows)):
-            f = f if f is not None else make(c)
-            f.featurize_dataset(latents, arr, cond_fn=cond_fn, progress=progress, rows=rows,
-                                desc=f"featurize ckpt {c + 1}/{len(ckpts)}")
-        f = None
-        names.append(name)
-    return FeatureSet(store, names)
-
-
-def score_latent(features, checkpoints: Sequence, latents: LatentDataset, trajectory, steps: Optional[Sequence[int]] = None,
-                 args: ScoreArgs = ScoreArgs(), out: Optional[str] = None, overwrite: bool = False, device="cpu",
-                 progress: bool = True):
-    """Per-step TRAK scores of a recorded latent trajectory, with the generation's own conditioning
-    (``trajectory.conditioning()``: the prompt embedding, i.e. the conditional branch under guidance)."""
-    from .api import score
-
-    cond = trajectory.conditioning() if hasattr(trajectory, "conditioning") else None
-    return score(features, _as_checkpoints(checkpoints, device), latents.indices.numpy(), args, trajectory=trajectory,
-                 steps=steps, out=out, overwrite=overwrite, device=device, progress=progress, cond=cond)
-
-
-def own_conditioning(latents: LatentDataset, positions, kind: str, text: Optional[TextConditioner] = None) -> Optional[dict]:
-    """The conditioning of training examples as targets: their first caption's embedding, or their label."""
-    pos = torch.as_tensor(np.asarray(positions), dtype=torch.long)
-    if kind == "text":
-        return {"encoder_hidden_states": text.encode([latents.caption(int(p)) for p in pos])}
-    if kind == "class":
-        return {"class_labels": latents.labels[pos]}
-    return None
-
-
-def latent_self_attribution_rate(features, checkpoints: Sequence, latents: LatentDataset, text: Optional[TextConditioner] = None,
-                                 num: int = 50, timestep: int = 50, args: ScoreArgs = ScoreArgs(), device="cpu",
-                                 seed: int = 0) -> Tuple[float, np.ndarray]:
-    """Score ``num`` training latents as targets at a low-noise ``timestep``, each with its own caption
-    (or label); return how often each ranks its own index first among all training examples, and the
-    positions used."""
-    from .api import score
-
-    ckpts = _as_checkpoints(checkpoints, device)
-    g = np.random.default_rng(seed)
-    pos = np.sort(g.choice(len(latents), size=min(num, len(latents)), replace=False))
-    cond = own_conditioning(latents, pos, unet_conditioning(ckpts[0][0]), text)
-    sc = score(features, ckpts, latents.indices.numpy(), args, images=latents.images[pos], image_timesteps=[timestep],
-               device=device, progress=False, cond=cond)
-    best = sc.values[0].argmax(axis=1)
-    return float((best == pos).mean()), pos
-
-
-def plot_latent(scores, latents: LatentDataset, trajectory, out_prefix: str, target: int = 0, k: int = 6,
-                title: Optional[str] = None) -> Tuple[str, str]:
-    """Per-step PNG and HTML of one target of a latent trajectory: the query of each row is x̂0_t decoded
-    to pixels, the training examples are shown in pixels, and the title shows the prompt."""
-    from .report import plot_from_scores
-
-    if latents.pixels is None:
-        raise LatentError("the latent dataset has no pixel images to show; build it with encode_dataset")
-    if getattr(trajectory, "x0_decoded", None) is None:
-        raise LatentError("the trajectory holds no decoded x̂0; generate it with decode=True")
-    query = torch.stack([trajectory.x0_decoded[trajectory.step_of(s)][target] for s in scores.steps])
-    if title is None:
-        prompt = (trajectory.prompts or [None])[target] if getattr(trajectory, "prompts", None) else None
-        if prompt is not None:
-            g = getattr(trajectory, "guidance_scale", 1.0)
-            neg = (trajectory.negative_prompts or [None])[target] if trajectory.negative_prompts else None
-            title = f'prompt: "{prompt}"' + (f' · guidance {g:g} (unconditional: "{neg}")' if g > 1 else "")
-        elif trajectory.class_labels is not None:
-            title = f"class {int(trajectory.class_labels[target])}"
-        title = f"{title} — per-step attribution" if title else None
-    return plot_from_scores(scores, latents.pixels, trajectory, out_prefix, target=target, k=k, query_images=query,
-                            title=title)
-
-
-# --------------------------------------------------------------------------------------------
-# Demo
-# --------------------------------------------------------------------------------------------
-
-
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DEMO_TEMPLATES = ("a photo of a {}", "a handwritten {}", "the digit {}")
-
-
-@dataclass
-class LatentDemoSettings:
-    limit: Optional[int] = 500
-    image_size: int = 16
-    vae: VAEArgs = field(default_factory=lambda: VAEArgs(epochs=20))
-    train: LatentTrainArgs = field(default_factory=lambda: LatentTrainArgs(block_out_channels=(16, 32), epochs=80))
-    featurize: FeaturizeArgs = field(default_factory=lambda: FeaturizeArgs(
-        num_timesteps=20, timestep_strategy="stratified", proj_dim=1024, batch_size=32))
-    score: ScoreArgs = field(default_factory=lambda: ScoreArgs(num_noises=20))
-    caption_mode: str = "random"
-    prompt_class: int = 3
-    guidance_scale: float = 2.0
-    sampling_steps: int = 100
-    record: int = 8
-    self_attribution_images: int = 50
-    self_attribution_timestep: int = 50
-    text_hidden_size: int = 32
-
-
-def latent_demo_settings(quick: bool = False) -> LatentDemoSettings:
-    if quick:  # for tests: seconds, not minutes
-        return LatentDemoSettings(limit=48, vae=VAEArgs(block_out_channels=(8, 16, 16), norm_num_groups=4, epochs=2),
-                                  train=LatentTrainArgs(block_out_channels=(16, 16), norm_num_groups=4, epochs=3,
-                                                        batch_size=16, num_checkpoints=2),
-                                  featurize=FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=16),
-                                  score=ScoreArgs(num_noises=2), sampling_steps=8, record=3, self_attribution_images=8,
-                                  text_hidden_size=16)
-    return LatentDemoSettings()
-
-
-def run_latent_demo(out_dir: str = "runs/latent-demo", quick: bool = False, device: str = "cpu", overwrite: bool = False,
-                    prompt: Optional[str] = None, settings: Optional[LatentDemoSettings] = None) -> dict:
-    """The whole latent path on the embedded digits (16×16), on CPU: train a VAE, cache latents, train a
-    text-conditional latent UNet (2 checkpoints), featurize, generate ``prompt`` with guidance recording
-    the trajectory, score every recorded step, write the per-step PNG/HTML, and run the self-attribution
-    check (training latents as targets with their own caption at a low-noise timestep).
-
-    Prints the prompt, the PNG, the scores file and the self-attribution rate; returns them in a dict.
-    Rerunning the same ``out_dir`` reuses every finished stage."""
-    from diffusion_trak.pipelines.latent_trajectory import LatentTrajectoryPipeline
-
-    from .data import DataArgs, load_dataset
-    from .text import default_text_model
-
-    cfg = settings or latent_demo_settings(quick)
-    t0 = time.time()
-    say = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    data_args = DataArgs(name="digits", image_size=cfg.image_size, limit=cfg.limit)
-    pixels = load_dataset(data_args)
-    pixels.class_names = list(DIGIT_NAMES)
-    captions = CaptionSet.from_class_names(pixels, DEMO_TEMPLATES)
-    write_json_atomic(os.path.join(out_dir, "run.json"), {"data": data_args.to_dict(), "templates": list(DEMO_TEMPLATES),
-                                                          "settings": asdict(cfg)})
-    say(f"data: {pixels}, {len(DEMO_TEMPLATES)} captions per image, e.g. {captions.of(int(pixels.indices[0]))}")
-
-    vae = train_vae(pixels, cfg.vae, os.path.join(out_dir, "vae"), device=device, overwrite=overwrite)
-    latents = encode_dataset(pixels, vae, os.path.join(out_dir, "latents"), overwrite=overwrite, captions=captions)
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(latents.images[i:i + 256] / latents.scaling_factor).sample for i in range(0, len(latents), 256)])
-    say(f"VAE {out_dir}/vae: latents {latents.image_shape}, scaling_factor {latents.scaling_factor:.3f}, "
-        f"reconstruction MSE {float(((recon - pixels.images) ** 2).mean()):.4f}")
-
-    tok, enc = default_text_model(captions.all_texts(), hidden_size=cfg.text_hidden_size, seed=cfg.train.seed)
-    tok.save_pretrained(os.path.join(out_dir, "text", "tokenizer"))
-    enc.save_pretrained(os.path.join(out_dir, "text", "text_encoder"))
-    text = TextConditioner(tok, enc, device)
-    ckpts = train_latent_unet(latents, cfg.train, os.path.join(out_dir, "model"), text=text, device=device, overwrite=overwrite)
-    say(f"trained {len(ckpts)} latent UNet checkpoints in {out_dir}/model")
-
-    pairs = _as_checkpoints(ckpts, device)
-    features = featurize_latent(pairs, latents, cfg.featurize, os.path.join(out_dir, "features"), text=text,
-                                caption_mode=cfg.caption_mode, overwrite=overwrite, device=device)
-    say(f"featurized {len(latents)} latents × {len(ckpts)} checkpoints (T={cfg.featurize.num_timesteps}, "
-        f"k={cfg.featurize.proj_dim}, captions: {cfg.caption_mode}) in {out_dir}/features")
-
-    prompt = prompt or DEMO_TEMPLATES[0].format(DIGIT_NAMES[cfg.prompt_class])
-    # A fresh copy for sampling: featurizers switch the attention processors of the models they are given
-    # (vmap-friendly, equal up to float error), which would make the trajectory depend on what ran before.
-    unet, sched = load_latent_checkpoint(ckpts[-1], device)
-    pipe = LatentTrajectoryPipeline(vae=vae, unet=unet, scheduler=sched, text_encoder=enc, tokenizer=tok)
-    record = sorted({round(i * (cfg.sampling_steps - 1) / (cfg.record - 1)) for i in range(cfg.record)})
-    gen = pipe(prompt, seed=0, num_inference_steps=cfg.sampling_steps, guidance_scale=cfg.guidance_scale,
-               record_steps=record, show_progress=False)
-    tpath = os.path.join(out_dir, "trajectories", "seed-0.safetensors")
-    gen.trajectory.save(tpath)
-    say(f'generated "{prompt}" (guidance {cfg.guidance_scale:g}, {cfg.sampling_steps} DDPM steps); trajectory: {tpath}')
-
-    sdir = os.path.join(out_dir, "scores", "seed-0")
-    scores = score_latent(features, pairs, latents, gen.trajectory, args=cfg.score, out=sdir, overwrite=overwrite, device=device)
-    png, html = plot_latent(scores, latents, gen.trajectory, os.path.join(out_dir, "report", "seed-0"))
-    say(f"scored {len(latents)} training examples at {len(scores.steps)} steps")
-
-    rate, _ = latent_self_attribution_rate(features, pairs, latents, text, cfg.self_attribution_images,
-                                           cfg.self_attribution_timestep, cfg.score, device=device)
-    n = min(cfg.self_attribution_images, len(latents))
-    say(f"self-attribution: {rate:.0%} of {n} training images (own caption) rank their own index first "
-        f"(of {len(latents)}) at timestep {cfg.self_attribution_timestep}")
-    seconds = time.time() - t0
-    summary = {"prompt": prompt, "png": png, "html": html, "scores": os.path.join(sdir, "scores.npy"),
-               "trajectory": tpath, "self_attribution": rate, "self_attribution_images": n,
-               "self_attribution_timestep": cfg.self_attribution_timestep, "seconds": seconds}
-    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
-    print(f"\nprompt:           \"{prompt}\"\nper-step plot:    {png}\nhtml page:        {html}\n"
-          f"scores:           {sdir}/scores.npy (+ top-k per step in {sdir}/scores.json)\n"
-          f"self-attribution: {rate:.0%} of {n}\ntotal time:       {seconds:.0f} s", flush=True)
-    return summary

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .config import TrainArgs, asdict
 from .errors import CheckpointError, InputError
 from .featurize.featurizer import seed_for
+from .models import check_checkpoint, load_checkpoint  # noqa: F401 (loaders live in models; kept importable here)
 from .outputs import output_value
 from .store import write_json_atomic
 
@@ -54,52 +55,6 @@ def list_checkpoints(run_dir: str) -> List[str]:
         return []
     return sorted(os.path.join(run_dir, d) for d in os.listdir(run_dir)
                   if d.startswith("ckpt-") and os.path.exists(os.path.join(run_dir, d, "done")))
-
-
-def check_checkpoint(path: str, unet_class: str = "UNet2DModel") -> None:
-    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (a ``unet_class``
-    with weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them. Reads configs only."""
-    fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
-    if not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")
-    configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
-    missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
-    if missing:
-        have = sorted(os.listdir(path))[:8]
-        raise CheckpointError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "
-                         f"{have}); {fix}")
-    try:
-        with open(os.path.join(path, "unet", "config.json")) as f:
-            kind = json.load(f).get("_class_name")
-    except (ValueError, OSError, AttributeError) as e:
-        raise CheckpointError(f"{path}/unet/config.json cannot be read ({type(e).__name__}); save the UNet again with "
-                         "save_pretrained") from None
-    if kind is not None and kind != unet_class:
-        raise CheckpointError(f"{path}/unet is a {kind}, but this command needs a {unet_class}; for latent and text "
-                         "models use the Python API (diffusion_trak.latent)")
-    weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith((".safetensors", ".bin"))]
-    if not weights:
-        raise CheckpointError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
-                         "save_pretrained")
-
-
-def load_checkpoint(path: str, device="cpu"):
-    """``(unet, scheduler)`` from a checkpoint folder (or any folder with ``unet/`` and ``scheduler/``).
-
-    Only local files are read (never the Hub); weights are safetensors, or ``.bin`` files that diffusers
-    reads with ``torch.load(weights_only=True)``: nothing loaded can run code."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    path = os.fspath(path)
-    check_checkpoint(path)
-    try:
-        unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"), local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
-    except (OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"cannot load the checkpoint {path} ({msg}); save it again with save_pretrained") from None
-    return unet.to(device), scheduler
 
 
 def load_train_state(path: str) -> dict:

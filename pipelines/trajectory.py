@@ -246,7 +246,8 @@ class Trajectory:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Trajectory":
-        """Read a trajectory written by :meth:`save`."""
+        """Read a trajectory written by :meth:`save` (``Trajectory.load`` of a latent trajectory's file gives a
+        :class:`~pipelines.latent_trajectory.LatentTrajectory`, with its prompts and embeddings)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -260,6 +261,10 @@ class Trajectory:
                 f"{path} has trajectory format version {meta['version']}; this code reads up to "
                 f"{TRAJECTORY_FORMAT_VERSION}"
             )
+        if cls is Trajectory and "latent" in meta:
+            from .latent_trajectory import LatentTrajectory
+
+            cls = LatentTrajectory
         return cls._from_saved(tensors, meta)
 
     @classmethod

@@ -42,6 +42,33 @@ def test_two_processes_equal_one(tmp_path, ckpt):
     assert np.load(tmp_path / "two" / "features_00.done.npy").all()
 
 
+def test_two_processes_equal_one_latent_text_model(tmp_path):
+    """A Stable-Diffusion-style folder (VAE + CLIP text encoder + UNet2DConditionModel), one caption drawn per
+    timestep: the latents are encoded once (by the main process) and the features of 2 processes equal 1's."""
+    from tiny_models import save_image_folder, save_sd_pipeline
+
+    sd, imgs = save_sd_pipeline(str(tmp_path / "sd")), save_image_folder(str(tmp_path / "imgs"), n=24)
+    cmd = lambda run: ["-m", "diffusion_trak", "featurize", "--pipeline", sd, "--data", "folder", "--data-path", imgs,
+                       "--run", run, "-T", "2", "-k", "32", "--batch-size", "4", "--device", "cpu"]
+    subprocess.run([sys.executable, *cmd(str(tmp_path / "one"))], check=True, env=ENV, capture_output=True)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    r = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29535",
+                        *cmd(str(tmp_path / "two"))], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("features:") == 1
+    a = np.load(tmp_path / "one" / "features" / "features_00.npy")
+    b = np.load(tmp_path / "two" / "features" / "features_00.npy")
+    assert a.shape == (24, 32) and np.abs(a).sum() > 0
+    np.testing.assert_array_equal(a, b)
+    assert np.load(tmp_path / "two" / "features" / "features_00.done.npy").all()
+    import json
+    settings = json.load(open(tmp_path / "two" / "features" / "manifest.json"))["settings"]
+    assert settings["conditioning"]["kind"] == "text" and settings["conditioning"]["caption_mode"] == "random"
+    np.testing.assert_array_equal(np.load(tmp_path / "one" / "latents" / "latents.npy"),
+                                  np.load(tmp_path / "two" / "latents" / "latents.npy"))
+
+
 def _kill_when(proc, done_path, n):
     """kill -9 as soon as some but not all rows are flagged done."""
     deadline = time.time() + 120

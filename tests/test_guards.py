@@ -260,6 +260,15 @@ def _unet_conditional(run):
     return d
 
 
+def _unet_1d(run):
+    from diffusers import DDPMScheduler, UNet1DModel
+
+    d = os.path.join(os.path.dirname(run), "unet1d-ckpt")
+    UNet1DModel(block_out_channels=(8, 8, 8), in_channels=1, out_channels=1).save_pretrained(os.path.join(d, "unet"))
+    DDPMScheduler().save_pretrained(os.path.join(d, "scheduler"))
+    return d
+
+
 def _no_scheduler(run):
     d = os.path.join(os.path.dirname(run), "no-sched")
     shutil.copytree(os.path.join(run, "model", "ckpt-0001", "unet"), os.path.join(d, "unet"))
@@ -321,7 +330,12 @@ CLI_CASES = [
     ("checkpoints_without_scheduler", _no_scheduler, ["featurize", "--run", R, *FEAT, "--checkpoints", f"{O}/no-sched"],
      r"no-sched has no scheduler/ with a saved config"),
     ("checkpoints_conditional_unet", _unet_conditional, ["score", "--run", R, "--checkpoints", f"{O}/cond-ckpt"],
-     r"cond-ckpt/unet is a UNet2DConditionModel, but this command needs a UNet2DModel"),
+     r"these checkpoints are not the ones the features were computed with"),
+    ("checkpoints_text_unet_without_text_model", _unet_conditional,
+     ["featurize", "--run", R, *FEAT, "--checkpoints", f"{O}/cond-ckpt", "--out", f"{O}/new"],
+     r"this unet reads text: .*or load the model from its pipeline folder"),
+    ("checkpoints_unsupported_unet", _unet_1d, ["score", "--run", R, "--checkpoints", f"{O}/unet1d-ckpt"],
+     r"unet1d-ckpt/unet is a UNet1DModel; supported are UNet2DModel and UNet2DConditionModel"),
     ("checkpoints_unet_without_weights", _no_weights, ["score", "--run", R, "--checkpoints", f"{O}/no-weights"],
      r"no-weights/unet has no weights \(diffusion_pytorch_model.safetensors\); save the UNet with save_pretrained"),
     ("generate_checkpoint_missing", None, ["generate", "--run", R, "--checkpoint", f"{O}/nowhere"],

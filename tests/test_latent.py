@@ -1,37 +1,27 @@
-"""The latent path on tiny models: latent cache, text conditioning, latent features, training, demo."""
+"""The latent path on tiny models: latent cache, text conditioning, latent features (through api.featurize with a
+Conditioning), training, demo --latent."""
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel, VQModel
 
+from diffusion_trak import api
 from diffusion_trak import latent as L
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs
 from diffusion_trak.data import load_dataset
 from diffusion_trak.featurize.featurizer import Featurizer, example_draws
+from diffusion_trak.models import Conditioning, load_checkpoint, unet_conditioning
 from diffusion_trak.outputs import output_value
 from diffusion_trak.targets import target_features
 from diffusion_trak.text import (CaptionError, CaptionSet, TextConditioner, TinyTextEncoder, WordTokenizer,
                                  caption_conditioning, caption_draws, default_text_model)
 
+from tiny_models import tiny_clip, tiny_cond_unet, tiny_vae
+
 TEMPLATES = ("a photo of a {}", "a drawing of a {}")
-
-
-def tiny_vae(seed=0):
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=8, scaling_factor=0.7).eval()
-
-
-def tiny_cond_unet(dim, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=dim,
-                                attention_head_dim=4, norm_num_groups=4).eval()
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +173,13 @@ def _direct_features(unet, sched, latents, text, args, caption_mode):
 def test_latent_features_equal_direct_computation(tmp_path, latents, text, caption_mode):
     unet, sched = tiny_cond_unet(16), DDPMScheduler(num_train_timesteps=1000)
     args = FeaturizeArgs(num_timesteps=3, proj_dim=32, batch_size=4)
-    fs = L.featurize_latent([(unet, sched)], latents, args, str(tmp_path / "f"), text=text, caption_mode=caption_mode,
-                            progress=False)
+    fs = api.featurize([(unet, sched)], latents, args, str(tmp_path / "f"), progress=False,
+                       conditioning=Conditioning(text=text, caption_mode=caption_mode))
     got = torch.as_tensor(np.asarray(fs.arrays[0]))
     expected = _direct_features(unet, sched, latents, text, args, caption_mode)
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-4)
-    assert fs.store.settings["latent"]["caption_mode"] == caption_mode
-    assert fs.store.settings["latent"]["vae"] == latents.vae_fingerprint
+    assert fs.store.settings["conditioning"]["caption_mode"] == caption_mode
+    assert fs.store.settings["conditioning"]["vae"]["fingerprint"] == latents.vae_fingerprint
 
 
 def test_changing_the_caption_changes_target_features(latents, text):
@@ -205,29 +195,19 @@ def test_changing_the_caption_changes_target_features(latents, text):
 
 def test_featurize_needs_text_for_a_text_unet(tmp_path, latents):
     with pytest.raises(L.LatentError, match="text="):
-        L.featurize_latent([(tiny_cond_unet(16), DDPMScheduler())], latents, FeaturizeArgs(proj_dim=8),
-                           str(tmp_path / "f"), progress=False)
+        api.featurize([(tiny_cond_unet(16), DDPMScheduler())], latents, FeaturizeArgs(proj_dim=8),
+                      str(tmp_path / "f"), progress=False)
 
 
 def test_user_clip_text_model_works_unchanged(tmp_path, latents):
-    transformers = pytest.importorskip("transformers")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=20)
-    torch.manual_seed(0)
-    enc = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=20, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    pytest.importorskip("transformers")
+    tok, enc = tiny_clip(str(tmp_path / "clip"), max_length=20)
     text = TextConditioner(tok, enc)
     emb = text.encode(["a photo of a 1", "a photo of a 2"])
     assert emb.shape == (2, 20, 16) and not torch.allclose(emb[0], emb[1])
     unet = tiny_cond_unet(16)
-    fs = L.featurize_latent([(unet, DDPMScheduler())], latents, FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=5),
-                            str(tmp_path / "f"), text=text, progress=False)
+    fs = api.featurize([(unet, DDPMScheduler())], latents, FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=5),
+                       str(tmp_path / "f"), progress=False, conditioning=Conditioning(text=text))
     assert np.isfinite(fs.arrays[0]).all() and np.abs(fs.arrays[0]).sum() > 0
 
 
@@ -239,7 +219,7 @@ def test_train_text_and_class_unets_and_score(tmp_path, latents, text):
                              num_checkpoints=2)
     ckpts = L.train_latent_unet(latents, args, str(tmp_path / "text"), text=text, progress=False)
     assert len(ckpts) == 2
-    unet, sched = L.load_latent_checkpoint(ckpts[-1])
+    unet, sched = load_checkpoint(ckpts[-1])
     assert isinstance(unet, UNet2DConditionModel) and unet.config.cross_attention_dim == 16
     # rerun resumes (nothing left to do) and gives the same checkpoints
     assert L.train_latent_unet(latents, args, str(tmp_path / "text"), text=text, progress=False) == ckpts
@@ -249,11 +229,11 @@ def test_train_text_and_class_unets_and_score(tmp_path, latents, text):
     cargs = L.LatentTrainArgs(conditioning="class", block_out_channels=(8, 16), norm_num_groups=4, epochs=1,
                               batch_size=5, num_checkpoints=1)
     cck = L.train_latent_unet(latents, cargs, str(tmp_path / "class"), progress=False)
-    cu, _ = L.load_latent_checkpoint(cck[0])
-    assert isinstance(cu, UNet2DModel) and L.unet_conditioning(cu) == "class"
+    cu, _ = load_checkpoint(cck[0])
+    assert isinstance(cu, UNet2DModel) and unet_conditioning(cu) == "class"
     fargs = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=5)
-    fs = L.featurize_latent(cck, latents, fargs, str(tmp_path / "cf"), progress=False)
-    rate, pos = L.latent_self_attribution_rate(fs, cck, latents, num=4, timestep=10, args=ScoreArgs(num_noises=2))
+    fs = api.featurize(cck, latents, fargs, str(tmp_path / "cf"), progress=False)
+    rate, pos = api.self_attribution_rate(fs, cck, latents, num=4, timestep=10, args=ScoreArgs(num_noises=2))
     assert 0.0 <= rate <= 1.0 and len(pos) == 4
 
 
@@ -262,18 +242,20 @@ def test_user_supplied_unet_is_trained_from_its_weights(tmp_path, latents, text)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     args = L.LatentTrainArgs(epochs=1, batch_size=5, num_checkpoints=1, learning_rate=1e-3)
     ck = L.train_latent_unet(latents, args, str(tmp_path / "u"), text=text, unet=unet, progress=False)
-    trained, _ = L.load_latent_checkpoint(ck[0])
+    trained, _ = load_checkpoint(ck[0])
     assert trained.config.block_out_channels == (8, 16) or list(trained.config.block_out_channels) == [8, 16]
     moved = sum(float((trained.state_dict()[k] - before[k]).abs().sum()) for k in before)
     assert moved > 0
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
-    out = L.run_latent_demo(str(tmp_path / "demo"), quick=True)
+    from diffusion_trak.demo import run_demo
+
+    out = run_demo(str(tmp_path / "demo"), quick=True, latent=True)
     printed = capsys.readouterr().out
     assert out["prompt"] in printed and out["png"] in printed and "self-attribution" in printed
     assert os.path.getsize(out["png"]) > 0 and os.path.exists(out["html"])
-    scores = np.load(out["scores"])
+    scores = np.load(os.path.join(out["scores"], "scores.npy"))
     assert scores.shape == (3, 1, 48) and np.isfinite(scores).all()
     html = open(out["html"], encoding="utf-8").read()
     assert out["prompt"] in html
@@ -285,5 +267,5 @@ def test_latent_size_mismatch_names_the_image_size(tmp_path, latents, text):
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
                                 attention_head_dim=4, norm_num_groups=4)
     with pytest.raises(L.LatentError, match=r"8×8 latents but the VAE makes 4×4 \(use --image-size 16\)"):
-        L.featurize_latent([(unet, DDPMScheduler())], latents, FeaturizeArgs(proj_dim=8), str(tmp_path / "f"), text=text,
-                           progress=False)
+        api.featurize([(unet, DDPMScheduler())], latents, FeaturizeArgs(proj_dim=8), str(tmp_path / "f"), progress=False,
+                      conditioning=Conditioning(text=text))

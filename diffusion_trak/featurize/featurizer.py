@@ -115,10 +115,12 @@ class Featurizer:
             out.append(self.projector(g).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.args.proj_dim)
 
-    def featurize_dataset(self, dataset, stored, cond_fn=None, progress: bool = True, rows=None, desc="featurize"):
+    def featurize_dataset(self, dataset, stored, cond_fn=None, progress: bool = True, rows=None, desc="featurize",
+                          cond_per_timestep: bool = False):
         """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (N, k)) row by row,
         skipping rows already done. Row ``r`` is dataset position ``r``; its draws use the example's
-        stable index ``dataset.indices[r]``."""
+        stable index ``dataset.indices[r]``. ``cond_fn(rows)`` gives the unet's keyword arguments of those
+        rows, ``(B, T, ...)`` tensors with ``cond_per_timestep``."""
         todo = stored.pending(rows)
         bs = self.args.batch_size
         shape = dataset.image_shape
@@ -132,7 +134,7 @@ class Featurizer:
             ns = torch.stack([d[1] for d in draws])
             x0 = dataset.read(block_rows)  # one block at a time: a disk-backed dataset is never read whole
             cond = cond_fn(block_rows) if cond_fn else None
-            feats = self.features(x0, ts, ns, cond).numpy()
+            feats = self.features(x0, ts, ns, cond, cond_per_timestep=cond_per_timestep).numpy()
             keep = np.isin(block_rows, todo)
             stored.write(block_rows[keep], feats[keep])
             bar.update(int(keep.sum()))

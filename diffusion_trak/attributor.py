@@ -1,0 +1,294 @@
+"""The one object: model checkpoint(s) + training data + settings + output folder.
+
+::
+
+    from diffusion_trak import Attributor
+
+    attr = Attributor.from_pretrained("my-ddpm-pipeline/", train_data="my_images/", out="runs/mine")
+    attr.featurize()                                   # resumable; other settings over the same folder refuse
+    scores = attr.attribute(attr.pipeline(seed=0, num_inference_steps=100, record_steps=[0, 50, 99]))
+    scores.top(8)                                      # journey (every recorded step); scores.destination: the final image
+    attr.report(scores)                                # per-step PNG + journey page under runs/mine/report/
+
+The same five lines serve a ``DDPMPipeline``/``DDIMPipeline`` folder, an LDM or a Stable-Diffusion-style folder
+(VAE + CLIP text encoder + ``UNet2DConditionModel``), checkpoint folders (``unet/`` + ``scheduler/``, several =
+an ensemble) and models in memory (:class:`Attributor` itself, :meth:`Attributor.from_pipeline`). The model
+kind is a :class:`~diffusion_trak.models.Conditioning`; every computation is :mod:`diffusion_trak.api`'s.
+
+``out`` is a run folder with the CLI's layout (``diffusion-trak ... --run OUT`` reads it)::
+
+    features/            the feature store (settings: FeaturizeArgs, data, checkpoints; checked on rerun)
+    latents/             the VAE latents of the training images (latent models)
+    trajectories/        trajectories of :meth:`pipeline` (when saved)
+    scores/<name>/       scores saved by :meth:`attribute` (``out=attr.scores_dir(name)``; settings: ScoreArgs)
+    report/<name>.png/.html
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import api
+from .config import FeaturizeArgs, ScoreArgs
+from .errors import InputError
+from .models import (Conditioning, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder, load_checkpoint,
+                     load_pipeline, training_scheduler, unet_conditioning)
+
+__all__ = ["Attributor"]
+
+#: samplers whose ``step`` returns ``pred_original_sample`` (what the per-step targets re-noise)
+_RECORDING_SAMPLERS = ("DDPMScheduler", "DDIMScheduler")
+
+
+class Attributor:
+    """Attribute what a diffusion model generates to its training images, step by step (journey-TRAK).
+
+    Args:
+        checkpoints: ``(unet, scheduler)`` pairs or checkpoint folders; several = an ensemble (the scores are the
+            mean of each checkpoint's). The last one is the model :meth:`pipeline` samples from.
+        train_data: the training images: a dataset (:class:`~diffusion_trak.data.ImageDataset`), a
+            :class:`~diffusion_trak.data.DataArgs` (or dict), an image folder, an ``.npz`` file, or a bundled
+            set's name (``digits``); loaded when first needed (None: sampling only). A folder given as a path is
+            resized to the model's input size.
+        out: the run folder.
+        vae, text_encoder, tokenizer: the frozen parts of a latent / text-conditional model.
+        captions, caption_mode: training captions of a text model (default: the data's own, else its class
+            names), see :class:`~diffusion_trak.models.Conditioning`.
+        conditioning: instead of ``vae`` ... ``caption_mode``.
+        sampler: the scheduler :meth:`pipeline` samples with (default: the model's, or DDIM when that one does
+            not record x̂0).
+        featurize_args, score_args: the settings (saved with the features and the scores; a rerun with other
+            settings refuses unless ``overwrite``).
+        features_dir, latents_dir: the feature store and the latent cache (default ``out/features``, ``out/latents``).
+    """
+
+    def __init__(self, checkpoints, train_data, out: str = "runs/attribution", *, vae=None, text_encoder=None,
+                 tokenizer=None, captions=None, caption_mode: str = "random", conditioning: Optional[Conditioning] = None,
+                 sampler=None, featurize_args: Optional[FeaturizeArgs] = None, score_args: Optional[ScoreArgs] = None,
+                 features_dir: Optional[str] = None, latents_dir: Optional[str] = None, device="cpu",
+                 overwrite: bool = False, progress: bool = True):
+        if isinstance(checkpoints, (str, os.PathLike)) or (isinstance(checkpoints, tuple) and len(checkpoints) == 2
+                                                          and isinstance(checkpoints[0], torch.nn.Module)):
+            checkpoints = [checkpoints]
+        self.device, self.out, self.overwrite, self.progress = device, os.fspath(out), overwrite, progress
+        self.checkpoints = as_checkpoints(checkpoints, device)
+        self.components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        self.conditioning = conditioning or conditioning_of(self.components, captions, caption_mode, device)
+        self.sampler = sampler if sampler is not None else self.checkpoints[-1][1]
+        self.featurize_args = featurize_args or FeaturizeArgs()
+        self.score_args = score_args or ScoreArgs()
+        self.features_dir = os.fspath(features_dir) if features_dir else os.path.join(self.out, "features")
+        self.latents_dir = os.fspath(latents_dir) if latents_dir else os.path.join(self.out, "latents")
+        self.train_data, self._dataset = train_data, None
+        self._inputs, self._features, self._last = None, None, None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_pretrained(cls, path_or_paths, train_data, out: str = "runs/attribution", **kwargs) -> "Attributor":
+        """From folders that diffusers saves: a pipeline folder (``model_index.json``: DDPM/DDIM, LDM, Stable
+        Diffusion), checkpoint folders (``unet/`` + ``scheduler/``), or a ``diffusion-trak train`` run folder
+        (its ``model/ckpt-*``). Several folders = several checkpoints; the VAE and text model come from the
+        first pipeline folder unless given as keyword arguments."""
+        from .train import list_checkpoints
+
+        paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+        if not paths:
+            raise InputError("no model folder given; pass a pipeline folder or checkpoint folders (unet/ + scheduler/)")
+        device = kwargs.get("device", "cpu")
+        ckpts, first = [], None
+        for p in map(os.fspath, paths):
+            if is_pipeline_folder(p):
+                comp = load_pipeline(p, device)
+                ckpts.append((comp["unet"], training_scheduler(comp["scheduler"])))
+                first = first or comp
+            elif not os.path.isdir(os.path.join(p, "unet")) and list_checkpoints(os.path.join(p, "model")):
+                ckpts += [load_checkpoint(ck, device) for ck in list_checkpoints(os.path.join(p, "model"))]
+            else:
+                ckpts.append(load_checkpoint(p, device))
+        if first is not None:
+            for k in ("vae", "text_encoder", "tokenizer"):
+                if kwargs.get(k) is None:
+                    kwargs[k] = first.get(k)
+            if kwargs.get("sampler") is None:
+                kwargs["sampler"] = first["scheduler"]
+        return cls(ckpts, train_data, out, **kwargs)
+
+    @classmethod
+    def from_pipeline(cls, pipe, train_data, out: str = "runs/attribution", **kwargs) -> "Attributor":
+        """From a diffusers pipeline in memory (``DDPMPipeline``, ``StableDiffusionPipeline``, ...)."""
+        comp = pipe.components
+        for k in ("text_encoder", "tokenizer"):
+            kwargs.setdefault(k, comp.get(k))
+        kwargs.setdefault("vae", comp.get("vae", comp.get("vqvae")))
+        kwargs.setdefault("sampler", comp["scheduler"])
+        return cls([(comp["unet"], training_scheduler(comp["scheduler"]))], train_data, out, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Attributor({len(self.checkpoints)} checkpoint(s) of {type(self.unet).__name__}, {self.conditioning}, "
+                f"{self._dataset if self._dataset is not None else self.train_data!r}, out={self.out!r})")
+
+    # ------------------------------------------------------------------ data
+    @property
+    def unet(self):
+        return self.checkpoints[-1][0]
+
+    def _pixel_size(self):
+        """``(size, channels)`` of the images the model takes (pixels before its VAE)."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        vae = self.conditioning.vae
+        if vae is None:
+            return size, cfg.in_channels
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return (size * factor if size else None), vae.config.in_channels
+
+    @property
+    def dataset(self):
+        """The training images (pixels; what reports show)."""
+        if self._dataset is None:
+            self._dataset = self._load_data(self.train_data)
+        return self._dataset
+
+    def _load_data(self, train_data):
+        from .data import DataArgs, load_dataset
+
+        if train_data is None:
+            raise InputError("this Attributor has no training data; pass train_data= (a dataset, an image folder, "
+                             "an .npz file or a bundled set's name)")
+        if hasattr(train_data, "images") and hasattr(train_data, "indices"):
+            return train_data
+        if isinstance(train_data, (str, os.PathLike)):
+            path = os.fspath(train_data)
+            if os.path.isdir(path):
+                size, channels = self._pixel_size()
+                train_data = DataArgs(name="folder", path=path, image_size=size, channels=channels)
+            elif path.endswith(".npz"):
+                train_data = DataArgs(name="npz", path=path)
+            else:
+                train_data = DataArgs(name=path)
+        elif isinstance(train_data, dict):
+            train_data = DataArgs.from_dict(train_data)
+        if not isinstance(train_data, DataArgs):
+            raise InputError(f"train_data is a {type(train_data).__name__}; pass a dataset, an image folder, an .npz "
+                             "file, a DataArgs or a bundled set's name (digits)")
+        return load_dataset(train_data)
+
+    @property
+    def inputs(self):
+        """The training set in the unet's space: the dataset, or its VAE latents (cached in ``out/latents``)."""
+        if self._inputs is None:
+            if self.conditioning.vae is not None:  # check on one image before the cache is written
+                probe = self.conditioning.encode(self.dataset.subset([0]))
+                for unet, _ in self.checkpoints:
+                    check_compatible(unet, probe)
+                self.conditioning.training(self.unet, probe, 1, 0)
+            self._inputs = self.conditioning.encode(self.dataset, self.latents_dir, self.overwrite, self.progress)
+        return self._inputs
+
+    # ------------------------------------------------------------------ featurize
+    def featurize(self, rows: Optional[Sequence[int]] = None) -> api.FeatureSet:
+        """TRAK features of every training image for every checkpoint (:func:`diffusion_trak.api.featurize`);
+        a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
+        computes its share."""
+        fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
+                           device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
+        self._features = fs
+        return fs
+
+    @property
+    def features(self) -> api.FeatureSet:
+        """The features of :meth:`featurize` (or those already in ``out/features``)."""
+        if self._features is None:
+            if not os.path.isdir(self.features_dir):
+                raise InputError(f"no features in {self.features_dir}; call featurize() first")
+            self._features = api.FeatureSet.open(self.features_dir)
+        return self._features
+
+    # ------------------------------------------------------------------ sample
+    def pipeline(self, *args, **kwargs):
+        """Sample from the last checkpoint recording the trajectory: :class:`~diffusion_trak.pipelines.TrajectoryPipeline`
+        for a pixel model, :class:`~diffusion_trak.pipelines.latent_trajectory.LatentTrajectoryPipeline` (prompts,
+        guidance) for a latent or text model; arguments are the pipeline's. Returns its output
+        (``.trajectory``), which :meth:`attribute` takes as it is."""
+        cls = type(self.sampler)
+        if cls.__name__ not in _RECORDING_SAMPLERS:
+            from diffusers import DDIMScheduler as cls
+        sampler = cls.from_config(self.sampler.config)  # a fresh one: sampling sets its timesteps
+        if self.conditioning.vae is None and unet_conditioning(self.unet) != "text":
+            from diffusion_trak.pipelines import TrajectoryPipeline
+
+            pipe = TrajectoryPipeline(unet=self.unet, scheduler=sampler)
+        else:
+            from diffusion_trak.pipelines.latent_trajectory import LatentTrajectoryPipeline
+
+            if self.conditioning.vae is None:
+                raise InputError("sampling a text-conditional pixel model is not supported; give its vae=, or sample "
+                                 "it yourself and pass the trajectory to attribute()")
+            text = self.conditioning.text
+            pipe = LatentTrajectoryPipeline(vae=self.conditioning.vae, unet=self.unet, scheduler=sampler,
+                                            text_encoder=text.text_encoder if text else None,
+                                            tokenizer=text.tokenizer if text else None)
+        kwargs.setdefault("show_progress", self.progress)
+        return pipe(*args, **kwargs)
+
+    # ------------------------------------------------------------------ attribute
+    def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
+                  prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None) -> api.Scores:
+        """Scores of every training image (:func:`diffusion_trak.api.score`).
+
+        ``target``: a trajectory (or the output of :meth:`pipeline`): a row per recorded step (``steps``: some of
+        them) with the generation's own conditioning, and the destination row of the final image; or images
+        ``(B, C, H, W)`` in ``[-1, 1]`` (pixels; encoded for a latent model), scored at ``image_timesteps`` with
+        ``prompts`` / ``class_labels`` for a conditional model. With ``out`` (e.g. ``attr.scores_dir("seed-0")``)
+        the scores are streamed into that folder and saved there (resumable; other settings refuse unless
+        ``overwrite``)."""
+        target = getattr(target, "trajectory", target)
+        kw = dict(out=out, overwrite=self.overwrite,
+                  device=self.device, progress=self.progress, dataset=self.inputs)
+        if hasattr(target, "x0_pred"):
+            scores = api.score(self.features, self.checkpoints, self.inputs.indices.numpy(), self.score_args,
+                               trajectory=target, steps=steps, **kw)
+            self._last = ("trajectory", target)
+            return scores
+        images = torch.as_tensor(target)
+        if images.ndim == 3:
+            images = images[None]
+        cond = self.conditioning.prompts(self.unet, prompts, class_labels)
+        scores = api.score(self.features, self.checkpoints, self.inputs.indices.numpy(), self.score_args,
+                           images=self.conditioning.encode_images(images), image_timesteps=image_timesteps, cond=cond, **kw)
+        self._last = ("images", images)
+        return scores
+
+    def scores_dir(self, name: str) -> str:
+        """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""
+        return os.path.join(self.out, "scores", name)
+
+    def self_attribution(self, num: int = 50, timestep: int = 10, seed: int = 0):
+        """``(rate, positions)``: how often a training image, scored as a target at a low-noise ``timestep`` with
+        its own label or caption, ranks its own index first (:func:`diffusion_trak.api.self_attribution_rate`)."""
+        return api.self_attribution_rate(self.features, self.checkpoints, self.inputs, num, timestep, self.score_args,
+                                         self.device, seed, conditioning=self.conditioning)
+
+    # ------------------------------------------------------------------ report
+    def report(self, scores: api.Scores, trajectory=None, name: str = "attribution", target: int = 0, k: int = 6,
+               title: Optional[str] = None):
+        """The per-step PNG of one target and the journey page of all: ``out/report/<name>.{png,html}``.
+        ``trajectory`` defaults to the one last given to :meth:`attribute`."""
+        from .report import plot_from_scores
+
+        trajectory = getattr(trajectory, "trajectory", trajectory)
+        query = None
+        if trajectory is None and self._last is not None:
+            kind, last = self._last
+            if kind == "trajectory":
+                trajectory = last
+            else:
+                query = last[target].expand(len(scores.steps), *last.shape[1:])
+        if trajectory is None and query is None:
+            raise InputError("give the trajectory the scores are of: report(scores, trajectory)")
+        if title is None and getattr(trajectory, "prompts", None):
+            title = f'prompt: "{trajectory.prompts[target]}" — per-step attribution'
+        return plot_from_scores(scores, self.dataset, trajectory, os.path.join(self.out, "report", name), target=target,
+                                k=k, query_images=query, title=title)

@@ -1,0 +1,387 @@
+"""Loading what diffusers saves, and the one thing that tells model kinds apart: the :class:`Conditioning`.
+
+Two folder layouts are read (local files only, never the Hub; weights are safetensors or ``.bin`` files that
+diffusers/transformers read with ``weights_only``):
+
+- a **checkpoint folder** ``unet/`` + ``scheduler/`` (what ``diffusion-trak train`` writes, and the inside of
+  a ``DDPMPipeline`` folder): :func:`load_checkpoint`;
+- a **pipeline folder** with ``model_index.json`` (``DDPMPipeline``, ``DDIMPipeline``, ``LDMPipeline``,
+  ``StableDiffusionPipeline``, ...): :func:`load_pipeline` loads the unet, the scheduler and, when there, the
+  VAE, text encoder and tokenizer, each with the class its own saved config names.
+
+The UNet class is read from the saved config (``_class_name``): ``UNet2DModel`` or ``UNet2DConditionModel``.
+
+Unconditional, class-conditional, latent and text-conditional models go through the same featurize and
+score code (:mod:`diffusion_trak.api`); they differ only by a :class:`Conditioning`: how training images
+become what the unet denoises (pixels, or VAE latents) and which keyword arguments the unet gets
+(``class_labels``, ``encoder_hidden_states`` from captions).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, InputError, LatentError
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+CAPTION_MODES = ("random", "mean", "first")
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def _class_name(config_path: str) -> Optional[str]:
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("_class_name")
+    except (ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{config_path} cannot be read ({type(e).__name__}); save the model again with "
+                              "save_pretrained") from None
+
+
+def check_checkpoint(path: str, unet_classes: Sequence[str] = UNET_CLASSES) -> str:
+    """One-line :class:`CheckpointError` unless ``path`` is a local folder with ``unet/`` (one of
+    ``unet_classes``, with weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them.
+    Reads configs only; returns the unet's class name."""
+    fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
+    if not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")
+    configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
+    missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
+    if missing:
+        have = sorted(os.listdir(path))[:8]
+        raise CheckpointError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "
+                              f"{have}); {fix}")
+    kind = _class_name(os.path.join(path, "unet", "config.json")) or "UNet2DModel"
+    if kind not in unet_classes:
+        raise CheckpointError(f"{path}/unet is a {kind}; supported are {' and '.join(unet_classes)}")
+    weights = [f for f in os.listdir(os.path.join(path, "unet")) if f.endswith((".safetensors", ".bin"))]
+    if not weights:
+        raise CheckpointError(f"{path}/unet has no weights (diffusion_pytorch_model.safetensors); save the UNet with "
+                              "save_pretrained")
+    return kind
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """``(unet, scheduler)`` from a checkpoint folder (or any folder with ``unet/`` and ``scheduler/``); the
+    unet's class is read from its config, the scheduler is the ``DDPMScheduler`` of the saved config (the
+    training noise schedule, whatever sampler the folder names)."""
+    import diffusers
+
+    path = os.fspath(path)
+    kind = check_checkpoint(path)
+    try:
+        unet = getattr(diffusers, kind).from_pretrained(os.path.join(path, "unet"), local_files_only=True)
+        scheduler = diffusers.DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot load the checkpoint {path} ({msg}); save it again with save_pretrained") from None
+    return unet.to(device), scheduler
+
+
+def is_pipeline_folder(path) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), "model_index.json"))
+
+
+# the component classes a pipeline folder may name, by library (nothing else is imported)
+_TEXT_CLASSES = ("TinyTextEncoder", "WordTokenizer")
+
+
+def _component_class(library: str, name: str):
+    if library == "diffusers" and (name in UNET_CLASSES or name in ("AutoencoderKL", "VQModel")
+                                   or name.endswith("Scheduler")):
+        return getattr(importlib.import_module("diffusers"), name, None)
+    if library == "transformers" and name.startswith("CLIP") and name.endswith(
+            ("TextModel", "TextModelWithProjection", "Tokenizer", "TokenizerFast")):
+        return getattr(importlib.import_module("transformers"), name, None)
+    if library in ("diffusion_trak.text", "text") and name in _TEXT_CLASSES:
+        return getattr(importlib.import_module("diffusion_trak.text"), name)
+    return None
+
+
+def load_pipeline(path: str, device="cpu") -> Dict[str, object]:
+    """The components of a pipeline folder that attribution needs: ``unet``, ``scheduler`` (the class the
+    folder names), and where present ``vae`` (``vae/`` or ``vqvae/``), ``text_encoder``, ``tokenizer``;
+    plus ``pipeline_class``. Other components (safety checker, feature extractor) are not loaded."""
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}/model_index.json cannot be read ({type(e).__name__}); save the pipeline again "
+                              "with save_pretrained") from None
+    out: Dict[str, object] = {"pipeline_class": index.get("_class_name")}
+    wanted = {"unet": "unet", "scheduler": "scheduler", "vae": "vae", "vqvae": "vae", "text_encoder": "text_encoder",
+              "tokenizer": "tokenizer"}
+    for key, role in wanted.items():
+        spec = index.get(key)
+        if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[1]):
+            continue
+        cls = _component_class(str(spec[0]), str(spec[1]))
+        if cls is None:
+            raise CheckpointError(f"{path}: component {key} is a {spec[0]}.{spec[1]}, which diffusion-trak does not "
+                                  "load; supported are UNet2DModel/UNet2DConditionModel, AutoencoderKL/VQModel, "
+                                  "diffusers schedulers and CLIP text encoders/tokenizers")
+        sub = os.path.join(path, key)
+        if role == "unet":
+            kind = _class_name(os.path.join(sub, "config.json")) or spec[1]
+            if kind not in UNET_CLASSES:
+                raise CheckpointError(f"{sub} is a {kind}; supported are {' and '.join(UNET_CLASSES)}")
+            cls = _component_class("diffusers", kind)
+        try:
+            if role == "tokenizer" and cls.__module__.startswith("diffusion_trak"):
+                obj = cls.from_pretrained(sub)
+            else:
+                obj = cls.from_pretrained(sub, local_files_only=True)
+        except (OSError, ValueError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"cannot load {sub} ({msg}); save the pipeline again with save_pretrained") from None
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.to(device).eval()
+        out[role] = obj
+    missing = [k for k in ("unet", "scheduler") if k not in out]
+    if missing:
+        raise CheckpointError(f"{path}/model_index.json names no {' and no '.join(missing)}; attribution needs a "
+                              "diffusion pipeline with a UNet and a scheduler")
+    return out
+
+
+def training_scheduler(scheduler):
+    """The ``DDPMScheduler`` (the forward process the unet was trained on) of any diffusers scheduler's config."""
+    from diffusers import DDPMScheduler
+
+    if isinstance(scheduler, DDPMScheduler):
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+# ---------------------------------------------------------------------------------------------- model kinds
+def unet_conditioning(unet) -> str:
+    """``text`` for a unet with cross-attention, ``class`` for one with a class embedding, else ``none``."""
+    cfg = unet.config
+    if getattr(cfg, "cross_attention_dim", None) is not None and hasattr(cfg, "encoder_hid_dim"):
+        return "text"
+    if getattr(cfg, "num_class_embeds", None) is not None or getattr(cfg, "class_embed_type", None) is not None:
+        return "class"
+    return "none"
+
+
+def check_compatible(unet, dataset) -> None:
+    """One-line errors for a unet that cannot take this dataset's images (or latents)."""
+    cfg = unet.config
+    C, H, W = dataset.image_shape
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+    pixels = getattr(dataset, "pixels", None)
+    if getattr(dataset, "vae_fingerprint", None) is not None:  # latents of a VAE
+        if cfg.in_channels != C:
+            raise LatentError(f"the unet takes {cfg.in_channels}-channel latents but the VAE makes {C}; "
+                              "use the VAE the unet was trained with")
+        if size is not None and size != H:
+            hint = f" (use --image-size {pixels.image_shape[1] * size // H})" if pixels is not None else ""
+            raise LatentError(f"the unet takes {size}×{size} latents but the VAE makes {H}×{W}{hint}")
+        return
+    if cfg.in_channels != C:
+        raise InputError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
+                         f"use --channels {cfg.in_channels}")
+    if size is not None and size != H:
+        raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+
+
+def dataset_captions(dataset, captions=None):
+    """The :class:`~diffusion_trak.text.CaptionSet` of a training set: ``captions`` (a CaptionSet, a JSON/CSV
+    file, or a list with one caption or list of captions per position), else the dataset's ``captions``
+    attribute, else one caption per example from its class names; ``None`` if there is none of these."""
+    from .text import CaptionSet
+
+    captions = captions if captions is not None else getattr(dataset, "captions", None)
+    if isinstance(captions, CaptionSet):
+        return captions
+    if isinstance(captions, (str, os.PathLike)):
+        return CaptionSet.from_file(os.fspath(captions))
+    if captions is not None:
+        caps = list(captions)
+        if len(caps) != len(dataset):
+            raise LatentError(f"{len(caps)} captions for {len(dataset)} training images; give one caption (or a list "
+                              "of captions) per image")
+        return CaptionSet({int(i): [c] if isinstance(c, str) else list(c) for i, c in zip(dataset.indices.tolist(), caps)})
+    if dataset.labels is not None:
+        return CaptionSet.from_class_names(dataset)
+    return None
+
+
+class Conditioning:
+    """What a model kind adds to the pixel path; the default (nothing) is an unconditional or class-conditional
+    pixel model.
+
+    Args:
+        vae: ``AutoencoderKL`` / ``VQModel`` of a latent model: training and target images are encoded to the
+            unet's latents (:meth:`encode`), the posterior mean by default (``latent_mode="sample"``: one
+            fixed-seed posterior sample per example).
+        text: a :class:`~diffusion_trak.text.TextConditioner` (tokenizer + frozen text encoder) of a
+            text-conditional unet.
+        captions: the training captions (see :func:`dataset_captions`); default: the dataset's own, else its
+            class names.
+        caption_mode: with several captions per example, ``random`` (one drawn per (example, timestep), a
+            function of ``(seed, index)``), ``mean`` (mean embedding) or ``first``.
+
+    Class-conditional unets get ``class_labels`` from the dataset's labels, text unets ``encoder_hidden_states``
+    from the captions, in featurization (:meth:`training`), for training images scored as targets
+    (:meth:`examples`) and for generated trajectories (:meth:`of_trajectory`: the generation's own prompt
+    embedding or class labels)."""
+
+    def __init__(self, vae=None, text=None, captions=None, caption_mode: str = "random", latent_mode: str = "mean",
+                 latent_seed: int = 0):
+        if caption_mode not in CAPTION_MODES:
+            raise LatentError(f"unknown caption mode {caption_mode!r}; choose one of {', '.join(CAPTION_MODES)}")
+        self.vae, self.text, self.captions = vae, text, captions
+        self.caption_mode, self.latent_mode, self.latent_seed = caption_mode, latent_mode, int(latent_seed)
+
+    def __repr__(self) -> str:
+        parts = [f"vae={type(self.vae).__name__}"] if self.vae is not None else []
+        if self.text is not None:
+            parts.append(f"text={type(self.text.text_encoder).__name__}, caption_mode={self.caption_mode!r}")
+        return f"Conditioning({', '.join(parts)})"
+
+    # ---- inputs -----------------------------------------------------------------------------------
+    def encode(self, dataset, cache_dir: Optional[str] = None, overwrite: bool = False, progress: bool = True):
+        """``dataset`` in the unet's space: itself without a VAE or when already encoded, else its latents
+        (:func:`~diffusion_trak.latent.encode_dataset`, cached in the store at ``cache_dir`` when given)."""
+        if self.vae is None or getattr(dataset, "vae_fingerprint", None) is not None:
+            return dataset
+        from . import distributed
+        from .latent import encode_dataset, encode_in_memory
+
+        if cache_dir is None:
+            return encode_in_memory(dataset, self.vae, self.latent_mode, self.latent_seed)
+        with distributed.main_process_first():  # the main process encodes, the others read its cache
+            return encode_dataset(dataset, self.vae, cache_dir, self.latent_mode, self.latent_seed, overwrite=overwrite,
+                                  progress=progress and distributed.state().is_main_process)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Target images ``(B, C, H, W)`` in ``[-1, 1]`` in the unet's space (latents with a VAE)."""
+        if self.vae is None:
+            return images
+        from .latent import encode_images
+
+        return encode_images(self.vae, images, self.latent_mode, self.latent_seed)
+
+    def _captions(self, dataset):
+        caps = dataset_captions(dataset, self.captions)
+        if caps is None:
+            raise LatentError("this unet reads text but the training images have no captions; pass captions= "
+                              "(a CaptionSet, a .json/.csv file or one caption per image) or a folder with metadata.jsonl")
+        caps.check_covers(dataset.indices.tolist())
+        return caps
+
+    def _need_text(self):
+        if self.text is None:
+            raise LatentError("this unet reads text: pass text= (a TextConditioner of the tokenizer and text encoder "
+                              "it was trained with), or load the model from its pipeline folder (--pipeline DIR)")
+
+    # ---- conditioning -----------------------------------------------------------------------------
+    def training(self, unet, dataset, num_timesteps: int, seed: int):
+        """``(cond_fn, per_timestep)``: ``cond_fn(rows)`` gives the unet's keyword arguments for training rows
+        (dataset positions); with ``per_timestep`` its tensors are ``(B, T, ...)``: one per (example, timestep)."""
+        kind = unet_conditioning(unet)
+        if kind == "text":
+            self._need_text()
+            from .text import caption_conditioning
+
+            caps = self._captions(dataset)
+
+            def fn(rows):
+                idx = dataset.indices[torch.as_tensor(np.asarray(rows))].tolist()
+                return caption_conditioning(self.text, caps, idx, self.caption_mode, num_timesteps, seed)
+            return fn, self.caption_mode == "random"
+        if kind == "class":
+            if dataset.labels is None:
+                raise InputError("the model is class-conditional but the dataset has no labels; use a labelled dataset")
+            return (lambda rows: {"class_labels": dataset.labels[torch.as_tensor(np.asarray(rows))]}), False
+        return None, False
+
+    def examples(self, unet, dataset, positions) -> Optional[dict]:
+        """The conditioning of training examples scored as targets: their first caption's embedding, or their label."""
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.long).reshape(-1)
+        kind = unet_conditioning(unet)
+        if kind == "text":
+            self._need_text()
+            caps = self._captions(dataset)
+            return {"encoder_hidden_states": self.text.encode([caps.of(int(dataset.indices[p]))[0] for p in pos])}
+        if kind == "class" and dataset.labels is not None:
+            return {"class_labels": dataset.labels[pos]}
+        return None
+
+    def prompts(self, unet, prompts: Optional[Sequence[str]] = None, class_labels=None) -> Optional[dict]:
+        """The conditioning of target images given as prompts (text unets) or class labels (class unets)."""
+        kind = unet_conditioning(unet)
+        if kind == "text":
+            self._need_text()
+            if prompts is None:
+                raise LatentError("this unet reads text: pass prompts= (one per target image)")
+            return {"encoder_hidden_states": self.text.encode(list(prompts))}
+        if kind == "class":
+            if class_labels is None:
+                raise InputError("this unet is class-conditional: pass class_labels= (one per target image)")
+            return {"class_labels": torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)}
+        return None
+
+    @staticmethod
+    def of_trajectory(trajectory) -> Optional[dict]:
+        """The generation's own conditioning (the prompt's embedding under guidance, and/or its class labels)."""
+        if hasattr(trajectory, "conditioning"):
+            return trajectory.conditioning()
+        if getattr(trajectory, "class_labels", None) is not None:
+            return {"class_labels": torch.as_tensor(trajectory.class_labels, dtype=torch.long)}
+        return None
+
+    def settings(self, unet, dataset) -> dict:
+        """What a feature store records about the conditioning: ``{}`` for a pixel model without text (so pixel
+        stores are as they always were), else the VAE, caption and text-model fingerprints."""
+        kind = unet_conditioning(unet)
+        vae_fp = getattr(dataset, "vae_fingerprint", None)
+        if vae_fp is None and kind != "text":
+            return {}
+        out = {"kind": kind}
+        if vae_fp is not None:
+            out["vae"] = {"fingerprint": vae_fp, "scaling_factor": dataset.scaling_factor,
+                          "shift_factor": dataset.shift_factor, "mode": dataset.mode}
+            pixels = getattr(dataset, "pixels", None)
+            if pixels is not None:  # the training images the latents are of (checked by api.check_dataset too)
+                out["pixels"] = {"fingerprint": pixels.fingerprint(), "size": len(pixels),
+                                 "name": getattr(pixels, "name", "")}
+        if kind == "text":
+            self._need_text()
+            out.update(caption_mode=self.caption_mode, captions=self._captions(dataset).fingerprint(),
+                       text=self.text.fingerprint())
+        return {"conditioning": out}
+
+
+def conditioning_of(components: Dict[str, object], captions=None, caption_mode: str = "random", device="cpu"):
+    """The :class:`Conditioning` of loaded pipeline components (a VAE and/or a tokenizer + text encoder)."""
+    text = None
+    if components.get("text_encoder") is not None and components.get("tokenizer") is not None:
+        from .text import TextConditioner
+
+        text = TextConditioner(components["tokenizer"], components["text_encoder"], device)
+    return Conditioning(vae=components.get("vae"), text=text, captions=captions, caption_mode=caption_mode)
+
+
+def as_checkpoints(checkpoints, device="cpu") -> List[Tuple[torch.nn.Module, object]]:
+    """Checkpoint folders, pipeline folders or ``(unet, scheduler)`` pairs as ``(unet, scheduler)`` pairs."""
+    out = []
+    for c in checkpoints:
+        if isinstance(c, (str, os.PathLike)):
+            if is_pipeline_folder(c):
+                comp = load_pipeline(c, device)
+                out.append((comp["unet"], training_scheduler(comp["scheduler"])))
+            else:
+                out.append(load_checkpoint(c, device))
+        else:
+            out.append(c)
+    if not out:
+        raise InputError("no checkpoints given; train a model first (diffusion-trak train) or pass --checkpoints")
+    return out

@@ -1,0 +1,235 @@
+"""The Attributor on saved diffusers folders: a tiny DDPMPipeline and a tiny Stable-Diffusion-style pipeline
+(AutoencoderKL + CLIP text encoder + UNet2DConditionModel), built and saved here. Its results must equal the
+api path's (api.featurize / api.score on the same models and data), bit for bit."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_trak import Attributor, api
+from diffusion_trak.config import FeaturizeArgs, ScoreArgs
+from diffusion_trak.data import load_dataset
+from diffusion_trak.errors import InputError, LatentError
+from diffusion_trak.store import StoreError
+
+from tiny_models import save_ddpm_pipeline, save_image_folder, save_sd_pipeline
+
+FARGS = FeaturizeArgs(num_timesteps=2, proj_dim=32, batch_size=8)
+SARGS = ScoreArgs(num_noises=2, destination_draws=2)
+KW = dict(featurize_args=FARGS, score_args=SARGS, progress=False)
+PROMPT = "a photo of a digit1"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"ddpm": save_ddpm_pipeline(str(root / "ddpm")), "sd": save_sd_pipeline(str(root / "sd")),
+            "imgs": save_image_folder(str(root / "imgs"))}
+
+
+def _train_set(folders):
+    return load_dataset(name="folder", path=folders["imgs"])
+
+
+def test_ddpm_pipeline_folder_in_five_lines(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["ddpm"], train_data=folders["imgs"], out=str(tmp_path / "run"), **KW)
+    attr.featurize()
+    scores = attr.attribute(attr.pipeline(seed=0, num_inference_steps=5, record_steps=[0, 2, 4]))
+    top, _, _, _ = scores.top(3)
+
+    # the api path, by hand
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusion_trak.pipelines import TrajectoryPipeline
+
+    unet = UNet2DModel.from_pretrained(os.path.join(folders["ddpm"], "unet"))
+    sched = DDPMScheduler.from_pretrained(os.path.join(folders["ddpm"], "scheduler"))
+    data = _train_set(folders)
+    fs = api.featurize([(unet, sched)], data, FARGS, str(tmp_path / "ref"), progress=False)
+    traj = TrajectoryPipeline(unet=unet, scheduler=sched)(seed=0, num_inference_steps=5, record_steps=[0, 2, 4],
+                                                           show_progress=False).trajectory
+    ref = api.score(fs, [(unet, sched)], data.indices.numpy(), SARGS, trajectory=traj, progress=False)
+    np.testing.assert_array_equal(np.asarray(attr.features.arrays[0]), np.asarray(fs.arrays[0]))
+    assert scores.values.shape == (3, 1, 12) and np.abs(scores.values).sum() > 0
+    np.testing.assert_array_equal(scores.values, ref.values)
+    np.testing.assert_array_equal(scores.destination, ref.destination)
+    assert set(top.reshape(-1).tolist()) <= set(data.indices.tolist())
+
+
+def test_sd_pipeline_folder_in_five_lines(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["sd"], train_data=folders["imgs"], out=str(tmp_path / "run"), **KW)
+    attr.featurize()
+    scores = attr.attribute(attr.pipeline(PROMPT, seed=0, num_inference_steps=5, record_steps=[0, 4], guidance_scale=2.0))
+    png, html = attr.report(scores)
+
+    # the api path, by hand: latents of the VAE, captions from the class names, the CLIP text model
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusion_trak import latent as L
+    from diffusion_trak.models import Conditioning
+    from diffusion_trak.pipelines.latent_trajectory import LatentTrajectoryPipeline
+    from diffusion_trak.text import CaptionSet, TextConditioner
+
+    sd = folders["sd"]
+    vae = AutoencoderKL.from_pretrained(os.path.join(sd, "vae")).eval()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(sd, "unet")).eval()
+    sched = DDPMScheduler.from_pretrained(os.path.join(sd, "scheduler"))
+    tok = CLIPTokenizer.from_pretrained(os.path.join(sd, "tokenizer"))
+    enc = CLIPTextModel.from_pretrained(os.path.join(sd, "text_encoder")).eval()
+    pixels = _train_set(folders)
+    latents = L.encode_in_memory(pixels, vae)
+    cond = Conditioning(text=TextConditioner(tok, enc), captions=CaptionSet.from_class_names(pixels))
+    fs = api.featurize([(unet, sched)], latents, FARGS, str(tmp_path / "ref"), progress=False, conditioning=cond)
+    traj = LatentTrajectoryPipeline(vae=vae, unet=unet, scheduler=sched, text_encoder=enc, tokenizer=tok)(
+        PROMPT, seed=0, num_inference_steps=5, record_steps=[0, 4], guidance_scale=2.0, show_progress=False).trajectory
+    ref = api.score(fs, [(unet, sched)], latents.indices.numpy(), SARGS, trajectory=traj, progress=False)
+
+    assert fs.store.settings["conditioning"]["kind"] == "text"
+    assert attr.features.store.settings == fs.store.settings
+    np.testing.assert_array_equal(np.asarray(attr.features.arrays[0]), np.asarray(fs.arrays[0]))
+    assert scores.values.shape == (2, 1, 12) and np.abs(scores.values).sum() > 0
+    np.testing.assert_array_equal(scores.values, ref.values)
+    np.testing.assert_array_equal(scores.destination, ref.destination)
+    assert os.path.getsize(png) > 0 and PROMPT in open(html, encoding="utf-8").read()
+    # another prompt is another target
+    other = attr.attribute(attr.pipeline("a photo of a digit7", seed=0, num_inference_steps=5, record_steps=[0, 4],
+                                         guidance_scale=2.0))
+    assert not np.allclose(other.values, scores.values)
+
+
+def test_rerun_resumes_and_other_settings_refuse(tmp_path, folders, monkeypatch):
+    out = str(tmp_path / "run")
+    first = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], out, **KW).featurize()
+    before = np.array(first.arrays[0])
+    from diffusion_trak.featurize.featurizer import Featurizer
+
+    calls = []
+    real = Featurizer.features
+    monkeypatch.setattr(Featurizer, "features", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], out, **KW).featurize()
+    assert calls == [] and np.array_equal(np.asarray(again.arrays[0]), before)  # nothing recomputed
+    other = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], out, progress=False,
+                                       featurize_args=FeaturizeArgs(num_timesteps=3, proj_dim=32))
+    with pytest.raises(StoreError, match=r"other settings .*num_timesteps: 2 -> 3.*--overwrite") as e:
+        other.featurize()
+    assert "\n" not in str(e.value)
+
+
+def test_images_as_targets_and_self_attribution_equal_the_api(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "run"), **KW)
+    fs = attr.featurize()
+    data = _train_set(folders)
+    ckpts = attr.checkpoints
+    got = attr.attribute(data.images[:3], image_timesteps=[10, 100])
+    ref = api.score(fs, ckpts, data.indices.numpy(), SARGS, images=data.images[:3], image_timesteps=[10, 100],
+                    progress=False)
+    assert got.values.shape == (2, 3, 12)
+    np.testing.assert_array_equal(got.values, ref.values)
+    rate, pos = attr.self_attribution(num=6, timestep=10)
+    rate_ref, pos_ref = api.self_attribution_rate(fs, ckpts, data, 6, 10, SARGS)
+    assert rate == rate_ref and np.array_equal(pos, pos_ref)
+    png, html = attr.report(got, name="images")
+    assert os.path.getsize(png) > 0 and html.endswith("images.html")
+
+
+def test_text_model_images_need_prompts(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["sd"], folders["imgs"], str(tmp_path / "run"), **KW)
+    attr.featurize()
+    pixels = attr.dataset.images[:2]
+    with pytest.raises(LatentError, match="pass prompts="):
+        attr.attribute(pixels)
+    a = attr.attribute(pixels, prompts=["a photo of a digit0", "a photo of a digit1"], image_timesteps=[10])
+    b = attr.attribute(pixels, prompts=["a photo of a digit5", "a photo of a digit1"], image_timesteps=[10])
+    assert a.values.shape == (1, 2, 12)
+    assert not np.allclose(a.values[0, 0], b.values[0, 0]) and np.allclose(a.values[0, 1], b.values[0, 1])
+    rate, pos = attr.self_attribution(num=4, timestep=10)  # each latent with its own caption
+    assert 0.0 <= rate <= 1.0 and len(pos) == 4
+
+
+def test_several_checkpoint_folders_are_an_ensemble(tmp_path, folders):
+    from diffusion_trak.train import load_checkpoint
+
+    other = save_ddpm_pipeline(str(tmp_path / "ddpm2"), seed=1)
+    attr = Attributor.from_pretrained([folders["ddpm"], other], folders["imgs"], str(tmp_path / "run"), **KW)
+    fs = attr.featurize()
+    assert len(fs.names) == 2 and attr.unet is attr.checkpoints[-1][0]
+    assert fs.store.settings["checkpoints"] == api.featurize(
+        [load_checkpoint(folders["ddpm"]), load_checkpoint(other)], _train_set(folders), FARGS, str(tmp_path / "ref"),
+        progress=False).store.settings["checkpoints"]
+
+
+def test_no_features_yet_is_one_line(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "run"), **KW)
+    with pytest.raises(InputError, match=r"no features in .*; call featurize\(\) first"):
+        attr.attribute(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(InputError, match="pass train_data="):
+        Attributor.from_pretrained(folders["ddpm"], None, str(tmp_path / "run2")).featurize()
+
+
+# ---- the CLI: the same commands for both folders -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "sd"])
+def test_cli_same_commands_for_pipeline_folders(tmp_path, folders, kind, capsys):
+    from diffusion_trak.cli import main
+    from diffusion_trak.pipelines import Trajectory
+
+    run = str(tmp_path / "run")
+    model, data = folders[kind], ["--data", "folder", "--data-path", folders["imgs"]]
+    common = ["--pipeline", model, "--run", run, "--device", "cpu"]
+    prompt = ["--prompt", PROMPT] if kind == "sd" else []
+    assert main(["featurize", *common, *data, "-T", "2", "-k", "32", "--batch-size", "8"]) == 0
+    assert main(["generate", *common, "--steps", "4", "--num-record", "2", *prompt]) == 0
+    assert main(["score", *common, *data, "-R", "2", "--destination-draws", "2"]) == 0
+    assert main(["plot", "--run", run, *data]) == 0
+    scores = np.load(os.path.join(run, "scores", "seed-0", "scores.npy"))
+    summary = json.load(open(os.path.join(run, "scores", "seed-0", "scores.json")))
+    assert scores.shape == (2, 1, 12) and summary["train_indices"] == list(range(12))
+
+    attr = Attributor.from_pretrained(model, folders["imgs"], str(tmp_path / "py"), **KW)
+    attr.featurize()
+    traj = Trajectory.load(os.path.join(run, "trajectories", "seed-0.safetensors"))
+    assert (getattr(traj, "prompts", None) or [None])[0] == (PROMPT if kind == "sd" else None)
+    np.testing.assert_array_equal(attr.attribute(traj).values, scores)
+    if kind == "sd":  # the latents were cached beside the features, once
+        assert os.path.isdir(os.path.join(run, "latents"))
+
+
+def test_readme_first_python_example_runs(tmp_path, folders, monkeypatch):
+    """The README's first Python example: a saved DDPMPipeline folder, a generated image attributed in 5 lines."""
+    import shutil
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in block.splitlines() if line.strip()]) <= 5
+    assert "my-ddpm-pipeline/" in block and "my_images/" in block
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folders["ddpm"], "my-ddpm-pipeline")
+    shutil.copytree(folders["imgs"], "my_images")
+    assert json.load(open("my-ddpm-pipeline/model_index.json"))["_class_name"] == "DDPMPipeline"
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    scores = scope["scores"]
+    assert scores.values.shape == (10, 1, 12) and np.isfinite(scores.values).all() and scores.destination is not None
+    assert os.path.getsize("runs/mine/report/attribution.png") > 0 and os.path.isfile("runs/mine/report/attribution.html")
+
+
+def test_latent_size_mismatch_is_refused_before_anything_is_written(tmp_path, folders):
+    big = load_dataset(name="folder", path=folders["imgs"], image_size=16)  # the VAE makes 8×8 latents of these
+    attr = Attributor.from_pretrained(folders["sd"], big, str(tmp_path / "run"), **KW)
+    with pytest.raises(LatentError, match=r"4×4 latents but the VAE makes 8×8 \(use --image-size 8\)"):
+        attr.featurize()
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_from_a_pipeline_in_memory(tmp_path, folders):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(folders["ddpm"])
+    a = Attributor.from_pipeline(pipe, folders["imgs"], str(tmp_path / "a"), **KW).featurize()
+    b = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "b"), **KW).featurize()
+    assert a.store.settings == b.store.settings
+    np.testing.assert_array_equal(np.asarray(a.arrays[0]), np.asarray(b.arrays[0]))
