@@ -161,6 +161,7 @@ def test_a_masked_run_is_read_back_through_one_layout(tmp_path, monkeypatch):
     journey page) read, also for a masked run; target features are computed, and checkpoints loaded, once."""
     import numpy as np
 
+    import diffusion_trak.models as models_mod
     import diffusion_trak.target_cache as target_cache
     import diffusion_trak.train as train_mod
     from diffusion_trak.api import Scores
@@ -171,7 +172,9 @@ def test_a_masked_run_is_read_back_through_one_layout(tmp_path, monkeypatch):
 
     loads, computed = [], []
     real_load, real_targets = train_mod.load_checkpoint, target_cache.all_target_features
-    monkeypatch.setattr(train_mod, "load_checkpoint", lambda path, *a, **k: loads.append(str(path)) or real_load(path, *a, **k))
+    counted = lambda path, *a, **k: loads.append(str(path)) or real_load(path, *a, **k)  # noqa: E731
+    for mod in (models_mod, train_mod):  # the loader lives in models; train re-exports it
+        monkeypatch.setattr(mod, "load_checkpoint", counted)
     monkeypatch.setattr(target_cache, "all_target_features", lambda *a, **k: computed.append(1) or real_targets(*a, **k))
     out = str(tmp_path / "run")
     cfg = tiny_config(lds_mode="masked", train=TrainArgs(block_out_channels=(8, 16), norm_num_groups=4, epochs=4,
