@@ -122,6 +122,22 @@ def explicit_gradient(unet, names, scheduler, x0, ts, noises, emb):
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+class _Embeddings:
+    """A conditioning that hands each training row its own (test-made) text embedding, no text model."""
+
+    def __init__(self, emb):
+        self.emb = emb
+
+    def encode(self, dataset, *a, **k):
+        return dataset
+
+    def training(self, unet, dataset, num_timesteps, seed):
+        return (lambda rows: {"encoder_hidden_states": self.emb[torch.as_tensor(rows)]}), False
+
+    def settings(self, unet, dataset):
+        return {"conditioning": {"kind": "text", "embeddings": "test"}}
+
+
 @pytest.mark.parametrize("method", ["vmap", "fast"])
 def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, method):
     n, k, T, R, ridge = 6, 16, 3, 2, 0.5
@@ -135,7 +151,7 @@ def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, metho
                          projector="torch" if method == "vmap" else "auto")
     ckpts = [(lora_unet, scheduler)]
     fs = api.featurize(ckpts, data, args, out=str(tmp_path / "f"), progress=False,
-                       cond_fn=lambda rows: {"encoder_hidden_states": emb[torch.as_tensor(rows)]})
+                       conditioning=_Embeddings(emb))
     assert fs.store.settings["featurize"]["params"] == "lora"
     sargs = ScoreArgs(num_noises=R, ridge=ridge, destination_draws=0)
     sc = api.score(fs, ckpts, data.indices.numpy(), sargs, images=targets, image_timesteps=image_timesteps,
@@ -165,7 +181,7 @@ def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, metho
     # the selection is part of the store's settings: another selection over the same store refuses
     with pytest.raises(StoreError, match="overwrite"):
         api.featurize(ckpts, data, FeaturizeArgs(**{**args.__dict__, "params": "all"}), out=str(tmp_path / "f"),
-                      progress=False, cond_fn=lambda rows: {"encoder_hidden_states": emb[torch.as_tensor(rows)]})
+                      progress=False, conditioning=_Embeddings(emb))
 
 
 def test_cli_params_flag():
