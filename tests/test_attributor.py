@@ -233,3 +233,32 @@ def test_from_a_pipeline_in_memory(tmp_path, folders):
     b = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "b"), **KW).featurize()
     assert a.store.settings == b.store.settings
     np.testing.assert_array_equal(np.asarray(a.arrays[0]), np.asarray(b.arrays[0]))
+
+
+def test_sd_folder_with_metadata_captions(tmp_path, folders):
+    """An image folder laid out as diffusers' text-to-image scripts keep it (metadata.jsonl captions), read from
+    disk, featurized through a Stable-Diffusion-style folder: the store records those captions, and the scores
+    equal the same images with the same captions given explicitly."""
+    import shutil
+
+    from diffusion_trak.text import CaptionSet
+
+    imgs = str(tmp_path / "captioned")
+    shutil.copytree(folders["imgs"], imgs)
+    files = sorted(os.path.relpath(os.path.join(d, f), imgs) for d, _, fs in os.walk(imgs) for f in fs if f.endswith(".png"))
+    with open(os.path.join(imgs, "metadata.jsonl"), "w") as fh:
+        for j, f in enumerate(files):
+            fh.write(json.dumps({"file_name": f, "text": f"a handwritten sample number {j % 3}"}) + "\n")
+    data = load_dataset(name="folder", path=imgs)
+    assert data.captions is not None
+    attr = Attributor.from_pretrained(folders["sd"], train_data=imgs, out=str(tmp_path / "run"), **KW)
+    attr.featurize()
+    scores = attr.attribute(attr.pipeline(PROMPT, seed=0, num_inference_steps=5, record_steps=[4], guidance_scale=2.0))
+    explicit = CaptionSet({int(i): data.captions.of(int(i)) for i in data.indices.tolist()})
+    ref = Attributor.from_pretrained(folders["sd"], train_data=imgs, out=str(tmp_path / "ref"), captions=explicit, **KW)
+    ref.featurize()
+    assert attr.features.store.settings["conditioning"]["captions"] == explicit.fingerprint()
+    other = CaptionSet.from_class_names(data)
+    assert other.fingerprint() != explicit.fingerprint()  # the class names would have been another conditioning
+    np.testing.assert_array_equal(np.asarray(attr.features.arrays[0]), np.asarray(ref.features.arrays[0]))
+    assert scores.values.shape == (1, 1, len(data)) and np.isfinite(scores.destination).all()
