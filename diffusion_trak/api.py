@@ -5,7 +5,6 @@ Flow: ``train`` → ``featurize`` → ``generate`` (trajectory) → ``score`` (p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -270,10 +269,6 @@ class Scores:
         return cls(values, steps, timesteps, idx, meta, destination)
 
 
-def _target_key(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
-
-
 def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: ScoreArgs = ScoreArgs(),
           trajectory=None, steps: Optional[Sequence[int]] = None, images: Optional[torch.Tensor] = None,
           image_timesteps: Sequence[int] = (10,), out: Optional[str] = None, overwrite: bool = False,
@@ -313,7 +308,6 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         timesteps = [int(trajectory.timesteps[s]) for s in steps]
         if cond is None:
             cond = Conditioning.of_trajectory(trajectory)
-        key = _target_key(trajectory.final)
         targets = TargetSet.from_trajectory(trajectory, steps)
     elif images is not None:
         check_finite(images, "target images")
@@ -323,10 +317,10 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
             raise InputError(f"image timesteps {bad or list(image_timesteps)} are not in 0..{n_t - 1} "
                              f"(the scheduler's training timesteps); pass --image-timesteps between 0 and {n_t - 1}")
         steps, timesteps = list(range(len(image_timesteps))), [int(t) for t in image_timesteps]
-        key = _target_key(images)
         targets = TargetSet.from_images(images, steps, timesteps)
     else:
         raise ValueError("give a trajectory or images to score")
+    key = targets.final_digest()  # the final images: what a score store records as its target
     per_ckpt, dest_feats = target_features_of(features, ckpts, targets, args.num_noises, args.seed, output, cond,
                                               args.destination_draws, device)  # each (S, B, k); (B, k)
     S, B, k = per_ckpt[0].shape
