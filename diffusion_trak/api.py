@@ -7,16 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import distributed
-from .config import FeaturizeArgs, ScoreArgs, asdict
+from .config import FeaturizeArgs, ScoreArgs, asdict, from_dict
 from .errors import InputError, NonFiniteError
-from .featurize.featurizer import Featurizer, model_fingerprint
+from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, slot_blocks
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .models import Conditioning, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
@@ -71,10 +71,12 @@ def _closing_on_error(store: Store):
 
 @dataclass
 class FeatureSet:
-    """Training features of every checkpoint: a store with one (N, k) array per checkpoint."""
+    """Training features of every checkpoint: a store with one (N, k) array per checkpoint (``features_XX``) and,
+    for ``kernel="ggn"``, the GGN kernel of each checkpoint (``kernel_XX``: (S, k, k), S partial sums)."""
 
     store: Store
     names: List[str]
+    kernel_names: List[str] = field(default_factory=list)
     #: work that depends on these features and a checkpoint but not on the targets, kept for later calls of
     #: :func:`score`: the featurizers of the checkpoints and the TRAK kernel with its factorisation
     reuse: dict = field(default_factory=dict, repr=False, compare=False)
@@ -83,11 +85,22 @@ class FeatureSet:
     def arrays(self):
         return [self.store.get(n).read() for n in self.names]
 
+    @property
+    def kernels(self):
+        """The GGN kernel (k × k, float64) per checkpoint, or None (the kernel is then ``ΦᵀΦ``)."""
+        def total(slots):  # slot by slot: never the S copies in float64 at once
+            K = np.zeros(slots.shape[1:], dtype=np.float64)
+            for s in range(slots.shape[0]):
+                K += slots[s]
+            return K
+
+        return [total(self.store.get(n).read()) for n in self.kernel_names] or None
+
     def scorer(self, ridge: float, block_size: int) -> TRAKScorer:
         """The :class:`TRAKScorer` of these features (kernel and Cholesky factor per checkpoint), built once."""
         key = ("scorer", float(ridge), int(block_size))
         if key not in self.reuse:
-            self.reuse[key] = TRAKScorer(self.arrays, ridge, block_size)
+            self.reuse[key] = TRAKScorer(self.arrays, ridge, block_size, kernels=self.kernels)
         return self.reuse[key]
 
     def featurizers(self, ckpts, device) -> List[Featurizer]:
@@ -95,13 +108,14 @@ class FeatureSet:
         built once per device."""
         key = ("featurizers", str(torch.device(device)))
         if key not in self.reuse:
-            self.reuse[key] = _featurizers(ckpts, FeaturizeArgs(**self.store.settings["featurize"]), device)
+            self.reuse[key] = _featurizers(ckpts, from_dict(FeaturizeArgs, self.store.settings["featurize"]), device)
         return self.reuse[key]
 
     @classmethod
     def open(cls, path: str) -> "FeatureSet":
         store = Store.open_existing(path)
-        return cls(store, [n for n in store.names()])
+        names = list(store.names())
+        return cls(store, [n for n in names if not n.startswith("kernel_")], [n for n in names if n.startswith("kernel_")])
 
 
 def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArgs(), out: str = "features",
@@ -143,6 +157,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     }
     dist = distributed.state()
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
+    knames = [f"kernel_{c:02d}" for c in range(len(featurizers))] if args.kernel == "ggn" else []
     with distributed.main_process_first():  # the main process creates (or replaces) the store, the others open it
         try:
             store = Store(out, settings, overwrite=overwrite and dist.is_main_process)
@@ -150,19 +165,42 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             raise StoreError(str(e) + _method_fix(out, args)) from None
         with _closing_on_error(store):
             arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
+            n_slots = kernel_slots(len(dataset), args.batch_size)
+            karrays = [store.array(name, (n_slots, args.proj_dim, args.proj_dim)) for name in knames]
     with store:  # the writer's lock is held until the rows are written
         mine = distributed.shard_rows(len(dataset), args.batch_size)
         if rows is not None:
             mine = np.intersect1d(mine, np.asarray(rows))
+        if knames:  # the GGN kernel: the same projection, draws of their own; slots shared out like rows
+            kargs = kernel_args(args)
+            kcond_fn, kper = conditioning.training(ckpts[0][0], dataset, kargs.num_timesteps, args.seed)
+            blocks = slot_blocks(len(dataset), args.batch_size, n_slots)
+            if rows is None:
+                my_slots = distributed.shard_rows(n_slots, 1)
+            else:  # a shard of rows: the slots all of whose rows it holds
+                mine_set = set(mine.tolist())
+                my_slots = np.array([s for s in range(n_slots) if all(
+                    r in mine_set for b in blocks[s] for r in range(b * args.batch_size, min((b + 1) * args.batch_size, len(dataset))))],
+                    dtype=int)
         for c, (f, arr) in enumerate(zip(featurizers, arrays)):
             f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
                                 desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep)
+            if knames:
+                f.with_args(kargs).featurize_kernel(dataset, karrays[c], cond_fn=kcond_fn, slots=my_slots,
+                                                    progress=progress and dist.is_main_process,
+                                                    desc=f"GGN kernel ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=kper)
         dist.wait_for_everyone()
         if rows is None:
-            missing = [n for n, a in zip(names, arrays) if not a.complete()]
+            missing = [n for n, a in zip(names + knames, arrays + karrays) if not a.complete()]
             if missing:
                 raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
-    return FeatureSet(store, names)
+    return FeatureSet(store, names, knames)
+
+
+def kernel_args(args: FeaturizeArgs) -> FeaturizeArgs:
+    """The settings of the GGN kernel's probe features: ``kernel_draws`` draws of the ``probe`` output, with the
+    features' seed (so the same projection) and timestep strategy and range."""
+    return replace(args, output="probe", num_timesteps=args.kernel_draws)
 
 
 def _method_fix(out: str, args: FeaturizeArgs) -> str:
@@ -294,7 +332,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
-    fargs = FeaturizeArgs(**fset["featurize"])
+    fargs = from_dict(FeaturizeArgs, fset["featurize"])
     output = args.target_output or fargs.output
     if trajectory is not None:
         steps = [int(s) for s in (trajectory.step_indices if steps is None else steps)]

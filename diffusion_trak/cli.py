@@ -21,7 +21,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import PARAM_SELECTIONS, PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
+from .config import KERNELS, PARAM_SELECTIONS, PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
 
 DEFAULT_RUN = "runs/digits"
 
@@ -249,7 +249,8 @@ def _featurize_args(ns) -> FeaturizeArgs:
     return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
-                                        output=ns.output, params=ns.params))
+                                        output=ns.output, params=ns.params, kernel=ns.kernel,
+                                        kernel_draws=ns.kernel_draws))
 
 
 def _models(ns) -> List[str]:
@@ -462,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the run's model/ckpt-*")
     _add_pipeline(sp, captions=True)
     sp.add_argument("--preset", default="default", choices=PRESETS,
-                    help="named estimator: default (T=100 stratified, the loss) or paper (journey-TRAK: T=10 uniform); "
+                    help="named estimator: default (T=100 stratified, the loss, the GGN kernel) or paper (journey-TRAK: "
+                         "T=10 uniform, ΦᵀΦ); "
                          "the flags below change single settings of it")
     sp.add_argument("-T", "--num-timesteps", type=_int(1), default=None, help=f"default {f.num_timesteps}")
     sp.add_argument("--timestep-strategy", default=None, choices=["uniform", "evenly_spaced", "stratified"],
@@ -478,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--params", default=None, choices=list(PARAM_SELECTIONS),
                     help="parameters the gradients cover: all (default), lora (the peft LoRA adapter only, for "
                          "LoRA fine-tunes) or trainable (those with requires_grad)")
+    sp.add_argument("--kernel", default=None, choices=list(KERNELS),
+                    help="the matrix TRAK inverts: ggn (default: the Gauss-Newton matrix of the loss, from single-draw "
+                         "probe gradients) or features (the paper's ΦᵀΦ of the training features)")
+    sp.add_argument("--kernel-draws", type=_int(1), default=None,
+                    help=f"(timestep, noise) draws per example for the ggn kernel (default {f.kernel_draws})")
     sp.add_argument("--batch-size", type=_int(1), default=f.batch_size)
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features; a latent model's "
@@ -514,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", default=None, help="score real images instead (.npz or folder)")
     sp.add_argument("--image-timesteps", type=_int(0), nargs="+", default=[10, 100, 500])
     sp.add_argument("--preset", default="default", choices=PRESETS,
-                    help="named estimator: default (ridge 1) or paper (ridge 0.01); the flags below change single settings")
+                    help="named estimator: default (ridge 0.1) or paper (ridge 0.01); the flags below change single settings")
     sp.add_argument("-R", "--num-noises", type=_int(1), default=None, help=f"target noises per step (default {s.num_noises})")
     sp.add_argument("--ridge", type=_positive_float, default=None,
                     help=f"relative ridge: λ = ridge·tr(ΦᵀΦ)/k (default {s.ridge})")

@@ -12,7 +12,14 @@ scalar per example:
 - ``sqnorm``: ``mean(ε̂²)``, the squared norm of the prediction (D-TRAK);
 - ``mean``: ``mean(ε̂)``;
 - ``l1``: ``mean(|ε̂|)``;
-- ``l2``: ``sqrt(sum(ε̂²))``.
+- ``l2``: ``sqrt(sum(ε̂²))``;
+- ``probe``: ``mean(ε̂ · v)`` with ``v ~ N(0, I)`` a random *probe* drawn with the noise and independent of it.
+  Its gradient ``Jᵀv / d`` (``J``: the Jacobian of ε̂ in θ) has ``E[Jᵀv vᵀJ] = JᵀJ``, the Gauss-Newton matrix of
+  the squared error at that (x0, t, ε), whatever the prediction type; summed over independent probes, the
+  outer products estimate it without the d backward passes of ``J``. The GGN kernel of
+  :class:`~diffusion_trak.config.FeaturizeArgs` (``kernel="ggn"``) is built from these features. The probe
+  travels in the noise tensor: for this output, ``noise`` has twice the image's channels, ``[ε, v]``
+  (:func:`diffusion_trak.featurize.featurizer.example_draws` draws it so).
 """
 from __future__ import annotations
 
@@ -56,7 +63,11 @@ OUTPUTS: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mean": lambda pred, target: _flat_mean(pred),
     "l1": lambda pred, target: _flat_mean(pred.abs()),
     "l2": lambda pred, target: pred.reshape(pred.shape[0], -1).pow(2).sum(1).sqrt(),
+    "probe": lambda pred, probe: _flat_mean(pred * probe),
 }
+
+#: outputs whose noise tensor carries a probe ``v`` after the noise ``ε`` (channels ``[ε, v]``)
+PROBED = ("probe",)
 
 
 def get_output(name: str):
@@ -73,7 +84,13 @@ def model_prediction(model, x_t, t, cond=None):
 
 
 def output_value(model, scheduler, x0, t, noise, output: str = "loss", cond: Optional[dict] = None) -> torch.Tensor:
-    """Per-example output ``f(ε̂_θ(x_t, t), target)`` for a batch: shape ``(B,)``."""
+    """Per-example output ``f(ε̂_θ(x_t, t), target)`` for a batch: shape ``(B,)``. For a probed output
+    (:data:`PROBED`) ``noise`` is ``[ε, v]`` along the channels and ``f`` gets the probe ``v`` as its target."""
+    if output in PROBED:
+        noise, probe = noise[:, :x0.shape[1]], noise[:, x0.shape[1]:]
+        if probe.shape != noise.shape:
+            raise ValueError(f"output {output!r} needs noise with twice the image's {x0.shape[1]} channels ([noise, probe])")
     x_t = add_noise(scheduler, x0, t, noise)
     pred = model_prediction(model, x_t, t, cond)
-    return get_output(output)(pred, regression_target(scheduler, x0, t, noise))
+    target = probe if output in PROBED else regression_target(scheduler, x0, t, noise)
+    return get_output(output)(pred, target)

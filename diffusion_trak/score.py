@@ -1,10 +1,14 @@
 """The TRAK estimator, streamed in blocks and averaged over checkpoints.
 
-For checkpoint ``c`` with training features ``Φ_c`` (n × k) and target features ``Ψ_c`` (m × k)::
+For checkpoint ``c`` with training features ``Φ_c`` (n × k), target features ``Ψ_c`` (m × k) and kernel
+``K_c`` (k × k)::
 
-    λ_c = ridge · tr(Φ_cᵀ Φ_c) / k
-    S_c = Ψ_c (Φ_cᵀ Φ_c + λ_c I)⁻¹ Φ_cᵀ              (m × n)
+    λ_c = ridge · tr(K_c) / k
+    S_c = Ψ_c (K_c + λ_c I)⁻¹ Φ_cᵀ                   (m × n)
     S   = (1/C) Σ_c S_c
+
+``K_c`` is the GGN kernel that featurization stored (``kernels``; the default ``FeaturizeArgs.kernel="ggn"``),
+or ``Φ_cᵀ Φ_c`` (the paper's, ``kernel="features"``).
 
 Positive scores are proponents (training examples whose up-weighting lowers the target's
 output, i.e. the loss), negative ones opponents. No other rescaling is applied: the
@@ -66,7 +70,8 @@ def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
 class TRAKScorer:
     """Precomputes ``(ΦᵀΦ + λI)⁻¹`` per checkpoint once, then scores any number of targets."""
 
-    def __init__(self, train_features: Sequence, ridge: float = 1e-2, block_size: int = 4096):
+    def __init__(self, train_features: Sequence, ridge: float = 1e-2, block_size: int = 4096,
+                 kernels: Optional[Sequence] = None):
         self.train_features = list(train_features)
         if not self.train_features:
             raise ValueError("no checkpoints to score with")
@@ -75,10 +80,12 @@ class TRAKScorer:
             raise ValueError("no training features; featurize a non-empty dataset first")
         self.block_size, self.ridge = block_size, ridge
         self.chol, self.lambdas = [], []
-        for phi in self.train_features:
+        if kernels is not None and len(kernels) != len(self.train_features):
+            raise ValueError(f"got kernels for {len(kernels)} checkpoints, training features for {len(self.train_features)}")
+        for c, phi in enumerate(self.train_features):
             if phi.shape[0] != self.n:
                 raise ValueError("checkpoints have different numbers of training rows")
-            G = kernel(phi, block_size)
+            G = kernel(phi, block_size) if kernels is None else torch.tensor(np.asarray(kernels[c]), dtype=torch.float64)
             lam = ridge_lambda(G, ridge)
             G.diagonal().add_(lam)
             self.chol.append(torch.linalg.cholesky(G))

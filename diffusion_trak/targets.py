@@ -20,6 +20,7 @@ scoring, baselines and evaluations compute them once per (checkpoint, targets).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -33,6 +34,21 @@ def target_noises(seed: int, key: int, target: int, R: int, shape) -> torch.Tens
     return torch.randn(R, *shape, generator=g)
 
 
+def _step_rows(x0: torch.Tensor, timesteps: Sequence[int], keys: Sequence[int], R: int, seed: int, cond, num_train_timesteps: int):
+    """The featurizer rows of per-step targets: ``(x0 (S·B, C, H, W), timesteps (S·B, R), noises (S·B, R, C, H, W), cond)``."""
+    S, B = x0.shape[:2]
+    if len(timesteps) != S or len(keys) != S:
+        raise ValueError(f"{S} steps of images but {len(timesteps)} timesteps and {len(keys)} keys")
+    for t in timesteps:
+        if not 0 <= int(t) < num_train_timesteps:
+            raise ValueError(f"timestep {t} is outside the scheduler's 0..{num_train_timesteps - 1}")
+    shape = x0.shape[2:]
+    ts = torch.tensor([int(t) for t in timesteps], dtype=torch.long).reshape(S, 1, 1).expand(S, B, R).reshape(S * B, R)
+    noises = torch.stack([target_noises(seed, int(key), b, R, shape) for key in keys for b in range(B)])
+    c = {name: v.repeat(S, *([1] * (v.dim() - 1))) for name, v in (cond or {}).items()}  # row s·B + b gets v[b]
+    return x0.reshape(S * B, *shape), ts, noises, c
+
+
 def features_at_steps(featurizer, x0: torch.Tensor, timesteps: Sequence[int], keys: Sequence[int], R: int, seed: int,
                       output: Optional[str] = None, cond: Optional[dict] = None) -> torch.Tensor:
     """Projected target gradients of ``x0`` (S, B, C, H, W) at one timestep per step: (S, B, k).
@@ -41,17 +57,8 @@ def features_at_steps(featurizer, x0: torch.Tensor, timesteps: Sequence[int], ke
     :func:`target_noises` ``(seed, keys[s], b)``); ``cond`` holds per-target tensors with leading dim B.
     The S · B targets, R noises each, go through the featurizer in one call."""
     S, B = x0.shape[:2]
-    if len(timesteps) != S or len(keys) != S:
-        raise ValueError(f"{S} steps of images but {len(timesteps)} timesteps and {len(keys)} keys")
-    for t in timesteps:
-        if not 0 <= int(t) < featurizer.num_train_timesteps:
-            raise ValueError(f"timestep {t} is outside the scheduler's 0..{featurizer.num_train_timesteps - 1}")
-    shape = x0.shape[2:]
-    ts = torch.tensor([int(t) for t in timesteps], dtype=torch.long).reshape(S, 1, 1).expand(S, B, R).reshape(S * B, R)
-    noises = torch.stack([target_noises(seed, int(key), b, R, shape) for key in keys for b in range(B)])
-    c = {name: v.repeat(S, *([1] * (v.dim() - 1))) for name, v in (cond or {}).items()}  # row s·B + b gets v[b]
-    feats = featurizer.features(x0.reshape(S * B, *shape), ts, noises, c or None, output)
-    return feats.reshape(S, B, -1)
+    xs, ts, noises, c = _step_rows(x0, timesteps, keys, R, seed, cond, featurizer.num_train_timesteps)
+    return featurizer.features(xs, ts, noises, c or None, output).reshape(S, B, -1)
 
 
 def target_features(featurizer, x0: torch.Tensor, timestep: int, R: int, seed: int, key: int = 0,
@@ -88,6 +95,14 @@ def destination_draws(seed: int, target: int, D: int, num_train_timesteps: int, 
     return t, torch.randn(D, *shape, generator=g)
 
 
+def _destination_rows(images: torch.Tensor, D: int, seed: int, num_train_timesteps: int):
+    """The featurizer rows of destination targets: ``(timesteps (B, D), noises (B, D, C, H, W))``."""
+    if D < 1:
+        raise ValueError(f"destination draws must be at least 1, got {D}")
+    draws = [destination_draws(seed, b, D, num_train_timesteps, images.shape[1:]) for b in range(images.shape[0])]
+    return torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
+
+
 def destination_target_features(featurizer, images: torch.Tensor, D: int, seed: int, output: Optional[str] = None,
                                 cond: Optional[dict] = None) -> torch.Tensor:
     """The *destination* target of final images ``(B, C, H, W)``: ``(1/D) Σ_j f(θ; x0, t_j, ε_j)`` with the
@@ -96,12 +111,18 @@ def destination_target_features(featurizer, images: torch.Tensor, D: int, seed: 
     A per-step target asks what decided the image at step ``s``; the destination asks which training
     images make the model explain the final image at every noise level, like the denoising loss that
     training lowers. (The last step's per-step target, x̂0 re-noised to t ≈ 0, carries almost no signal.)"""
-    if D < 1:
-        raise ValueError(f"destination draws must be at least 1, got {D}")
-    draws = [destination_draws(seed, b, D, featurizer.num_train_timesteps, images.shape[1:]) for b in range(images.shape[0])]
-    ts = torch.stack([d[0] for d in draws])
-    noises = torch.stack([d[1] for d in draws])
+    ts, noises = _destination_rows(images, D, seed, featurizer.num_train_timesteps)
     return featurizer.features(images, ts, noises, cond, output)
+
+
+def _split_rows(x0, ts, noises, cond, g: int):
+    """Rows of ``T`` draws each as ``T/g`` rows of ``g`` draws (consecutive); the mean of a row's ``T/g`` parts'
+    features is the row's feature (every feature is the mean of its rows' draws)."""
+    n, T = ts.shape
+    parts = T // g
+    rep = lambda v: v.repeat_interleave(parts, dim=0)  # noqa: E731
+    return (rep(x0), ts.reshape(n * parts, g), noises.reshape(n * parts, g, *noises.shape[2:]),
+            {name: rep(v) for name, v in (cond or {}).items()})
 
 
 def digest(*parts) -> str:
@@ -179,12 +200,28 @@ class TargetFeatures:
 
 def all_target_features(featurizer, targets: TargetSet, R: int, seed: int, output: Optional[str] = None,
                         cond: Optional[dict] = None, destination_draws: int = 0) -> TargetFeatures:
-    """Every target feature of ``targets`` for one featurizer: the per-step targets (R noises each, all steps in
-    one featurizer call, :func:`features_at_steps`) and, with ``destination_draws > 0``, the destination of the
-    final images (:func:`destination_target_features`)."""
-    steps = features_at_steps(featurizer, targets.x0_by_step, [int(t) for t in targets.timesteps], targets.keys, R,
-                              seed, output, cond)
-    dest = None
-    if destination_draws > 0:
-        dest = destination_target_features(featurizer, targets.final.float(), destination_draws, seed, output, cond)
+    """Every target feature of ``targets`` for one featurizer: the per-step targets (R noises each) and, with
+    ``destination_draws = D > 0``, the destination of the final images (:func:`destination_target_features`).
+
+    All of it is ONE featurizer call, so a trajectory's steps and its destination share the batched passes:
+    with ``g = gcd(R, D)``, each step target is ``R/g`` rows of ``g`` (timestep, noise) pairs and each destination
+    ``D/g`` such rows, and a target's feature is the mean of its rows' (every row's feature is the mean of its
+    ``g`` draws, so this is the mean over all of the target's draws). The draws are those of
+    :func:`features_at_steps` and :func:`destination_target_features`."""
+    S, B = targets.x0_by_step.shape[:2]
+    n_t = featurizer.num_train_timesteps
+    xs, ts, noises, c = _step_rows(targets.x0_by_step, [int(t) for t in targets.timesteps], targets.keys, R, seed,
+                                   cond, n_t)
+    if destination_draws <= 0:
+        return TargetFeatures(featurizer.features(xs, ts, noises, c or None, output).reshape(S, B, -1), None)
+    final = targets.final.float()
+    d_ts, d_noises = _destination_rows(final, destination_draws, seed, n_t)
+    g = math.gcd(R, destination_draws)
+    rows = [_split_rows(xs, ts, noises, c, g), _split_rows(final, d_ts, d_noises, cond, g)]
+    feats = featurizer.features(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+                                torch.cat([r[2] for r in rows]),
+                                {name: torch.cat([r[3][name] for r in rows]) for name in (cond or {})} or None, output)
+    n_steps = S * B * (R // g)
+    steps = feats[:n_steps].reshape(S * B, R // g, -1).mean(1).reshape(S, B, -1)
+    dest = feats[n_steps:].reshape(B, destination_draws // g, -1).mean(1)
     return TargetFeatures(steps, dest)

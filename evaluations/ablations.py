@@ -51,6 +51,8 @@ class Variant:
     num_noises: int = 0              # R, target noises (0: the run's)
     destination_draws: int = 0       # D, (timestep, noise) draws of the destination target (0: the run's)
     proj_dim: int = 0                # k, the projected dimension (0: the run's)
+    kernel: str = "features"         # the matrix TRAK inverts: "features" (ΦᵀΦ, the paper's) or "ggn"
+    kernel_draws: int = 32           # (timestep, noise, probe) draws per example of the ggn kernel
 
 
 VARIANTS = [
@@ -115,6 +117,13 @@ CHOICES = [
             ridge=1.0, proj_dim=8192),
     Variant("timestep-matched loss/loss, t±100, stratified T=32, ridge 1", timestep_strategy="stratified",
             num_timesteps=32, window=100, ridge=1.0),
+    # the GGN kernel (FeaturizeArgs.kernel="ggn"): its ridge picked on the selection half, then a sweep
+    Variant("loss/loss, stratified T=100, GGN kernel, ridge selected", timestep_strategy="stratified",
+            num_timesteps=100, kernel="ggn"),
+    *[Variant(f"loss/loss, stratified T=100, GGN kernel, ridge {r:g}", timestep_strategy="stratified", num_timesteps=100,
+              kernel="ggn", ridge=r) for r in (0.001, 0.01, 0.1, 1.0)],
+    *[Variant(f"loss/loss, stratified T=100, GGN kernel of {d} draws per example, ridge 0.1", timestep_strategy="stratified",
+              num_timesteps=100, kernel="ggn", kernel_draws=d, ridge=0.1) for d in (4, 8, 16)],
 ]
 GROUPS = {"all": VARIANTS, "choices": CHOICES}
 
@@ -142,6 +151,15 @@ def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", pro
     return [final_checkpoint(d, targs) for d in dirs]
 
 
+def _kernels(kers):
+    """The GGN kernels of a list of feature sets' checkpoints, or None when they use ``ΦᵀΦ``."""
+    if all(k is None for k in kers):
+        return None
+    if any(k is None for k in kers):
+        raise ValueError("some checkpoints have a GGN kernel and some do not")
+    return kers
+
+
 def _features_and_targets(run: RunFolder, ckpts, fpath, fargs, sargs, v, heldout, traj, steps, train, device):
     """Training features (one array per checkpoint, a store at ``fpath``) and target features ``{set: [(S, B, k)
     per checkpoint]}`` of some loaded checkpoints; target features come from the run's target cache, shared with
@@ -167,7 +185,8 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
     checkpoints."""
     cfg = run.config
     fargs = from_dict(FeaturizeArgs, {**cfg["featurize"], "output": v.output, "num_timesteps": v.num_timesteps,
-                                      "timestep_strategy": v.timestep_strategy,
+                                      "timestep_strategy": v.timestep_strategy, "kernel": v.kernel,
+                                      "kernel_draws": v.kernel_draws,
                                       **({"proj_dim": v.proj_dim} if v.proj_dim else {})})
     sargs = from_dict(ScoreArgs, cfg["score"])
     if not cfg.get("gt_destination_draws"):
@@ -176,7 +195,8 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
         sargs = dataclasses.replace(sargs, num_noises=v.num_noises)
     if v.destination_draws and sargs.destination_draws:
         sargs = dataclasses.replace(sargs, destination_draws=v.destination_draws)
-    key = f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}" + (f"-k{v.proj_dim}" if v.proj_dim else "")
+    key = (f"{v.output}-{v.timestep_strategy}-T{v.num_timesteps}" + (f"-k{v.proj_dim}" if v.proj_dim else "")
+           + (f"-ggn{v.kernel_draws}" if v.kernel == "ggn" else ""))
     ts = [traj.timestep_at(s) for s in steps]
     n_use = 1 if v.models else (v.checkpoints or len(ckpts))  # the last n_use checkpoints of the attributed run
     fpath = os.path.join(run.ablations, "features", key)
@@ -189,6 +209,7 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
     use = slice(-n_use, None)
     tf = {s: lst[use] for s, lst in tf.items()}
     phis = [np.asarray(a) for a in fs.arrays][use]
+    kers = (fs.kernels or [None] * len(fs.names))[use]
     if v.models > 1:  # the attributed model's last checkpoint, then models-1 independently trained ones
         for ck in ensemble_checkpoints(run.root, cfg, train, v.models - 1, device, method=ensemble_method):
             member = os.path.basename(os.path.dirname(ck))
@@ -196,15 +217,18 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
                                              os.path.join(run.ablations, "features", "ensemble", member, key),
                                              fargs, sargs, v, heldout, traj, steps, train, device)
             phis += [np.asarray(a) for a in mfs.arrays]
+            kers += mfs.kernels or [None] * len(mfs.names)
             for s in tf:
                 tf[s] = tf[s] + mtf[s]
-    phi_sets = [phis]
+    phi_sets, ker_sets = [phis], [kers]
     if v.window:  # one feature set per step, drawn from that step's timestep window
         n_t = int(traj.scheduler_config.get("num_train_timesteps", 1000))
         ranges = [(max(0, t - v.window), min(n_t - 1, t + v.window)) for t in ts]
-        phi_sets = [[np.asarray(a) for a in api.featurize(used, train, dataclasses.replace(fargs, timestep_range=r),
-                                                           os.path.join(run.ablations, "features", f"{key}-t{r[0]}-{r[1]}{last}"),
-                                                           device=device).arrays] for r in ranges]
+        windowed = [api.featurize(used, train, dataclasses.replace(fargs, timestep_range=r),
+                                  os.path.join(run.ablations, "features", f"{key}-t{r[0]}-{r[1]}{last}"), device=device)
+                    for r in ranges]
+        phi_sets = [[np.asarray(a) for a in w.arrays] for w in windowed]
+        ker_sets = [w.kernels or [None] * len(w.names) for w in windowed]
     whole = [_unit(p) for p in phis] if v.normalize else phis  # whole-range features (the destination's)
     if v.normalize:
         phi_sets = [[_unit(p) for p in phis] for phis in phi_sets]
@@ -215,9 +239,10 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
         out[sname] = {}
         for r in (RIDGES if v.ridge is None else (v.ridge,)):
             if len(phi_sets) == 1 or sname.endswith("-destination"):
-                res = TRAKScorer(whole, r).score([t.reshape(S * B, k) for t in targets]).reshape(S, B, -1)
+                res = TRAKScorer(whole, r, kernels=_kernels(kers)).score([t.reshape(S * B, k) for t in targets]).reshape(S, B, -1)
             else:  # step si is scored with the features of its own window
-                res = np.stack([TRAKScorer(phi_sets[si], r).score([t[si] for t in targets]) for si in range(S)])
+                res = np.stack([TRAKScorer(phi_sets[si], r, kernels=_kernels(ker_sets[si])).score([t[si] for t in targets])
+                                for si in range(S)])
             out[sname][r] = res
     return out
 

@@ -199,7 +199,7 @@ def digits_quick() -> EvalConfig:
         train=TrainArgs(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
                         epochs=40, batch_size=32, learning_rate=2e-3, num_checkpoints=3, seed=0),
         featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="uniform", proj_dim=2048, projector="torch",
-                                output="loss", seed=0, batch_size=16),
+                                output="loss", seed=0, batch_size=16, kernel="features"),
         score=ScoreArgs(num_noises=20, ridge=1e-2, target_output="loss", seed=1),
         num_models=32, alpha=0.5, seed_mode="distinct",
         # measured on this machine: stacking 16 of these small models is ~2x faster than one at a time on CPU too
@@ -229,7 +229,7 @@ def fmnist_2() -> EvalConfig:
         train=TrainArgs(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
                         epochs=40, batch_size=64, learning_rate=2e-3, num_checkpoints=3, seed=0),
         featurize=FeaturizeArgs(num_timesteps=10, timestep_strategy="uniform", proj_dim=2048, projector="torch",
-                                output="loss", seed=0, batch_size=16),
+                                output="loss", seed=0, batch_size=16, kernel="features"),
         score=ScoreArgs(num_noises=20, ridge=1e-2, target_output="loss", seed=1),
         num_models=64, alpha=0.5, seed_mode="distinct",
         train_method="auto", stack_size=16,
@@ -265,7 +265,10 @@ def _power(name: str, description: str, data: DataArgs, heldout: DataArgs) -> Ev
         train=TrainArgs(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(1,), norm_num_groups=8,
                         epochs=250, batch_size=32, learning_rate=2e-3, num_checkpoints=3, seed=0, init_seed=0),
         featurize=FeaturizeArgs(num_timesteps=100, timestep_strategy="stratified", proj_dim=2048, projector="auto",
-                                output="loss", seed=0, batch_size=16, method="fast"),
+                                output="loss", seed=0, batch_size=16, method="fast",
+                                # the estimator these runs were made with (ΦᵀΦ); the GGN kernel is measured
+                                # on them by the ablations (--group choices)
+                                kernel="features"),
         score=ScoreArgs(num_noises=20, ridge=1.0, target_output="loss", seed=1, destination_draws=100),
         num_models=64, alpha=0.5, seed_mode="distinct", lds_mode="retrain", num_replicates=16,
         train_method="stacked", stack_size=32,

@@ -70,7 +70,7 @@ def test_wrong_image_size_is_a_one_line_error(tmp_path, tiny_unet, scheduler):
 
 
 def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data):
-    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8)
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8, kernel_draws=3)
     unet2 = type(tiny_unet).from_config(tiny_unet.config)
     ckpts = [(tiny_unet, scheduler), (unet2, scheduler)]
     fs = api.featurize(ckpts, tiny_data, args, str(tmp_path / "f"), progress=False)
@@ -80,11 +80,20 @@ def test_scores_equal_explicit_formula(tmp_path, tiny_unet, scheduler, tiny_data
     from diffusion_trak.featurize.featurizer import Featurizer
     from diffusion_trak.targets import target_features
 
+    from diffusion_trak.featurize.featurizer import example_draws
+
     expected = 0
-    for (u, s), phi in zip(ckpts, fs.arrays):
+    for c, ((u, s), phi) in enumerate(zip(ckpts, fs.arrays)):
         f = Featurizer(u, s, args)
         phi = torch.as_tensor(np.asarray(phi), dtype=torch.float64)
-        G = phi.T @ phi
+        # the default GGN kernel, by hand: per-pair gradients of mean(ε̂ · v) by vmap, projected, outer products summed
+        G = torch.zeros(16, 16, dtype=torch.float64)
+        for r in range(len(tiny_data)):
+            t, nz = example_draws(int(tiny_data.indices[r]), api.kernel_args(args), 1000, tiny_data.image_shape)
+            g = f.projector(f.gradients(tiny_data.images[r:r + 1].expand(len(t), -1, -1, -1), t[:, None], nz[:, None],
+                                        output="probe")).double()
+            G += g.T @ g
+        torch.testing.assert_close(torch.from_numpy(fs.kernels[c]), G, rtol=1e-4, atol=1e-6 * float(G.abs().max()))
         lam = 0.1 * torch.trace(G) / G.shape[0]
         inv = torch.linalg.inv(G + lam * torch.eye(G.shape[0], dtype=torch.float64))
         psi = torch.stack([target_features(f, images, t, 2, sa.seed, key=t) for t in (5, 50)]).double()
@@ -107,7 +116,7 @@ def test_destination_row_equals_explicit_formula(tmp_path, tiny_unet, scheduler,
     from diffusion_trak.featurize.featurizer import Featurizer
     from diffusion_trak.targets import destination_draws
 
-    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8)
+    args = FeaturizeArgs(num_timesteps=2, proj_dim=16, batch_size=8, kernel="features")  # the kernel: test_kernel.py
     fs = api.featurize([(tiny_unet, scheduler)], tiny_data, args, str(tmp_path / "f"), progress=False)
     images = tiny_data.images[:3]
     sa = ScoreArgs(num_noises=2, ridge=0.1, destination_draws=5)

@@ -110,8 +110,13 @@ def test_presets_default_and_paper_with_single_flags_on_top():
     assert (f.num_timesteps, f.timestep_strategy, f.output) == (10, "uniform", "loss") and f == preset("paper")[0]
     f = _featurize_args(p.parse_args(["featurize", "--preset", "paper", "-T", "32", "--method", "vmap"]))
     assert (f.num_timesteps, f.timestep_strategy, f.method) == (32, "uniform", "vmap")
+    assert FeaturizeArgs().kernel == "ggn" and preset("paper")[0].kernel == "features"
+    f = _featurize_args(p.parse_args(["featurize", "--kernel", "features"]))
+    assert f.kernel == "features" and f.num_timesteps == 100
+    f = _featurize_args(p.parse_args(["featurize", "--preset", "paper", "--kernel", "ggn", "--kernel-draws", "8"]))
+    assert (f.kernel, f.kernel_draws, f.num_timesteps) == ("ggn", 8, 10)
     s = _score_args(p.parse_args(["score"]))
-    assert s.ridge == 1.0 and s == ScoreArgs() == preset("default")[1]
+    assert s.ridge == 0.1 and s == ScoreArgs() == preset("default")[1]
     s = _score_args(p.parse_args(["score", "--preset", "paper", "-R", "5"]))
     assert (s.ridge, s.num_noises) == (0.01, 5)
     with pytest.raises(SystemExit) as e:

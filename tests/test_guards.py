@@ -383,7 +383,7 @@ CLI_CASES = [
      r"manifest.json is corrupted \(not a store manifest\)"),
     ("device_unknown", None, ["featurize", "--run", R, *FEAT, "--device", "foo"], r"--device 'foo' is not a device; use cpu or cuda"),
     ("output_unknown", None, ["featurize", "--run", R, *FEAT, "--output", "bogus", "--out", f"{O}/new"],
-     r"output must be one of l1, l2, loss, mean, sqnorm, got 'bogus'"),
+     r"output must be one of l1, l2, loss, mean, probe, sqnorm, got 'bogus'"),
     ("target_output_unknown", None, ["score", "--run", R, "--target-output", "bogus"], r"target_output must be one of"),
     ("checkpoint_is_a_file", None, ["featurize", "--run", R, *FEAT, "--checkpoints", f"{R}/run.json"],
      r"checkpoint folder .*run.json is a file, not a folder"),

@@ -39,10 +39,16 @@ def sample_timesteps(strategy: str, T: int, num_train_timesteps: int, generator:
 
 
 def example_draws(index: int, args: FeaturizeArgs, num_train_timesteps: int, shape: Sequence[int]):
-    """The (timesteps, noises) of training example ``index``: a function of ``(args.seed, index)`` only."""
-    g = torch.Generator().manual_seed(seed_for(args.seed, index, 7))
+    """The (timesteps, noises) of training example ``index``: a function of ``(args.seed, index)`` only. For a
+    probed output (the GGN kernel's ``probe``) each noise is ``[ε, v]`` (twice the channels), drawn from a stream
+    of its own, so the kernel's draws are independent of the features'."""
+    from ..outputs import PROBED
+
+    probed = args.output in PROBED
+    g = torch.Generator().manual_seed(seed_for(args.seed, index, 19 if probed else 7))
     t = sample_timesteps(args.timestep_strategy, args.num_timesteps, num_train_timesteps, g, args.timestep_range)
-    noise = torch.randn(args.num_timesteps, *shape, generator=g)
+    shape = tuple(shape)
+    noise = torch.randn(args.num_timesteps, *((2 * shape[0],) + shape[1:] if probed else shape), generator=g)
     return t, noise
 
 
@@ -86,6 +92,16 @@ class Featurizer:
             self.projector = CountSketchProjector(self.num_params, args.proj_dim, args.seed, self.device)
         else:
             self.projector = make_projector(args.projector, self.num_params, args.proj_dim, args.seed, self.device)
+
+    def with_args(self, args: FeaturizeArgs) -> "Featurizer":
+        """This featurizer (the same model copy, projector and hooks: the same projection) with other draws and
+        output, e.g. the GGN kernel's probe features (:func:`diffusion_trak.api.kernel_args`)."""
+        if (args.proj_dim, args.seed, args.method, args.projector, args.params) != (
+                self.args.proj_dim, self.args.seed, self.args.method, self.args.projector, self.args.params):
+            raise ValueError("with_args changes draws and output only, not the projection or the parameters")
+        other = copy.copy(self)
+        other.args = args
+        return other
 
     @property
     def num_train_timesteps(self) -> int:
@@ -140,3 +156,55 @@ class Featurizer:
             bar.update(int(keep.sum()))
         bar.close()
         return stored
+
+    def featurize_kernel(self, dataset, stored, cond_fn=None, progress: bool = True, slots=None, desc="GGN kernel",
+                         cond_per_timestep: bool = False):
+        """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (S, k, k), see :func:`kernel_slots`)
+        with the GGN kernel of this featurizer's settings (``self.args``: output ``probe``, T = ``kernel_draws``):
+        slot ``s`` is ``Σ g gᵀ`` over every (example, draw) pair of the dataset blocks of that slot, ``g`` the
+        projected gradient of ONE pair (not the mean over an example's draws: the outer products of single
+        draws estimate the curvature, those of means do not). Slots already done are skipped; ``slots``
+        restricts the work to some slots (a process's share). A slot is a function of its rows' draws only."""
+        bs = self.args.batch_size
+        shape = dataset.image_shape
+        todo = stored.pending(slots)
+        bar = tqdm(total=int(sum(len(b) for b in slot_blocks(len(dataset), bs, stored.shape[0])[todo])) if len(todo) else 0,
+                   desc=desc, unit="block", disable=not progress)
+        for s in todo:
+            K = torch.zeros(stored.shape[1], stored.shape[2], dtype=torch.float64)
+            for block in slot_blocks(len(dataset), bs, stored.shape[0])[s]:
+                rows = np.arange(block * bs, min((block + 1) * bs, len(dataset)))
+                draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in rows]
+                T = self.args.num_timesteps
+                ts = torch.stack([d[0] for d in draws]).reshape(-1, 1)          # one (example, draw) pair per row
+                ns = torch.stack([d[1] for d in draws]).reshape(len(rows) * T, 1, *draws[0][1].shape[1:])
+                x0 = dataset.read(rows).repeat_interleave(T, dim=0)
+                cond = cond_fn(rows) if cond_fn else None
+                if cond is not None:  # (B, T, ...) per timestep, else (B, ...): one per pair either way
+                    cond = {k: (v.reshape(len(rows) * T, 1, *v.shape[2:]) if cond_per_timestep else v.repeat_interleave(T, 0))
+                            for k, v in cond.items()}
+                g = self.features(x0, ts, ns, cond, cond_per_timestep=cond_per_timestep).double()
+                K.addmm_(g.T, g)
+                bar.update(1)
+            stored.write([s], K.numpy()[None])
+        bar.close()
+        return stored
+
+
+#: the GGN kernel of a checkpoint is stored as this many partial sums at most (resumable and shardable by slot)
+KERNEL_SLOTS = 16
+
+
+def slot_blocks(n: int, batch_size: int, num_slots: int) -> np.ndarray:
+    """The dataset blocks (of ``batch_size`` rows) of each kernel slot: ``num_slots`` contiguous runs, an object array."""
+    parts = np.array_split(np.arange(-(-n // batch_size)), num_slots)
+    out = np.empty(len(parts), dtype=object)
+    out[:] = parts
+    return out
+
+
+def kernel_slots(n: int, batch_size: int) -> int:
+    """How many partial sums the GGN kernel of ``n`` examples is kept as: one per run of blocks, at most
+    :data:`KERNEL_SLOTS` (a function of the data set size and batch size only, not of the number of processes)."""
+    return max(1, min(KERNEL_SLOTS, -(-n // batch_size)))
+

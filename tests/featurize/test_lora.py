@@ -111,13 +111,14 @@ def test_fast_path_refuses_what_it_cannot_sketch(scheduler):
         Featurizer(unet, scheduler, FeaturizeArgs(params="lora", method="fast", proj_dim=8))
 
 
-def explicit_gradient(unet, names, scheduler, x0, ts, noises, emb):
-    """∇ over ``names`` of (1/T) Σ_j mean((ε̂(x_t_j, t_j, emb) − ε_j)²), one example, written out by hand."""
+def explicit_gradient(unet, names, scheduler, x0, ts, noises, emb, probe=None):
+    """∇ over ``names`` of (1/T) Σ_j mean((ε̂(x_t_j, t_j, emb) − ε_j)²), one example, written out by hand; with
+    ``probe`` (T, C, H, W) the gradient of (1/T) Σ_j mean(ε̂_j · v_j) instead (the GGN kernel's output)."""
     params = dict(unet.named_parameters())
     abar = scheduler.alphas_cumprod[ts].reshape(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noises
     pred = unet(x_t, ts, encoder_hidden_states=emb.expand(len(ts), *emb.shape)).sample
-    loss = ((pred - noises) ** 2).mean()
+    loss = ((pred - noises) ** 2).mean() if probe is None else (pred * probe).mean()
     grads = torch.autograd.grad(loss, [params[n] for n in names])
     return torch.cat([g.reshape(-1) for g in grads])
 
@@ -147,7 +148,7 @@ def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, metho
     emb = torch.randn(n, 4, 8, generator=g)  # one caption embedding per example
     targets, t_emb = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1, torch.randn(2, 4, 8, generator=g)
     image_timesteps = [5, 60]
-    args = FeaturizeArgs(params="lora", method=method, proj_dim=k, num_timesteps=T, batch_size=4,
+    args = FeaturizeArgs(params="lora", method=method, proj_dim=k, num_timesteps=T, batch_size=4, kernel_draws=3,
                          projector="torch" if method == "vmap" else "auto")
     ckpts = [(lora_unet, scheduler)]
     fs = api.featurize(ckpts, data, args, out=str(tmp_path / "f"), progress=False,
@@ -172,7 +173,16 @@ def test_scores_equal_explicit_computation(tmp_path, lora_unet, scheduler, metho
             noise = target_noises(sargs.seed, t, b, R, (1, 8, 8))
             rows.append(explicit_gradient(lora_unet, names, scheduler, targets[b:b + 1], torch.full((R,), t), noise, t_emb[b]))
         psi.append(P(torch.stack(rows)).double().numpy())
-    K = phi.T @ phi
+    # the GGN kernel: Σ over examples and their kernel draws of the outer products of single-pair probe gradients
+    K = np.zeros((k, k))
+    for r in range(n):
+        t, noise = example_draws(int(data.indices[r]), api.kernel_args(args), N_T, (1, 8, 8))
+        assert noise.shape == (3, 2, 8, 8)  # [ε, v]
+        for j in range(len(t)):
+            gj = P(explicit_gradient(lora_unet, names, scheduler, images[r:r + 1], t[j:j + 1], noise[j:j + 1, :1], emb[r],
+                                     probe=noise[j:j + 1, 1:])[None]).double().numpy()[0]
+            K += np.outer(gj, gj)
+    np.testing.assert_allclose(fs.kernels[0], K, rtol=1e-3, atol=1e-5 * np.abs(K).max())
     lam = ridge * np.trace(K) / k
     want = np.stack([p @ np.linalg.solve(K + lam * np.eye(k), phi.T) for p in psi])  # (S, B, n)
     assert sc.values.shape == want.shape == (2, 2, n)

@@ -1,4 +1,5 @@
 """Targets go through the featurizer in one call, with the same values as one step at a time."""
+import math
 import pytest
 import torch
 
@@ -83,10 +84,12 @@ def test_image_targets_and_conditioning(scheduler):
 
 
 @pytest.mark.parametrize("method", ["fast", "vmap"])
-def test_all_target_features_are_bit_identical_to_the_previous_computations(tiny_unet, scheduler, method):
-    """The one computation (:func:`all_target_features`) gives bit for bit what ``api.score`` computed before it
-    (trajectory steps and images in one featurizer call each, the destination in another), and, up to float
-    rounding of the batched passes, what the evaluations computed by stacking one timestep at a time."""
+def test_all_target_features_are_the_previous_computations_in_one_featurizer_call(tiny_unet, scheduler, method):
+    """The one computation (:func:`all_target_features`) makes ONE featurizer call for a trajectory's steps and
+    its destination together (each step target as R/g rows of g = gcd(R, D) draws, each destination as D/g rows),
+    and gives, up to float rounding of the batched passes, what ``api.score`` computed before it (trajectory steps
+    in one call, the destination in another); without a destination, bit for bit; and what the evaluations
+    computed by stacking one timestep at a time."""
     from diffusion_trak.targets import TargetSet, all_target_features, destination_draws, features_at_steps
 
     args = FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=3, method=method, projector="countsketch")
@@ -94,15 +97,26 @@ def test_all_target_features_are_bit_identical_to_the_previous_computations(tiny
     traj = _trajectory()
     traj.final = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    R, seed, D = 3, 4, 5
-    # before: api.score's trajectory branch, its image branch and its destination row
+    seed = 4
     x0 = torch.stack([traj.x0_pred[traj.step_of(s)] for s in (5, 0, 2)])
-    old_traj = features_at_steps(f, x0, [int(traj.timesteps[s]) for s in (5, 0, 2)], [5, 0, 2], R, seed)
+    for R, D in ((3, 5), (2, 6), (4, 6)):  # g = 1, 2 (= R), 2 (< R)
+        # before: api.score's trajectory branch and its destination row, two calls
+        old_traj = features_at_steps(f, x0, [int(traj.timesteps[s]) for s in (5, 0, 2)], [5, 0, 2], R, seed)
+        draws = [destination_draws(seed, b, D, 1000, (1, 8, 8)) for b in range(2)]
+        old_dest = f.features(traj.final.float(), torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws]))
+        calls, real = [], f.features
+        f.features = lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)
+        try:
+            got = all_target_features(f, TargetSet.from_trajectory(traj, [5, 0, 2]), R, seed, destination_draws=D)
+        finally:
+            del f.features
+        g = math.gcd(R, D)
+        assert calls == [torch.Size([3 * 2 * (R // g) + 2 * (D // g), g])]
+        torch.testing.assert_close(got.steps, old_traj, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.destination, old_dest, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got.destination, torch.zeros_like(got.destination))
+    R = 3
     old_img = features_at_steps(f, images.unsqueeze(0).expand(2, *images.shape), [10, 400], [10, 400], R, seed)
-    draws = [destination_draws(seed, b, D, 1000, (1, 8, 8)) for b in range(2)]
-    old_dest = f.features(traj.final.float(), torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws]))
-    got = all_target_features(f, TargetSet.from_trajectory(traj, [5, 0, 2]), R, seed, destination_draws=D)
-    assert torch.equal(got.steps, old_traj) and torch.equal(got.destination, old_dest)
     got_img = all_target_features(f, TargetSet.from_images(images, [0, 1], [10, 400]), R, seed)
     assert torch.equal(got_img.steps, old_img) and got_img.destination is None
     # the evaluations' former copies stacked one timestep at a time: the same up to float rounding
