@@ -29,7 +29,7 @@ from diffusion_trak.score import TRAKScorer
 from diffusion_trak.target_cache import attach, target_features_of
 
 from .folder import RunFolder
-from .metrics import lds, lds_ci
+from .metrics import lds, lds_ci, lds_difference_ci
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -354,6 +354,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from: " + "; ".join(repr(v.name) for v in pool))
     variants = [v for v in pool if ns.variants is None or v.name in ns.variants]
+    paper, diffs = None, []  # the paper's scores (the group's first variant) and paired differences against it
     for v in variants:
         print(f"variant: {v.name}", flush=True)
         by_ridge = variant_scores(v, run, ckpts, train, heldout, traj, steps, ns.device, ns.ensemble_method)
@@ -366,6 +367,17 @@ def main(argv=None):
                                       for si in range(len(steps))]) for r in RIDGES}
             best = max(sel_lds, key=lambda r: sel_lds[r])
             evaluate(v.name, {s: d[best] for s, d in by_ridge.items()}, best)
+        if v.ridge is not None and ns.group == "choices":  # paired difference against the paper's estimator
+            if paper is None:
+                paper = (by_ridge if v is pool[0] else
+                         variant_scores(pool[0], run, ckpts, train, heldout, traj, steps, ns.device, ns.ensemble_method))
+                paper = {sname: d[pool[0].ridge] for sname, d in paper.items()}
+            if v is not pool[0]:
+                for sname, d in by_ridge.items():
+                    for kind, y in gt[sname].items():
+                        diffs.append({"method": v.name, "set": sname, "gt": kind, "cells": [
+                            lds_difference_ci(d[best][si], paper[sname][si], masks, y[:, si, :], 1000, seed=si)
+                            for si in range(d[best].shape[0])]})
         audits += _audit_variant(v, run, train, traj, ckpts[-1], by_ridge["generated"][best], steps, ns.device,
                                  run_missing=ns.audit)
     out = run.ablations
@@ -381,6 +393,7 @@ def main(argv=None):
         rows.sort(key=lambda r: (not r["method"].startswith("baseline"), order.get(r["method"], -1)))
     with open(jpath, "w") as f:
         json.dump({"steps": steps, "timesteps": [traj.timestep_at(s) for s in steps], "rows": rows, "audits": audits,
+                   "differences_from_paper": diffs,
                    "selection_models": sel.tolist(), "report_models": rep.tolist()}, f, indent=1)
     lines = [f"# Estimator ablations on `{cfg['name']}`", "",
              f"LDS (Spearman, mean over targets [95% two-way bootstrap CI over models and targets]). A variant whose "
@@ -399,6 +412,21 @@ def main(argv=None):
                                  f"{r.get('models', 'report half')} | " +
                                  " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in r["cells"]) + " |")
             lines.append("")
+    if diffs:
+        lines += [f"## Paired difference from `{pool[0].name}` (this invocation's variants, all models)", "",
+                  "LDS(variant) − LDS(paper) with the same resampled models and targets for both (two-way bootstrap, "
+                  "95%): an interval containing 0 means the two are not distinguishable.", ""]
+        for sname in sets:
+            for kind in gt[sname]:
+                mine = [d for d in diffs if d["set"] == sname and d["gt"] == kind]
+                if not mine:
+                    continue
+                cols = ["final image"] if sname.endswith("-destination") else [f"step {s} (t={t})" for s, t in zip(steps, ts)]
+                lines += [f"### {sname} targets, ground truth `{kind}`", "", "| method | " + " | ".join(cols) + " |",
+                          "|---|" + "---|" * len(cols)]
+                lines += [f"| {d['method']} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in d["cells"])
+                          + " |" for d in mine]
+                lines.append("")
     if audits:
         lines += ["## Retrain without top-k, per variant (generated targets)", "",
                   "Median image change over targets (pixel L2) after removing the variant's top-k proponents of "

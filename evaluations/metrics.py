@@ -147,6 +147,27 @@ def paired_bootstrap_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 
     return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
 
 
+def lds_difference_ci(scores_a, scores_b, masks, outputs, n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> Tuple[float, float, float]:
+    """``(mean, lo, hi)`` of LDS(a) − LDS(b) for two methods' scores of the same targets against the same
+    models: the two-way bootstrap of :func:`paired_bootstrap_ci` with the SAME resampled models and targets for
+    both, so what the two share (unusual models, hard targets) cancels. An interval that contains 0 means the
+    two are not distinguishable on this ground truth."""
+    y = -np.asarray(outputs, dtype=np.float64)
+    xa, xb = subset_sums(scores_a, masks), subset_sums(scores_b, masks)
+    M, T = y.shape
+    mean = float(np.nanmean(_colwise_spearman(xa, y)) - np.nanmean(_colwise_spearman(xb, y)))
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        mi, ti = rng.integers(0, M, M), rng.integers(0, T, T)
+        reps[i] = (np.nanmean(_colwise_spearman(xa[mi][:, ti], y[mi][:, ti]))
+                   - np.nanmean(_colwise_spearman(xb[mi][:, ti], y[mi][:, ti])))
+    reps = reps[np.isfinite(reps)]
+    a = (1 - level) / 2
+    return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+
+
 def lds_ci(scores, masks, outputs, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
     """Mean LDS over targets with the two-way (models × targets) bootstrap interval of
     :func:`paired_bootstrap_ci`."""

@@ -114,3 +114,23 @@ def test_replicate_ceiling_bounds_a_perfect_predictor():
     best = np.array([spearman(f[:, j], a[:, j]) for j in range(T)])
     assert np.allclose(best, c, atol=0.05)          # the perfect predictor reaches the ceiling
     assert np.allclose(replicate_ceiling([-0.2, 0.0, 1.0]), [0.0, 0.0, 1.0])
+
+
+def test_lds_difference_ci():
+    """The paired difference: the mean is LDS(a) − LDS(b); identical scores give exactly 0 with a zero-width
+    interval; a good predictor against a random one gives an interval above 0, and swapping them mirrors it."""
+    from diffusion_trak.evaluations.metrics import lds_ci, lds_difference_ci
+
+    rng = np.random.default_rng(0)
+    M, B, N = 40, 12, 30
+    masks = rng.random((M, N)) < 0.5
+    tau = rng.normal(size=(B, N))
+    outputs = -(masks.astype(float) @ tau.T) + 0.5 * rng.normal(size=(M, B))  # output = −Σ τ over the subset + noise
+    noisy = tau + rng.normal(size=tau.shape)
+    rand = rng.normal(size=tau.shape)
+    m, lo, hi = lds_difference_ci(noisy, rand, masks, outputs, 300, seed=1)
+    assert m == pytest.approx(lds_ci(noisy, masks, outputs, 10)[0] - lds_ci(rand, masks, outputs, 10)[0])
+    assert 0 < lo < m < hi
+    m2, lo2, hi2 = lds_difference_ci(rand, noisy, masks, outputs, 300, seed=1)
+    assert (m2, lo2, hi2) == pytest.approx((-m, -hi, -lo))
+    assert lds_difference_ci(noisy, noisy, masks, outputs, 50) == (0.0, 0.0, 0.0)
