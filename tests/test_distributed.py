@@ -40,6 +40,9 @@ def test_two_processes_equal_one(tmp_path, ckpt):
     assert np.abs(a).sum() > 0
     np.testing.assert_array_equal(a, b)
     assert np.load(tmp_path / "two" / "features_00.done.npy").all()
+    # the default GGN kernel: its slots are shared out among the processes, and sum to the same bits
+    np.testing.assert_array_equal(np.load(tmp_path / "one" / "kernel_00.npy"), np.load(tmp_path / "two" / "kernel_00.npy"))
+    assert np.load(tmp_path / "two" / "kernel_00.done.npy").all()
 
 
 def test_two_processes_equal_one_latent_text_model(tmp_path):
@@ -62,6 +65,9 @@ def test_two_processes_equal_one_latent_text_model(tmp_path):
     assert a.shape == (24, 32) and np.abs(a).sum() > 0
     np.testing.assert_array_equal(a, b)
     assert np.load(tmp_path / "two" / "features" / "features_00.done.npy").all()
+    kernels = [np.load(tmp_path / run / "features" / "kernel_00.npy") for run in ("one", "two")]
+    assert kernels[0].shape == (6, 32, 32) and np.abs(kernels[0]).sum() > 0  # 24 rows in blocks of 4: 6 slots
+    np.testing.assert_array_equal(*kernels)
     import json
     settings = json.load(open(tmp_path / "two" / "features" / "manifest.json"))["settings"]
     assert settings["conditioning"]["kind"] == "text" and settings["conditioning"]["caption_mode"] == "random"
