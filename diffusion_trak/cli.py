@@ -274,7 +274,8 @@ def cmd_featurize(ns):
     dataset, _ = _load_run_data(ns)
     fs = _attributor(ns, dataset, featurize_args=args, features_dir=out,
                      latents_dir=os.path.join(os.path.dirname(os.path.abspath(out)), "latents")).featurize()
-    _say(f"features: {out} ({len(fs.names)} checkpoints × {len(dataset)} rows × k={ns.proj_dim})")
+    _say(f"features: {out} ({len(fs.names)} checkpoints × {len(dataset)} rows × k={ns.proj_dim}"
+         + (f"; GGN kernel of {args.kernel_draws} draws per example" if fs.kernel_names else "; kernel ΦᵀΦ") + ")")
     return fs
 
 

@@ -103,8 +103,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
         attr, sample = _pixel_model(cfg, out, device, overwrite, say)
     attr.featurize()
     fa = cfg.featurize
+    kernel = f"GGN kernel of {fa.kernel_draws} draws" if fa.kernel == "ggn" else "kernel ΦᵀΦ"
     say(f"featurized {len(attr.dataset)} examples × {len(attr.checkpoints)} checkpoints (T={fa.num_timesteps}, "
-        f"k={fa.proj_dim}) in {attr.features_dir}")
+        f"k={fa.proj_dim}, {kernel}) in {attr.features_dir}")
 
     record = sorted({round(i * (cfg.sampling_steps - 1) / (cfg.record - 1)) for i in range(cfg.record)})
     gen = attr.pipeline(**sample, seed=0, num_inference_steps=cfg.sampling_steps, record_steps=record,
