@@ -165,7 +165,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             raise StoreError(str(e) + _method_fix(out, args)) from None
         with _closing_on_error(store):
             arrays = [store.array(name, (len(dataset), args.proj_dim)) for name in names]
-            n_slots = kernel_slots(len(dataset), args.batch_size)
+            n_slots = kernel_slots(len(dataset), args.batch_size, args.proj_dim)
             karrays = [store.array(name, (n_slots, args.proj_dim, args.proj_dim)) for name in knames]
     with store:  # the writer's lock is held until the rows are written
         mine = distributed.shard_rows(len(dataset), args.batch_size)

@@ -191,8 +191,10 @@ class Featurizer:
         return stored
 
 
-#: the GGN kernel of a checkpoint is stored as this many partial sums at most (resumable and shardable by slot)
+#: the GGN kernel of a checkpoint is stored as this many partial sums at most (resumable and shardable by slot),
+#: and as fewer when their float32 copies would take more than KERNEL_SLOT_BYTES together
 KERNEL_SLOTS = 16
+KERNEL_SLOT_BYTES = 2 ** 30
 
 
 def slot_blocks(n: int, batch_size: int, num_slots: int) -> np.ndarray:
@@ -203,8 +205,9 @@ def slot_blocks(n: int, batch_size: int, num_slots: int) -> np.ndarray:
     return out
 
 
-def kernel_slots(n: int, batch_size: int) -> int:
+def kernel_slots(n: int, batch_size: int, k: int) -> int:
     """How many partial sums the GGN kernel of ``n`` examples is kept as: one per run of blocks, at most
-    :data:`KERNEL_SLOTS` (a function of the data set size and batch size only, not of the number of processes)."""
-    return max(1, min(KERNEL_SLOTS, -(-n // batch_size)))
+    :data:`KERNEL_SLOTS` and at most what fits :data:`KERNEL_SLOT_BYTES` of float32 ``k × k`` matrices (a function
+    of the data set size, batch size and k only, not of the number of processes)."""
+    return max(1, min(KERNEL_SLOTS, KERNEL_SLOT_BYTES // (4 * k * k), -(-n // batch_size)))
 

@@ -113,3 +113,14 @@ def test_kernel_settings_are_checked():
         FeaturizeArgs(kernel="fisher")
     with pytest.raises(InputError, match="kernel_draws"):
         FeaturizeArgs(kernel_draws=0)
+
+
+def test_kernel_slots_bound_the_disk():
+    from diffusion_trak.featurize.featurizer import KERNEL_SLOT_BYTES, kernel_slots
+
+    assert kernel_slots(12, 4, 16) == 3 and kernel_slots(10_000, 16, 2048) == 16
+    for k in (4096, 8192, 16384, 32768):
+        assert 1 <= kernel_slots(10_000, 16, k) and (kernel_slots(10_000, 16, k) * 4 * k * k <= KERNEL_SLOT_BYTES
+                                                       or kernel_slots(10_000, 16, k) == 1)
+    assert kernel_slots(10_000, 16, 8192) == 4
+
