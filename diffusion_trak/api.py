@@ -16,7 +16,7 @@ import torch
 from . import distributed
 from .config import FeaturizeArgs, ScoreArgs, asdict, from_dict
 from .errors import InputError, NonFiniteError
-from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, slot_blocks
+from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, slot_rows
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .models import Conditioning, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
@@ -174,14 +174,13 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         if knames:  # the GGN kernel: the same projection, draws of their own; slots shared out like rows
             kargs = kernel_args(args)
             kcond_fn, kper = conditioning.training(ckpts[0][0], dataset, kargs.num_timesteps, args.seed)
-            blocks = slot_blocks(len(dataset), args.batch_size, n_slots)
             if rows is None:
                 my_slots = distributed.shard_rows(n_slots, 1)
             else:  # a shard of rows: the slots all of whose rows it holds
-                mine_set = set(mine.tolist())
-                my_slots = np.array([s for s in range(n_slots) if all(
-                    r in mine_set for b in blocks[s] for r in range(b * args.batch_size, min((b + 1) * args.batch_size, len(dataset))))],
-                    dtype=int)
+                held = np.zeros(len(dataset), dtype=bool)
+                held[mine] = True
+                my_slots = np.array([s for s, (lo, hi) in enumerate(slot_rows(len(dataset), args.batch_size, n_slots))
+                                     if held[lo:hi].all()], dtype=int)
         for c, (f, arr) in enumerate(zip(featurizers, arrays)):
             f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
                                 desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep)

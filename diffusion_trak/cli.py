@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named estimator: default (ridge 0.1) or paper (ridge 0.01); the flags below change single settings")
     sp.add_argument("-R", "--num-noises", type=_int(1), default=None, help=f"target noises per step (default {s.num_noises})")
     sp.add_argument("--ridge", type=_positive_float, default=None,
-                    help=f"relative ridge: λ = ridge·tr(ΦᵀΦ)/k (default {s.ridge})")
+                    help=f"relative ridge: λ = ridge·tr(K)/k, K the kernel (GGN, or ΦᵀΦ) (default {s.ridge})")
     sp.add_argument("--destination-draws", type=_int(0), default=None,
                     help=f"(timestep, noise) pairs over the whole range for the final image's row (0 = none; "
                          f"default {s.destination_draws})")

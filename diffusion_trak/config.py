@@ -196,15 +196,16 @@ class FeaturizeArgs:
             unfrozen). See :func:`diffusion_trak.featurize.gradients.select_parameters`.
         kernel: the matrix that TRAK's scores invert, per checkpoint. ``ggn`` (the default): the Gauss-Newton
             matrix of the training loss, ``Σ_i Σ_j JᵀJ`` over examples and (timestep, noise) draws, in the
-            projected space: estimated from a second array of features, each example's mean over
-            ``kernel_draws`` draws of the projected gradient of ``mean(ε̂ · v)`` with an independent random
-            probe ``v`` (output ``probe`` of :mod:`diffusion_trak.outputs`), whose outer products have the
-            GGN as their expectation. ``features``: the paper's ``ΦᵀΦ`` of the training features themselves
-            (with T draws averaged per example, that is the outer products of mean gradients, not the
-            curvature of the loss). The choice was measured on the power benchmarks (README, "Quality").
+            projected space: the sum of ``g gᵀ`` over ``kernel_draws`` (timestep, noise, probe) draws per example,
+            ``g`` the projected gradient of ``mean(ε̂ · v)`` at ONE draw, with an independent random probe ``v``
+            (output ``probe`` of :mod:`diffusion_trak.outputs`): ``E[g gᵀ]`` is the GGN of that draw
+            (:meth:`~diffusion_trak.featurize.featurizer.Featurizer.featurize_kernel`). ``features``: the paper's
+            ``ΦᵀΦ`` of the training features themselves (with T draws averaged per example, that is the outer
+            products of mean gradients, not the curvature of the loss). The choice was measured on the power
+            benchmarks (README, "Attribution quality").
         kernel_draws: (timestep, noise, probe) draws per example for the ``ggn`` kernel (timesteps drawn by
-            ``timestep_strategy`` over ``timestep_range``); costs ``kernel_draws / num_timesteps`` of the
-            featurization again.
+            ``timestep_strategy`` over ``timestep_range``); each draw is a featurizer row of its own, so this costs
+            ``kernel_draws`` single-draw rows per example (README, "Speed").
     """
 
     num_timesteps: int = 100

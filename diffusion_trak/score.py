@@ -68,7 +68,8 @@ def ridge_lambda(G: torch.Tensor, ridge: float) -> float:
 
 
 class TRAKScorer:
-    """Precomputes ``(ΦᵀΦ + λI)⁻¹`` per checkpoint once, then scores any number of targets."""
+    """Precomputes the Cholesky factor of ``K + λI`` per checkpoint once (``K``: ``kernels[c]``, else ``ΦᵀΦ``), then
+    scores any number of targets."""
 
     def __init__(self, train_features: Sequence, ridge: float = 1e-2, block_size: int = 4096,
                  kernels: Optional[Sequence] = None):

@@ -151,6 +151,11 @@ def ensemble_checkpoints(run: str, cfg: dict, train, num: int, device="cpu", pro
     return [final_checkpoint(d, targs) for d in dirs]
 
 
+def _kernels_of(fs) -> list:
+    """One entry per checkpoint of a feature set: its GGN kernel, or None (``ΦᵀΦ``)."""
+    return fs.kernels or [None] * len(fs.names)
+
+
 def _kernels(kers):
     """The GGN kernels of a list of feature sets' checkpoints, or None when they use ``ΦᵀΦ``."""
     if all(k is None for k in kers):
@@ -209,7 +214,7 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
     use = slice(-n_use, None)
     tf = {s: lst[use] for s, lst in tf.items()}
     phis = [np.asarray(a) for a in fs.arrays][use]
-    kers = (fs.kernels or [None] * len(fs.names))[use]
+    kers = _kernels_of(fs)[use]
     if v.models > 1:  # the attributed model's last checkpoint, then models-1 independently trained ones
         for ck in ensemble_checkpoints(run.root, cfg, train, v.models - 1, device, method=ensemble_method):
             member = os.path.basename(os.path.dirname(ck))
@@ -217,7 +222,7 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
                                              os.path.join(run.ablations, "features", "ensemble", member, key),
                                              fargs, sargs, v, heldout, traj, steps, train, device)
             phis += [np.asarray(a) for a in mfs.arrays]
-            kers += mfs.kernels or [None] * len(mfs.names)
+            kers += _kernels_of(mfs)
             for s in tf:
                 tf[s] = tf[s] + mtf[s]
     phi_sets, ker_sets = [phis], [kers]
@@ -228,7 +233,7 @@ def variant_scores(v: Variant, run: RunFolder, ckpts, train, heldout, traj, step
                                   os.path.join(run.ablations, "features", f"{key}-t{r[0]}-{r[1]}{last}"), device=device)
                     for r in ranges]
         phi_sets = [[np.asarray(a) for a in w.arrays] for w in windowed]
-        ker_sets = [w.kernels or [None] * len(w.names) for w in windowed]
+        ker_sets = [_kernels_of(w) for w in windowed]
     whole = [_unit(p) for p in phis] if v.normalize else phis  # whole-range features (the destination's)
     if v.normalize:
         phi_sets = [[_unit(p) for p in phis] for phis in phi_sets]

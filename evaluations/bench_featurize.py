@@ -240,15 +240,10 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             kf = fast.with_args(kernel_args(fast.args))
             Tk = kf.args.num_timesteps
             g = torch.Generator().manual_seed(1)
-            kx = x0.repeat_interleave(Tk, 0)  # one (example, draw) pair per row, as Featurizer.featurize_kernel
-            kts = torch.randint(0, 1000, (B * Tk, 1), generator=g).to(device)
-            kns = torch.randn(B * Tk, 1, 2 * shape[0], *shape[1:], generator=g).to(device)
-
-            def kernel_part():
-                rows = kf.features(kx, kts, kns).double()
-                return rows.T @ rows
-            kernel_part()
-            fns["kernel"] = kernel_part
+            kts = torch.randint(0, 1000, (B, Tk), generator=g).to(device)
+            kns = torch.randn(B, Tk, 2 * shape[0], *shape[1:], generator=g).to(device)  # [ε, probe]
+            kf.kernel_block(x0, kts, kns)  # the block that Featurizer.featurize_kernel sums
+            fns["kernel"] = lambda: kf.kernel_block(x0, kts, kns)
             res["kernel_draws"] = Tk
 
     if "reference" in paths:

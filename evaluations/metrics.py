@@ -117,6 +117,28 @@ def _colwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (ra * rb).sum(0) / den, np.nan)
 
 
+def _mean_or_nan(v) -> float:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def _two_way_bootstrap(stat, M: int, T: int, n_boot: int, seed: int, level: float) -> Tuple[float, float, float]:
+    """``(stat(all), lo, hi)``: a percentile interval of ``stat(model_idx, target_idx)`` over ``n_boot`` resamples of
+    the ``M`` models *and* the ``T`` targets (NaN resamples dropped)."""
+    everyone = (np.arange(M), np.arange(T))
+    mean = stat(*everyone)
+    rng = np.random.default_rng(seed)
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        mi = rng.integers(0, M, M)
+        ti = rng.integers(0, T, T)
+        reps[i] = stat(mi, ti)
+    reps = reps[np.isfinite(reps)]
+    if reps.size == 0:
+        return mean, float("nan"), float("nan")
+    a = (1 - level) / 2
+    return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+
+
 def paired_bootstrap_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
     """``(mean, lo, hi)`` of the mean over targets of the per-target Spearman correlation over models of
     ``x`` and ``y`` (both ``(M, targets)``), with a two-way percentile bootstrap that resamples models
@@ -130,21 +152,8 @@ def paired_bootstrap_ci(x, y, n_boot: int = 1000, seed: int = 0, level: float = 
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"need two (M, targets) arrays of one shape, got {x.shape} and {y.shape}")
-    M, T = x.shape
-    point = _colwise_spearman(x, y)
-    mean = float(np.nanmean(point)) if np.isfinite(point).any() else float("nan")
-    rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for i in range(n_boot):
-        mi = rng.integers(0, M, M)
-        ti = rng.integers(0, T, T)
-        v = _colwise_spearman(x[mi][:, ti], y[mi][:, ti])
-        reps[i] = np.nanmean(v) if np.isfinite(v).any() else np.nan
-    reps = reps[np.isfinite(reps)]
-    if reps.size == 0:
-        return mean, float("nan"), float("nan")
-    a = (1 - level) / 2
-    return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+    return _two_way_bootstrap(lambda mi, ti: _mean_or_nan(_colwise_spearman(x[mi][:, ti], y[mi][:, ti])),
+                              *x.shape, n_boot, seed, level)
 
 
 def lds_difference_ci(scores_a, scores_b, masks, outputs, n_boot: int = 1000, seed: int = 0,
@@ -155,17 +164,11 @@ def lds_difference_ci(scores_a, scores_b, masks, outputs, n_boot: int = 1000, se
     two are not distinguishable on this ground truth."""
     y = -np.asarray(outputs, dtype=np.float64)
     xa, xb = subset_sums(scores_a, masks), subset_sums(scores_b, masks)
-    M, T = y.shape
-    mean = float(np.nanmean(_colwise_spearman(xa, y)) - np.nanmean(_colwise_spearman(xb, y)))
-    rng = np.random.default_rng(seed)
-    reps = np.empty(n_boot)
-    for i in range(n_boot):
-        mi, ti = rng.integers(0, M, M), rng.integers(0, T, T)
-        reps[i] = (np.nanmean(_colwise_spearman(xa[mi][:, ti], y[mi][:, ti]))
-                   - np.nanmean(_colwise_spearman(xb[mi][:, ti], y[mi][:, ti])))
-    reps = reps[np.isfinite(reps)]
-    a = (1 - level) / 2
-    return mean, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+
+    def stat(mi, ti):
+        ys = y[mi][:, ti]
+        return _mean_or_nan(_colwise_spearman(xa[mi][:, ti], ys)) - _mean_or_nan(_colwise_spearman(xb[mi][:, ti], ys))
+    return _two_way_bootstrap(stat, *y.shape, n_boot, seed, level)
 
 
 def lds_ci(scores, masks, outputs, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:

@@ -139,17 +139,12 @@ class Featurizer:
         rows, ``(B, T, ...)`` tensors with ``cond_per_timestep``."""
         todo = stored.pending(rows)
         bs = self.args.batch_size
-        shape = dataset.image_shape
         bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not progress)
         # Batches are aligned blocks of ``batch_size`` rows, computed whole, so a row's features never
         # depend on which other rows were pending: resumed and sharded runs are bit-identical.
         for block in np.unique(todo // bs):
             block_rows = np.arange(block * bs, min((block + 1) * bs, len(dataset)))
-            draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in block_rows]
-            ts = torch.stack([d[0] for d in draws])
-            ns = torch.stack([d[1] for d in draws])
-            x0 = dataset.read(block_rows)  # one block at a time: a disk-backed dataset is never read whole
-            cond = cond_fn(block_rows) if cond_fn else None
+            x0, ts, ns, cond = self._block_inputs(dataset, block_rows, cond_fn)
             feats = self.features(x0, ts, ns, cond, cond_per_timestep=cond_per_timestep).numpy()
             keep = np.isin(block_rows, todo)
             stored.write(block_rows[keep], feats[keep])
@@ -157,34 +152,47 @@ class Featurizer:
         bar.close()
         return stored
 
+    def _block_inputs(self, dataset, rows, cond_fn=None):
+        """``(x0, timesteps (B, T), noises (B, T, ...), cond)`` of dataset positions ``rows`` with this featurizer's
+        draws (:func:`example_draws` of each example's stable index); one block at a time, so a disk-backed
+        dataset is never read whole."""
+        draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, dataset.image_shape)
+                 for r in rows]
+        return (dataset.read(rows), torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws]),
+                cond_fn(rows) if cond_fn else None)
+
+    def kernel_block(self, x0, timesteps, noises, cond=None, cond_per_timestep: bool = False,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Σ g gᵀ`` (k × k, float64) over the B × T (example, draw) pairs of ``timesteps`` and ``noises`` (B, T, ...),
+        ``g`` the projected gradient of ONE pair: each pair is its own featurizer row (not the mean over an
+        example's draws: the outer products of single draws estimate the curvature, those of means do not).
+        ``cond``: ``(B, ...)`` tensors, or ``(B, T, ...)`` with ``cond_per_timestep``. With ``out``, added to it."""
+        B, T = timesteps.shape
+        if cond is not None:  # one entry per pair either way
+            cond = {k: (v.reshape(B * T, 1, *v.shape[2:]) if cond_per_timestep else v.repeat_interleave(T, 0))
+                    for k, v in cond.items()}
+        g = self.features(x0.repeat_interleave(T, dim=0), timesteps.reshape(B * T, 1),
+                          noises.reshape(B * T, 1, *noises.shape[2:]), cond, cond_per_timestep=cond_per_timestep).double()
+        return g.T @ g if out is None else out.addmm_(g.T, g)
+
     def featurize_kernel(self, dataset, stored, cond_fn=None, progress: bool = True, slots=None, desc="GGN kernel",
                          cond_per_timestep: bool = False):
         """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (S, k, k), see :func:`kernel_slots`)
         with the GGN kernel of this featurizer's settings (``self.args``: output ``probe``, T = ``kernel_draws``):
-        slot ``s`` is ``Σ g gᵀ`` over every (example, draw) pair of the dataset blocks of that slot, ``g`` the
-        projected gradient of ONE pair (not the mean over an example's draws: the outer products of single
-        draws estimate the curvature, those of means do not). Slots already done are skipped; ``slots``
-        restricts the work to some slots (a process's share). A slot is a function of its rows' draws only."""
+        slot ``s`` is the sum of :meth:`kernel_block` over the dataset blocks of that slot (:func:`slot_rows`).
+        Slots already done are skipped; ``slots`` restricts the work to some slots (a process's share). A slot
+        is a function of its rows' draws only."""
         bs = self.args.batch_size
-        shape = dataset.image_shape
+        ranges = slot_rows(len(dataset), bs, stored.shape[0])
         todo = stored.pending(slots)
-        bar = tqdm(total=int(sum(len(b) for b in slot_blocks(len(dataset), bs, stored.shape[0])[todo])) if len(todo) else 0,
-                   desc=desc, unit="block", disable=not progress)
+        bar = tqdm(total=sum(-(-(ranges[s][1] - ranges[s][0]) // bs) for s in todo), desc=desc, unit="block",
+                   disable=not progress)
         for s in todo:
             K = torch.zeros(stored.shape[1], stored.shape[2], dtype=torch.float64)
-            for block in slot_blocks(len(dataset), bs, stored.shape[0])[s]:
-                rows = np.arange(block * bs, min((block + 1) * bs, len(dataset)))
-                draws = [example_draws(int(dataset.indices[r]), self.args, self.num_train_timesteps, shape) for r in rows]
-                T = self.args.num_timesteps
-                ts = torch.stack([d[0] for d in draws]).reshape(-1, 1)          # one (example, draw) pair per row
-                ns = torch.stack([d[1] for d in draws]).reshape(len(rows) * T, 1, *draws[0][1].shape[1:])
-                x0 = dataset.read(rows).repeat_interleave(T, dim=0)
-                cond = cond_fn(rows) if cond_fn else None
-                if cond is not None:  # (B, T, ...) per timestep, else (B, ...): one per pair either way
-                    cond = {k: (v.reshape(len(rows) * T, 1, *v.shape[2:]) if cond_per_timestep else v.repeat_interleave(T, 0))
-                            for k, v in cond.items()}
-                g = self.features(x0, ts, ns, cond, cond_per_timestep=cond_per_timestep).double()
-                K.addmm_(g.T, g)
+            lo, hi = ranges[s]
+            for start in range(lo, hi, bs):
+                self.kernel_block(*self._block_inputs(dataset, np.arange(start, min(start + bs, hi)), cond_fn),
+                                  cond_per_timestep=cond_per_timestep, out=K)
                 bar.update(1)
             stored.write([s], K.numpy()[None])
         bar.close()
@@ -197,12 +205,11 @@ KERNEL_SLOTS = 16
 KERNEL_SLOT_BYTES = 2 ** 30
 
 
-def slot_blocks(n: int, batch_size: int, num_slots: int) -> np.ndarray:
-    """The dataset blocks (of ``batch_size`` rows) of each kernel slot: ``num_slots`` contiguous runs, an object array."""
+def slot_rows(n: int, batch_size: int, num_slots: int) -> list:
+    """The dataset rows ``(lo, hi)`` of each kernel slot: ``num_slots`` contiguous runs of whole blocks of
+    ``batch_size`` rows (the same blocks as the features')."""
     parts = np.array_split(np.arange(-(-n // batch_size)), num_slots)
-    out = np.empty(len(parts), dtype=object)
-    out[:] = parts
-    return out
+    return [(int(p[0]) * batch_size, min((int(p[-1]) + 1) * batch_size, n)) for p in parts]
 
 
 def kernel_slots(n: int, batch_size: int, k: int) -> int:
