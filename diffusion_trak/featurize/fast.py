@@ -21,7 +21,8 @@ This path never forms the ``p``-dimensional gradient:
    - ``Linear``: ``Σ_{rows} g ⊗ a`` (rows = timesteps × sequence positions), bias ``Σ g``;
    - ``Conv2d``: the convolution weight-gradient kernel run on each example's T rows (it sums the outer
      products of input patches and output gradients over positions and timesteps; no unfolded copy), on
-     small feature maps as one grouped call with each example's channels as their own groups;
+     small feature maps (for examples of one row, small weights) as one grouped call with each example's channels
+     as their own groups;
    - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
    - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
 3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
@@ -66,6 +67,10 @@ ACTIVATION_BUDGET = 256 * 2 ** 20
 #: Conv2d outputs with at most this many positions get their per-example weight gradients from one grouped
 #: kernel call (measured faster on CPU at 8×8 and below), larger ones from one call per example
 GROUPED_CONV_MAX_POSITIONS = 64
+#: for single-row examples (T = 1: the GGN kernel's single-draw rows) the grouped call is faster while a group's
+#: weight is small, whatever the map (measured on CPU: 2× faster at 16 × 16 channels, 2× slower at 64 × 64, even
+#: on 4×4 maps): grouped iff in-channels per group × out-channels is at most this, on maps of at most 16×16
+GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT = 1024
 NON_FINITE = ("NaN/Inf in per-example gradients; check the checkpoint for NaN weights (retrain with a lower learning rate) "
               "and the inputs for NaN")
 
@@ -230,7 +235,7 @@ class FastGradientSketch:
             x = x.to(g.dtype)
             w = mod.weight.detach().to(g.dtype)
             conv_args = (list(mod.stride), list(padding), list(mod.dilation), False, [0, 0])
-            if B > 1 and g.shape[-1] * g.shape[-2] <= GROUPED_CONV_MAX_POSITIONS:
+            if B > 1 and _grouped_conv(mod, g.shape[-1] * g.shape[-2], T):
                 # one grouped call for all B examples: example b's channels form groups of their own, and the
                 # T rows of each example are the batch that the kernel sums over
                 xg = x.reshape(B, T, *x.shape[1:]).transpose(0, 1).reshape(T, B * x.shape[1], *x.shape[2:])
@@ -380,6 +385,13 @@ class FastGradientSketch:
             raise FastPathError(f"method=fast self-check failed (relative error {err:.2e}): some parameter is used outside "
                                 "its module's forward; use method=vmap for this model")
         self._checked = True
+
+
+def _grouped_conv(mod: nn.Conv2d, positions: int, T: int) -> bool:
+    """Whether one grouped kernel call forms the per-example weight gradients (else one call per example)."""
+    if T == 1:
+        return positions <= 256 and (mod.in_channels // mod.groups) * mod.out_channels <= GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT
+    return positions <= GROUPED_CONV_MAX_POSITIONS
 
 
 def _even(n: int, most: int) -> int:

@@ -295,9 +295,15 @@ def test_grouped_and_per_example_conv_kernels_agree(scheduler, monkeypatch):
 
     torch.manual_seed(0)
     model = Grouped()
-    x0, ts, ns = _draws(3, 2, (1, 8, 8), seed=12)
-    want = FastGradientSketch(model, scheduler, k=64, seed=1).projector(per_sample_gradients(model, scheduler, x0, ts, ns))
-    for positions in (10 ** 6, 0):  # all grouped, then all per example
-        monkeypatch.setattr(fast_mod, "GROUPED_CONV_MAX_POSITIONS", positions)
-        got = FastGradientSketch(model, scheduler, k=64, seed=1).features(x0, ts, ns)
-        assert _rel(got, want) < 1e-5
+    rule = fast_mod._grouped_conv
+    for T, setting in ((2, "GROUPED_CONV_MAX_POSITIONS"), (1, "GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT")):
+        # T = 1 (the GGN kernel's single-draw rows) has a rule of its own
+        x0, ts, ns = _draws(3, T, (1, 8, 8), seed=12)
+        want = FastGradientSketch(model, scheduler, k=64, seed=1).projector(per_sample_gradients(model, scheduler, x0, ts, ns))
+        for limit in (10 ** 6, 0):  # all grouped, then all per example
+            monkeypatch.setattr(fast_mod, setting, limit)
+            choices = []
+            monkeypatch.setattr(fast_mod, "_grouped_conv", lambda *a: choices.append(rule(*a)) or choices[-1])
+            got = FastGradientSketch(model, scheduler, k=64, seed=1).features(x0, ts, ns)
+            assert _rel(got, want) < 1e-5
+            assert choices and set(choices) == {bool(limit)}  # the branch under test was taken by every layer
