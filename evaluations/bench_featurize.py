@@ -245,6 +245,7 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             kf.kernel_block(x0, kts, kns)  # the block that Featurizer.featurize_kernel sums
             fns["kernel"] = lambda: kf.kernel_block(x0, kts, kns)
             res["kernel_draws"] = Tk
+            fns["kernel_plain"], fns["kernel_floor"] = _kernel_references(model, scheduler, x0, kts, kns)
 
     if "reference" in paths:
         mem = PeakMemory(device).start()
@@ -305,17 +306,46 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
         res["fast_with_kernel_s_per_batch"] = med_both
         res["fast_with_kernel_throughput"] = B * T / med_both
         res["fast_with_kernel_peak_mb"] = max(mems["fast"], mems["kernel"]) / 2 ** 20
+        # each kernel row against a plain fwd+bwd of the same pairs, and the least any kernel of these draws costs
+        res["kernel_over_plain"] = med["kernel"] / med["kernel_plain"]
+        res["kernel_floor_over_plain"] = med["kernel_floor"] / med["kernel_plain"]
+        res["fast_with_kernel_floor_throughput"] = B * T / (med["fast"] + med["kernel_floor"])
     for name in ("fast", "reference"):
         if f"{name}_setup" in mems:
             res[f"{name}_peak_incl_setup_mb"] = max(mems[f"{name}_setup"], mems.get(name, 0)) / 2 ** 20
     if "fast" in med and "reference" in med:
         res["fast_over_reference"] = res["fast_throughput"] / res["reference_throughput"]
     if "plain" in med:
-        for name in ("fast", "reference", "fast_with_kernel"):
+        for name in ("fast", "reference", "fast_with_kernel", "fast_with_kernel_floor"):
             if f"{name}_throughput" in res:
                 res[f"{name}_fraction_of_plain"] = res[f"{name}_throughput"] / res["plain_throughput"]
     res["repeats"] = repeats
     return res
+
+
+def _kernel_references(model, scheduler, x0, kts, kns):
+    """Two references for the GGN kernel's B × Tk single-draw rows: a plain batched forward + backward of the same
+    (example, timestep, noise) pairs, and the floor of any kernel of these draws: a forward + a backward through the
+    activations only (weights frozen, no per-row gradient formed), which every single-draw row needs at least."""
+    B, Tk = kts.shape
+    C = kns.shape[2] // 2
+    xs = x0.repeat_interleave(Tk, 0)
+    ts, ns = kts.reshape(-1), kns.reshape(B * Tk, *kns.shape[2:])
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        output_value(model, scheduler, xs, ts, ns[:, :C]).sum().backward()
+
+    def floor():
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            output_value(model, scheduler, xs.clone().requires_grad_(), ts, ns, "probe").sum().backward()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+    return plain, floor
 
 
 def print_throughput(title, r):
@@ -342,6 +372,10 @@ def print_throughput(title, r):
         print(f"   (features: the default's training features alone; + kernel: with the GGN kernel's {r['kernel_draws']} "
               "single-draw rows per example, which the default featurization also computes; throughput counts the "
               "features' example-timesteps)")
+    if "kernel_floor_over_plain" in r:
+        print(f"   kernel rows: {r['kernel_over_plain']:.2f}× a plain fwd+bwd of the same pairs; the floor of any kernel of these "
+              f"draws (a forward + a backward through the activations per row): {r['kernel_floor_over_plain']:.2f}×; features "
+              f"+ kernel at that floor: {100 * r['fast_with_kernel_floor_fraction_of_plain']:.0f}% of plain")
     if "fast_over_reference" in r:
         print(f"   default features (fast) / reference throughput: {r['fast_over_reference']:.2f}×")
 

@@ -9,3 +9,6 @@ def test_throughput_reports_features_and_the_kernel(tiny_unet):
     # the default featurization (features + kernel) costs more than the features alone, and both are reported
     assert r["fast_with_kernel_s_per_batch"] > r["fast_s_per_batch"] > 0
     assert 0 < r["fast_with_kernel_fraction_of_plain"] < r["fast_fraction_of_plain"]
+    # the kernel's references: its rows against plain passes of the same pairs, and the floor below both
+    assert r["kernel_over_plain"] > r["kernel_floor_over_plain"] > 0
+    assert r["fast_with_kernel_fraction_of_plain"] < r["fast_with_kernel_floor_fraction_of_plain"] < r["fast_fraction_of_plain"]
