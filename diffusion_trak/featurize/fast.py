@@ -69,8 +69,10 @@ ACTIVATION_BUDGET = 256 * 2 ** 20
 GROUPED_CONV_MAX_POSITIONS = 64
 #: for single-row examples (T = 1: the GGN kernel's single-draw rows) the grouped call is faster while a group's
 #: weight is small, whatever the map (measured on CPU: 2× faster at 16 × 16 channels, 2× slower at 64 × 64, even
-#: on 4×4 maps): grouped iff in-channels per group × out-channels is at most this, on maps of at most 16×16
+#: on 4×4 maps): grouped iff in-channels per group × out-channels is at most this, on maps of at most
+#: GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS positions (16×16)
 GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT = 2048
+GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS = 256
 NON_FINITE = ("NaN/Inf in per-example gradients; check the checkpoint for NaN weights (retrain with a lower learning rate) "
               "and the inputs for NaN")
 
@@ -390,7 +392,8 @@ class FastGradientSketch:
 def _grouped_conv(mod: nn.Conv2d, positions: int, T: int) -> bool:
     """Whether one grouped kernel call forms the per-example weight gradients (else one call per example)."""
     if T == 1:
-        return positions <= 256 and (mod.in_channels // mod.groups) * mod.out_channels <= GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT
+        return (positions <= GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS
+                and (mod.in_channels // mod.groups) * mod.out_channels <= GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT)
     return positions <= GROUPED_CONV_MAX_POSITIONS
 
 
