@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
@@ -18,7 +19,7 @@ from .config import FeaturizeArgs, ScoreArgs, asdict, from_dict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, slot_rows
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
-from .models import Conditioning, as_checkpoints, check_compatible, unet_conditioning
+from .models import Conditioning, adapter_of, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, make_dirs, write_json_atomic
 from .target_cache import target_features_of
@@ -155,6 +156,8 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         "num_train_timesteps": [int(s.config.num_train_timesteps) for _, s in ckpts],
         **conditioning.settings(ckpts[0][0], dataset),
     }
+    if any(adapter_of(u) for u, _ in ckpts):  # LoRA from a file: the base model's and the adapter's fingerprints
+        settings["lora"] = [adapter_of(u) for u, _ in ckpts]
     dist = distributed.state()
     names = [f"features_{c:02d}" for c in range(len(featurizers))]
     knames = [f"kernel_{c:02d}" for c in range(len(featurizers))] if args.kernel == "ggn" else []
@@ -214,6 +217,21 @@ def _method_fix(out: str, args: FeaturizeArgs) -> str:
     return f"; or pass --method {old} (FeaturizeArgs(method={old!r})) to resume it with the method it was made with"
 
 
+def _check_adapters(stored, given) -> None:
+    """One line naming what differs when the LoRA adapters (or their base models) are not those of the features."""
+    stored = stored or [None] * len(given)
+    for old, new in zip(stored, given):
+        if old == new:
+            continue
+        if old is None or new is None:
+            raise StoreError("the features were computed " + ("without" if old is None else "with") + " a LoRA adapter "
+                             "(--lora); pass the same --lora (lora=) as for featurize, or featurize again")
+        what = "base model" if old["base"] != new["base"] else "LoRA adapter"
+        raise StoreError(f"this {what} (fingerprint {new['base' if what == 'base model' else 'adapter']}) is not the one "
+                         f"the features were computed with ({old['base' if what == 'base model' else 'adapter']}); pass "
+                         "the same --pipeline and --lora as for featurize, or featurize again")
+
+
 def _featurizers(ckpts, fargs: FeaturizeArgs, device) -> List[Featurizer]:
     """One featurizer per checkpoint for the settings a feature store was made with."""
     try:
@@ -252,24 +270,28 @@ class Scores:
         ti, tv, bi, bv = top_k(np.asarray(self.destination), k)
         return self.train_indices[ti], tv, self.train_indices[bi], bv
 
+    #: the files of a saved result; ``scores.json`` (written last) records the checksums of the others
+    FILES = ("scores.npy", "destination.npy", "scores.json")
+
     def save(self, out: str, k: int = 8) -> str:
+        """Save into ``out`` as one unit: every file is written whole under a temporary name first, then the arrays
+        are renamed into place and ``scores.json``, which records their checksums, last; a failure before that
+        (a full disk) leaves the previous result there unchanged. Only the files of :attr:`FILES` are written."""
+        import re
+
+        from .store import staged
+
         make_dirs(out)
-        for name in os.listdir(out):  # left by an interrupted save
-            if name.startswith(("scores.npy.tmp", "scores.json.tmp", "destination.npy.tmp")):
+        for name in os.listdir(out):  # left by an interrupted save: exactly our temporary names
+            if re.fullmatch(r"(scores\.npy|destination\.npy|scores\.json)\.tmp\d+", name):
                 os.remove(os.path.join(out, name))
-
-        def save_npy(name, array):  # written whole, then renamed: a reader never sees half a file
-            tmp = os.path.join(out, f"{name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(array, dtype=np.float32))
-            os.replace(tmp, os.path.join(out, name))
-
-        save_npy("scores.npy", self.values)
+        arrays = {"scores.npy": np.ascontiguousarray(self.values, dtype=np.float32)}
         if self.destination is not None:
-            save_npy("destination.npy", self.destination)
+            arrays["destination.npy"] = np.ascontiguousarray(self.destination, dtype=np.float32)
         ti, tv, bi, bv = self.top(k)
         summary = {"steps": self.steps, "timesteps": self.timesteps, "train_indices": self.train_indices.tolist(),
                    "meta": self.meta, "shape": list(self.values.shape),
+                   "checksums": {name: zlib.crc32(a) for name, a in arrays.items()},
                    "top": [[{"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[s, b], tv[s, b])],
                              "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[s, b], bv[s, b])]}
                             for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
@@ -279,7 +301,21 @@ class Scores:
                 {"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[b], tv[b])],
                  "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[b], bv[b])]}
                 for b in range(ti.shape[0])]
-        write_json_atomic(os.path.join(out, "scores.json"), summary)
+        tmps = {}
+        try:
+            for name, a in arrays.items():
+                tmps[name] = staged(os.path.join(out, name), lambda f, a=a: np.save(f, a))
+            tmps["scores.json"] = staged(os.path.join(out, "scores.json"),
+                                         lambda f: json.dump(summary, f, indent=2, sort_keys=True), "w")
+        except OSError as e:
+            for tmp in tmps.values():
+                os.remove(tmp)
+            raise StoreError(f"cannot save the scores in {out} ({e.strerror or e}); nothing there was changed: free "
+                             "space or choose another --out, then rerun the same command") from None
+        for name, tmp in tmps.items():  # scores.json last: it commits the arrays it names
+            os.replace(tmp, os.path.join(out, name))
+        if "destination.npy" not in arrays and os.path.isfile(os.path.join(out, "destination.npy")):
+            os.remove(os.path.join(out, "destination.npy"))  # an earlier result's, which scores.json no longer names
         return out
 
     @classmethod
@@ -297,13 +333,38 @@ class Scores:
             meta = s.get("meta", {})
             dpath = os.path.join(out, "destination.npy")
             destination = np.load(dpath, allow_pickle=False) if "destination" in s else None
-        except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
+            checksums = s.get("checksums")
+        except (ValueError, OSError, KeyError, TypeError, EOFError, AttributeError) as e:
             raise StoreError(f"{out} holds damaged scores ({type(e).__name__}); {fix}") from None
+        if not isinstance(checksums, dict):
+            raise StoreError(f"{out} holds scores saved by an older diffusion-trak, without checksums; {fix}")
+        for name, a in (("scores.npy", values), ("destination.npy", destination)):
+            if a is not None and checksums.get(name) != zlib.crc32(np.ascontiguousarray(a)):
+                raise StoreError(f"{out}/{name} does not match the checksum scores.json records (changed or damaged "
+                                 f"on disk, or left by another save); {fix}")
         if values.ndim != 3 or values.shape[0] != len(steps) or values.shape[2] != len(idx) or not isinstance(meta, dict):
             raise StoreError(f"{out}: scores.npy {list(values.shape)} does not match scores.json; {fix}")
         if destination is not None and destination.shape != (values.shape[1], values.shape[2]):
             raise StoreError(f"{out}: destination.npy {list(destination.shape)} does not match scores.json; {fix}")
         return cls(values, steps, timesteps, idx, meta, destination)
+
+    def check_trajectory(self, trajectory, where: str = "these scores") -> None:
+        """Refuse (one line) a trajectory whose final images are not the target these scores were computed on
+        (``meta["target"]``, the digest :func:`score` records; scores without it are not checked)."""
+        from .targets import digest
+
+        want = self.meta.get("target")
+        got = digest(torch.as_tensor(trajectory.final).float())
+        if want is not None and got != want:
+            raise InputError(f"the trajectory (final images {got}) is not the one {where} were computed on (final "
+                             f"images {want}); pass the trajectory the scores were computed for, or score this one")
+
+    def check_target(self, target: int) -> int:
+        """``target``, refused in one line unless it is one of the scored images."""
+        B = self.values.shape[1]
+        if not (isinstance(target, (int, np.integer)) and 0 <= target < B):
+            raise InputError(f"target must be between 0 and {B - 1} (the scores are of {B} images), got {target!r}")
+        return int(target)
 
 
 def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: ScoreArgs = ScoreArgs(),
@@ -328,6 +389,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         raise InputError(f"{len(train_indices)} training indices given, but the features in {features.store.root} "
                          f"have {size} rows; pass the training set the features were computed on")
     if [model_fingerprint(u) for u, _ in ckpts] != fset["checkpoints"]:
+        _check_adapters(fset.get("lora"), [adapter_of(u) for u, _ in ckpts])
         raise StoreError("these checkpoints are not the ones the features were computed with; "
                          "featurize them again (diffusion-trak featurize) or pass the same --checkpoints")
     check_timesteps(ckpts, fset["num_train_timesteps"][0], "the features")
@@ -363,6 +425,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     S, B, k = per_ckpt[0].shape
     flat = [p.reshape(S * B, k) for p in per_ckpt]
     scorer = features.scorer(args.ridge, args.block_size)
+    scorer.check(flat)  # a degenerate ridge is refused before anything is written
     n = scorer.n
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
     # the final images, their target over the whole range of timesteps

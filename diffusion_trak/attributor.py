@@ -34,12 +34,16 @@ from . import api
 from .config import FeaturizeArgs, ScoreArgs
 from .errors import InputError
 from .models import (Conditioning, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder, load_checkpoint,
-                     load_pipeline, training_scheduler, unet_conditioning)
+                     load_lora, load_pipeline, training_scheduler, unet_conditioning)
 
 __all__ = ["Attributor"]
 
 #: samplers whose ``step`` returns ``pred_original_sample`` (what the per-step targets re-noise)
 _RECORDING_SAMPLERS = ("DDPMScheduler", "DDIMScheduler")
+
+NO_ADAPTER = ("--params lora (FeaturizeArgs(params='lora')) needs a LoRA adapter and this model has none; pass "
+              "--lora PATH (lora= in Python): the folder or pytorch_lora_weights.safetensors that diffusers' LoRA "
+              "training writes, or use --params all")
 
 
 class Attributor:
@@ -77,7 +81,8 @@ class Attributor:
         self.components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
         self.conditioning = conditioning or conditioning_of(self.components, captions, caption_mode, device)
         self.sampler = sampler if sampler is not None else self.checkpoints[-1][1]
-        self.featurize_args = featurize_args or FeaturizeArgs()
+        # an adapter given (lora=, or one loaded into the unet): features over its parameters by default
+        self.featurize_args = featurize_args or FeaturizeArgs(params="lora" if self.has_adapter else "all")
         self.score_args = score_args or ScoreArgs()
         self.features_dir = os.fspath(features_dir) if features_dir else os.path.join(self.out, "features")
         self.latents_dir = os.fspath(latents_dir) if latents_dir else os.path.join(self.out, "latents")
@@ -86,11 +91,18 @@ class Attributor:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_pretrained(cls, path_or_paths, train_data, out: str = "runs/attribution", **kwargs) -> "Attributor":
+    def from_pretrained(cls, path_or_paths, train_data, out: str = "runs/attribution", lora=None,
+                        **kwargs) -> "Attributor":
         """From folders that diffusers saves: a pipeline folder (``model_index.json``: DDPM/DDIM, LDM, Stable
         Diffusion), checkpoint folders (``unet/`` + ``scheduler/``), or a ``diffusion-trak train`` run folder
         (its ``model/ckpt-*``). Several folders = several checkpoints; the VAE and text model come from the
-        first pipeline folder unless given as keyword arguments."""
+        first pipeline folder unless given as keyword arguments.
+
+        ``lora``: a LoRA adapter as diffusers' LoRA training scripts save it (the folder, or its
+        ``pytorch_lora_weights.safetensors``), loaded onto every checkpoint (:func:`~diffusion_trak.models.load_lora`);
+        the features then cover the adapter's parameters only (``FeaturizeArgs(params="lora")``) unless
+        ``featurize_args`` says otherwise, and the feature store records the base model's and the adapter's
+        fingerprints."""
         from .train import list_checkpoints
 
         paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
@@ -107,6 +119,12 @@ class Attributor:
                 ckpts += [load_checkpoint(ck, device) for ck in list_checkpoints(os.path.join(p, "model"))]
             else:
                 ckpts.append(load_checkpoint(p, device))
+        if lora is not None:
+            text_encoder = kwargs.get("text_encoder")
+            if text_encoder is None and first is not None:
+                text_encoder = first.get("text_encoder")
+            for unet, _ in ckpts:
+                load_lora(unet, lora, text_encoder=text_encoder)
         if first is not None:
             for k in ("vae", "text_encoder", "tokenizer"):
                 if kwargs.get(k) is None:
@@ -133,6 +151,13 @@ class Attributor:
     @property
     def unet(self):
         return self.checkpoints[-1][0]
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the unets carry an active peft LoRA adapter (``lora=``, or loaded into the model given)."""
+        from .featurize.gradients import lora_parameter_names
+
+        return all(lora_parameter_names(u) for u, _ in self.checkpoints)
 
     def _pixel_size(self):
         """``(size, channels)`` of the images the model takes (pixels before its VAE)."""
@@ -192,6 +217,8 @@ class Attributor:
         """TRAK features of every training image for every checkpoint (:func:`diffusion_trak.api.featurize`);
         a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
         computes its share."""
+        if self.featurize_args.params == "lora" and not self.has_adapter:  # before latents/ is written
+            raise InputError(NO_ADAPTER)
         fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
         self._features = fs
@@ -279,6 +306,7 @@ class Attributor:
         from .report import plot_from_scores
 
         trajectory = getattr(trajectory, "trajectory", trajectory)
+        target = scores.check_target(target)
         query = None
         if trajectory is None and self._last is not None:
             kind, last = self._last
@@ -288,6 +316,8 @@ class Attributor:
                 query = last[target].expand(len(scores.steps), *last.shape[1:])
         if trajectory is None and query is None:
             raise InputError("give the trajectory the scores are of: report(scores, trajectory)")
+        if trajectory is not None:
+            scores.check_trajectory(trajectory)
         if title is None and getattr(trajectory, "prompts", None):
             title = f'prompt: "{trajectory.prompts[target]}" — per-step attribution'
         return plot_from_scores(scores, self.dataset, trajectory, os.path.join(self.out, "report", name), target=target,

@@ -106,6 +106,9 @@ def _add_pipeline(p, captions: bool = False):
     p.add_argument("--pipeline", nargs="+", default=None, metavar="DIR",
                    help="a diffusers pipeline folder (model_index.json: DDPM/DDIM, LDM, Stable Diffusion) or checkpoint "
                         "folders, instead of --checkpoints; a VAE and text encoder in it are used")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="a LoRA adapter as diffusers' LoRA training scripts save it (the folder or its "
+                        "pytorch_lora_weights.safetensors), loaded onto the model; features then cover the adapter only")
     if captions:
         p.add_argument("--captions", default=None, help="training captions of a text-conditional model (.json "
                        "{index: [caption, ...]} or .csv index,caption; default: the class names)")
@@ -220,6 +223,15 @@ def write_run_json(run: str, dargs) -> None:
     write_json_atomic(path, {"data": dargs.to_dict()})
 
 
+def _remember_data(ns, dargs) -> None:
+    """After a command on a run folder without ``run.json`` succeeded: record its data settings there, so that
+    later commands on the run (score, plot) need no --data/--data-path again."""
+    from . import distributed
+
+    if not os.path.exists(os.path.join(ns.run, "run.json")) and distributed.state().is_main_process:
+        write_run_json(ns.run, dargs)
+
+
 def cmd_train(ns):
     from .train import check_training, train_ddpm
 
@@ -246,6 +258,8 @@ def _given(ns, **fields) -> dict:
 def _featurize_args(ns) -> FeaturizeArgs:
     """The preset's settings, with every flag given on the command line in place of the preset's value."""
     base, _ = preset(ns.preset)
+    if ns.params is None and getattr(ns, "lora", None):  # an adapter given: features over its parameters
+        base = dataclasses.replace(base, params="lora")
     return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
@@ -262,7 +276,7 @@ def _attributor(ns, dataset, **kwargs):
     """The :class:`~diffusion_trak.Attributor` of the command's model folders, training data and run folder."""
     from .attributor import Attributor
 
-    return Attributor.from_pretrained(_models(ns), dataset, ns.run, captions=getattr(ns, "captions", None),
+    return Attributor.from_pretrained(_models(ns), dataset, ns.run, lora=ns.lora, captions=getattr(ns, "captions", None),
                                       caption_mode=getattr(ns, "caption_mode", None) or "random", device=_device(ns),
                                       overwrite=ns.overwrite, **kwargs)
 
@@ -271,9 +285,10 @@ def cmd_featurize(ns):
     out = ns.out or os.path.join(ns.run, "features")
     _check_out(out, "--out")
     args = _featurize_args(ns)
-    dataset, _ = _load_run_data(ns)
+    dataset, dargs = _load_run_data(ns)
     fs = _attributor(ns, dataset, featurize_args=args, features_dir=out,
                      latents_dir=os.path.join(os.path.dirname(os.path.abspath(out)), "latents")).featurize()
+    _remember_data(ns, dargs)
     _say(f"features: {out} ({len(fs.names)} checkpoints × {len(dataset)} rows × k={ns.proj_dim}"
          + (f"; GGN kernel of {args.kernel_draws} draws per example" if fs.kernel_names else "; kernel ΦᵀΦ") + ")")
     return fs
@@ -293,7 +308,7 @@ def cmd_generate(ns):
         raise UserError(f"--record-steps {bad} are past the last step {ns.steps - 1} of --steps {ns.steps}; "
                         f"use steps between 0 and {ns.steps - 1}")
     ckpt = ns.checkpoint or (ns.pipeline[-1] if ns.pipeline else _checkpoints(ns)[-1])
-    attr = Attributor.from_pretrained(ckpt, None, ns.run, device=_device(ns))
+    attr = Attributor.from_pretrained(ckpt, None, ns.run, lora=ns.lora, device=_device(ns))
     unet, sched = attr.unet, attr.sampler
     n_classes = getattr(unet.config, "num_class_embeds", None)
     if ns.class_label is not None and not n_classes:
@@ -408,6 +423,8 @@ def cmd_plot(ns):
         raise UserError(f"no trajectory at {tpath}; pass the --trajectory the scores were computed for")
     if os.path.isfile(tpath):
         traj = _load_trajectory(tpath)
+        if not ns.evaluation:
+            sc.check_trajectory(traj, f"the scores in {sdir}")
     make_dirs(os.path.dirname(os.path.abspath(prefix)))  # every check has passed
     png, html = plot_from_scores(sc, dataset, traj, prefix, target=ns.target, k=ns.top_k,
                                  title=f"{os.path.basename(os.path.abspath(run))} · {name}: "
@@ -479,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
     sp.add_argument("--params", default=None, choices=list(PARAM_SELECTIONS),
-                    help="parameters the gradients cover: all (default), lora (the peft LoRA adapter only, for "
-                         "LoRA fine-tunes) or trainable (those with requires_grad)")
+                    help="parameters the gradients cover: all (default without --lora), lora (the LoRA adapter only: "
+                         "the default with --lora) or trainable (those with requires_grad)")
     sp.add_argument("--kernel", default=None, choices=list(KERNELS),
                     help="the matrix TRAK inverts: ggn (default: the Gauss-Newton matrix of the loss, from single-draw "
                          "probe gradients) or features (the paper's ΦᵀΦ of the training features)")

@@ -74,6 +74,7 @@ def load_checkpoint(path: str, device="cpu"):
 
     path = os.fspath(path)
     kind = check_checkpoint(path)
+    check_unet_weights(os.path.join(path, "unet"))
     try:
         unet = getattr(diffusers, kind).from_pretrained(os.path.join(path, "unet"), local_files_only=True)
         scheduler = diffusers.DDPMScheduler.from_pretrained(os.path.join(path, "scheduler"), local_files_only=True)
@@ -132,6 +133,7 @@ def load_pipeline(path: str, device="cpu") -> Dict[str, object]:
             if kind not in UNET_CLASSES:
                 raise CheckpointError(f"{sub} is a {kind}; supported are {' and '.join(UNET_CLASSES)}")
             cls = _component_class("diffusers", kind)
+            check_unet_weights(sub)
         try:
             if role == "tokenizer" and cls.__module__.startswith("diffusion_trak"):
                 obj = cls.from_pretrained(sub)
@@ -157,6 +159,107 @@ def training_scheduler(scheduler):
     if isinstance(scheduler, DDPMScheduler):
         return scheduler
     return DDPMScheduler.from_config(scheduler.config)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA adapters
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' LoRA training scripts write
+#: the fix for a unet folder that holds peft adapter layers (a LoRA-loaded pipeline saved with save_pretrained)
+_ADAPTER_IN_UNET_FIX = ("save the adapter alone with pipe.save_lora_weights(DIR) and pass the base model with "
+                        "--lora DIR (lora= in Python), or fuse it first: pipe.fuse_lora(); pipe.unload_lora_weights(); "
+                        "pipe.save_pretrained(...)")
+
+
+def check_unet_weights(unet_dir: str) -> None:
+    """One-line :class:`CheckpointError` for a unet folder whose weights hold peft adapter layers
+    (``...base_layer.weight``, ``...lora_A.<name>.weight``): what ``save_pretrained`` writes for a pipeline with a
+    loaded, unfused LoRA, which diffusers cannot load back. Reads the safetensors headers only."""
+    files = [f for f in os.listdir(unet_dir) if f.endswith(".safetensors")] if os.path.isdir(unet_dir) else []
+    for name in files:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(unet_dir, name), "pt") as f:
+                keys = list(f.keys())
+        except Exception:  # noqa: BLE001 - a damaged file is reported by the loader
+            continue
+        if any(".base_layer." in k or ".lora_A." in k for k in keys):
+            raise CheckpointError(f"{unet_dir} holds LoRA adapter layers inside the UNet weights (a LoRA-loaded "
+                                  f"pipeline saved with save_pretrained), which cannot be loaded; {_ADAPTER_IN_UNET_FIX}")
+
+
+def _lora_file(path: str) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+        if LORA_WEIGHTS in found:
+            return os.path.join(path, LORA_WEIGHTS)
+        if len(found) == 1:
+            return os.path.join(path, found[0])
+        what = f"several .safetensors files ({', '.join(found[:4])})" if found else "no .safetensors file"
+        raise CheckpointError(f"--lora {path} holds {what}; pass the adapter file itself "
+                              f"(e.g. {os.path.join(path, LORA_WEIGHTS)})")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--lora {path} does not exist; pass the folder or the {LORA_WEIGHTS} that "
+                              "pipe.save_lora_weights (diffusers' LoRA training scripts) writes")
+    return path
+
+
+def _digest(tensors: Dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_lora(unet, path, text_encoder=None) -> dict:
+    """Load a LoRA adapter as diffusers' LoRA training scripts save it (``pipe.save_lora_weights(DIR, ...)``: a
+    folder with ``pytorch_lora_weights.safetensors``, or that file) into ``unet`` (and ``text_encoder`` when the
+    adapter has text-encoder layers), as peft layers that :class:`~diffusion_trak.config.FeaturizeArgs`
+    ``params="lora"`` selects. Returns (and keeps on ``unet``, see :func:`adapter_of`) the base model's and
+    the adapter's fingerprints, which feature stores record and check."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+
+    from .featurize.featurizer import model_fingerprint
+
+    file = _lora_file(path)
+    if not hasattr(unet, "load_lora_adapter"):
+        raise CheckpointError(f"--lora needs a UNet2DConditionModel (Stable-Diffusion-style); this model's unet is a "
+                              f"{type(unet).__name__}, which diffusers' LoRA loader does not take")
+    if adapter_of(unet) is not None or getattr(unet, "peft_config", None):
+        raise CheckpointError("the model already has a LoRA adapter; give one --lora, to the base model")
+    base = model_fingerprint(unet)
+    try:
+        state, alphas = Loader.lora_state_dict(os.path.dirname(file) or ".", weight_name=os.path.basename(file),
+                                               local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        msg = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"cannot read the LoRA adapter {file} ({msg}); save it with pipe.save_lora_weights") from None
+    unet_keys = [k for k in state if k.startswith("unet.")]
+    if not unet_keys:
+        raise CheckpointError(f"the LoRA adapter {file} has no UNet layers (keys unet.*); save it with "
+                              "pipe.save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet))")
+    try:
+        Loader.load_lora_into_unet(state, alphas, unet, adapter_name="default")
+        if any(k.startswith("text_encoder.") for k in state):
+            if text_encoder is None:
+                raise CheckpointError(f"the LoRA adapter {file} has text-encoder layers but the model has no text "
+                                      "encoder; pass the pipeline folder it was trained on")
+            Loader.load_lora_into_text_encoder(state, alphas, text_encoder, prefix="text_encoder", adapter_name="default")
+    except (ValueError, RuntimeError, KeyError) as e:
+        msg = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"the LoRA adapter {file} does not fit this model ({msg}); pass the base model it was "
+                              "trained on") from None
+    info = {"base": base, "adapter": _digest(state)}
+    unet.diffusion_trak_lora = info
+    return info
+
+
+def adapter_of(unet) -> Optional[dict]:
+    """``{"base", "adapter"}`` fingerprints of the LoRA adapter :func:`load_lora` loaded into ``unet``, or None."""
+    return getattr(unet, "diffusion_trak_lora", None)
 
 
 # ---------------------------------------------------------------------------------------------- model kinds
