@@ -243,6 +243,69 @@ def _featurizers(ckpts, fargs: FeaturizeArgs, device) -> List[Featurizer]:
 
 
 @dataclass
+class TopK:
+    """The top-k of :meth:`Scores.top`: ``indices``/``scores`` the k highest-scored training images (proponents),
+    ``bottom_indices``/``bottom_scores`` the k lowest-scored, each ``(..., k)``, highest first and lowest first.
+    A low score is an opponent only where it is negative (:attr:`opponents`); all of them may be positive.
+    ``sources``/``captions`` (and ``bottom_``…) name each image (:meth:`~diffusion_trak.data.ImageDataset.describe`:
+    its file relative to the image folder or its dataset row, and its caption or class name) when the scores know
+    their training set, else None. Unpacks as the 4-tuple ``(indices, scores, bottom_indices, bottom_scores)``."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    bottom_indices: np.ndarray
+    bottom_scores: np.ndarray
+    sources: Optional[np.ndarray] = None
+    captions: Optional[np.ndarray] = None
+    bottom_sources: Optional[np.ndarray] = None
+    bottom_captions: Optional[np.ndarray] = None
+
+    def __iter__(self):
+        return iter((self.indices, self.scores, self.bottom_indices, self.bottom_scores))
+
+    def __getitem__(self, i):
+        return tuple(self)[i]
+
+    def __len__(self) -> int:
+        return 4
+
+    @property
+    def opponents(self) -> np.ndarray:
+        """``bottom_indices`` where the score is negative, -1 elsewhere (a positive low score opposes nothing)."""
+        return np.where(np.asarray(self.bottom_scores) < 0, self.bottom_indices, -1)
+
+    @classmethod
+    def of(cls, ti, tv, bi, bv, dataset=None) -> "TopK":
+        if dataset is None or not hasattr(dataset, "describe"):
+            return cls(ti, tv, bi, bv)
+
+        def names(idx):
+            idx = np.asarray(idx)
+            found = [dataset.describe(int(p)) for p in dataset.positions_of(idx.reshape(-1)).tolist()]
+            src = np.array([d["source"] for d in found], dtype=object).reshape(idx.shape)
+            cap = np.array([d["caption"] for d in found], dtype=object).reshape(idx.shape)
+            return src, cap
+
+        return cls(ti, tv, bi, bv, *names(ti), *names(bi))
+
+    def entries(self, *at) -> dict:
+        """``{"proponents", "lowest", "opponents"}`` at position ``at`` (e.g. step, target) for ``scores.json``:
+        lists of ``{"index", "score"[, "source", "caption"]}``; ``opponents`` holds the negative lowest only."""
+        def rows(idx, val, src, cap):
+            out = []
+            for j, (i, v) in enumerate(zip(idx[at], val[at])):
+                e = {"index": int(i), "score": float(v)}
+                if src is not None:
+                    e.update(source=src[at][j], caption=cap[at][j])
+                out.append(e)
+            return out
+
+        low = rows(self.bottom_indices, self.bottom_scores, self.bottom_sources, self.bottom_captions)
+        return {"proponents": rows(self.indices, self.scores, self.sources, self.captions), "lowest": low,
+                "opponents": [e for e in low if e["score"] < 0]}
+
+
+@dataclass
 class Scores:
     """Scores of every training example for every (step, target).
 
@@ -257,18 +320,21 @@ class Scores:
     train_indices: np.ndarray
     meta: dict = field(default_factory=dict)
     destination: Optional[np.ndarray] = None
+    #: the training set (pixels) the scores are of, when known: names each image in :meth:`top` and ``scores.json``
+    dataset: Optional[object] = field(default=None, repr=False, compare=False)
 
-    def top(self, k: int = 8):
-        """``(top_idx, top_val, bottom_idx, bottom_val)`` as stable dataset indices, each (S, B, k)."""
+    def top(self, k: int = 8) -> TopK:
+        """The k highest and k lowest scores per (step, target) as a :class:`TopK` of stable dataset indices, each
+        (S, B, k), with each image's source and caption when :attr:`dataset` is known."""
         ti, tv, bi, bv = top_k(self.values, k)
-        return self.train_indices[ti], tv, self.train_indices[bi], bv
+        return TopK.of(self.train_indices[ti], tv, self.train_indices[bi], bv, self.dataset)
 
-    def top_destination(self, k: int = 8):
+    def top_destination(self, k: int = 8) -> Optional[TopK]:
         """The same for the destination row, each (B, k); None without a destination."""
         if self.destination is None:
             return None
         ti, tv, bi, bv = top_k(np.asarray(self.destination), k)
-        return self.train_indices[ti], tv, self.train_indices[bi], bv
+        return TopK.of(self.train_indices[ti], tv, self.train_indices[bi], bv, self.dataset)
 
     #: the files of a saved result; ``scores.json`` (written last) records the checksums of the others
     FILES = ("scores.npy", "destination.npy", "scores.json")
@@ -288,19 +354,14 @@ class Scores:
         arrays = {"scores.npy": np.ascontiguousarray(self.values, dtype=np.float32)}
         if self.destination is not None:
             arrays["destination.npy"] = np.ascontiguousarray(self.destination, dtype=np.float32)
-        ti, tv, bi, bv = self.top(k)
+        top = self.top(k)
         summary = {"steps": self.steps, "timesteps": self.timesteps, "train_indices": self.train_indices.tolist(),
                    "meta": self.meta, "shape": list(self.values.shape),
                    "checksums": {name: zlib.crc32(a) for name, a in arrays.items()},
-                   "top": [[{"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[s, b], tv[s, b])],
-                             "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[s, b], bv[s, b])]}
-                            for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
+                   "top": [[top.entries(s, b) for b in range(self.values.shape[1])] for s in range(len(self.steps))]}
         if self.destination is not None:
-            ti, tv, bi, bv = self.top_destination(k)
-            summary["destination"] = [
-                {"proponents": [{"index": int(i), "score": float(v)} for i, v in zip(ti[b], tv[b])],
-                 "opponents": [{"index": int(i), "score": float(v)} for i, v in zip(bi[b], bv[b])]}
-                for b in range(ti.shape[0])]
+            dest = self.top_destination(k)
+            summary["destination"] = [dest.entries(b) for b in range(dest.indices.shape[0])]
         tmps = {}
         try:
             for name, a in arrays.items():
@@ -430,6 +491,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     meta = {"score": asdict(args), "features": fset, "target": key, "lambdas": scorer.lambdas}
     # the final images, their target over the whole range of timesteps
     destination = scorer.score(dest_feats) if dest_feats is not None else None
+    named = dataset if getattr(dataset, "pixels", None) is None else dataset.pixels  # names the training images
     if out is not None:
         dist = distributed.state()
         with distributed.main_process_first():
@@ -443,13 +505,13 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
                               rows=distributed.shard_rows(S * B, 1) if dist.num_processes > 1 else None)
             dist.wait_for_everyone()
             values = np.asarray(arr.read()).reshape(S, B, n)
-            result = Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
+            result = Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination, named)
             if dist.is_main_process:
                 result.save(out, args.top_k)
         return result
     else:
         values = scorer.score(flat).reshape(S, B, n)
-    return Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination)
+    return Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination, named)
 
 
 def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,

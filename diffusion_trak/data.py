@@ -303,6 +303,22 @@ class _Examples(torch.utils.data.Dataset):
             return ""
         return self.caption_template.format(cname)
 
+    def describe(self, i: int) -> Dict[str, Any]:
+        """Who example ``i`` (a position) is, for people: ``{"index", "source", "caption"}``: its stable index, where
+        it comes from (an image folder's file path relative to the folder, a ``datasets`` row, or ``name #index``)
+        and its first caption, else its class name, else ``None``."""
+        index = int(self.indices[i])
+        source = getattr(self, "source", None)
+        if source is not None and hasattr(source, "name_of"):
+            where = source.name_of(int(self.rows[i]))
+        else:
+            where = f"{self.name} #{index}"
+        if self.captions is not None:
+            caption = self.captions.of(index)[0]
+        else:
+            caption = self.class_name(i)
+        return {"index": index, "source": where, "caption": caption}
+
     def _subset_fields(self, positions):
         pos = torch.as_tensor(np.asarray(positions), dtype=torch.long).reshape(-1)
         return pos, (self.labels[pos].clone() if self.labels is not None else None), self.indices[pos].clone()
@@ -654,8 +670,8 @@ def _decode(im, mode: str, image_size: Optional[int]) -> torch.Tensor:
 class _FileSource:
     """Image files, opened one at a time (``DiskImageDataset.source``)."""
 
-    def __init__(self, files: Sequence[Path]):
-        self.files = list(files)
+    def __init__(self, files: Sequence[Path], root: Optional[Path] = None):
+        self.files, self.root = list(files), root
 
     def load(self, rows) -> list:
         return [self.files[int(r)] for r in rows]
@@ -668,6 +684,11 @@ class _FileSource:
 
     def describe(self, row) -> str:
         return str(self.files[int(row)])
+
+    def name_of(self, row) -> str:
+        """The file's path relative to the image folder (what a person knows it by)."""
+        f = self.files[int(row)]
+        return f.relative_to(self.root).as_posix() if self.root is not None else str(f)
 
 
 class _HFSource:
@@ -695,6 +716,9 @@ class _HFSource:
 
     def describe(self, row) -> str:
         return f"row {int(row)} of {self.where}"
+
+    def name_of(self, row) -> str:
+        return f"row {int(row)}"
 
 
 def _probe(source, rows: np.ndarray, args: DataArgs, where: str) -> tuple:
@@ -802,7 +826,7 @@ def _load_folder(args: DataArgs) -> DiskImageDataset:
         labels = np.array([cid[r.parts[0]] for r in rel], dtype=np.int64)
     captions = _read_metadata(root, rel)
     keep = _select(labels, len(files), args, f"folder {root}")
-    return _disk_dataset(_FileSource(files), labels, keep, class_names, captions, args, str(root))
+    return _disk_dataset(_FileSource(files, root), labels, keep, class_names, captions, args, str(root))
 
 
 def _datasets_module():

@@ -22,6 +22,19 @@ def _meta(scores) -> dict:
     return meta
 
 
+def _names(dataset, positions):
+    """``(S, K)`` texts naming the training images at ``positions``: file (or dataset row) and caption; None when
+    the dataset cannot say."""
+    if not hasattr(dataset, "describe"):
+        return None
+    pos = np.asarray(positions)
+    out = np.empty(pos.shape, dtype=object)
+    for j, p in np.ndenumerate(pos):
+        d = dataset.describe(int(p))
+        out[j] = str(d["source"]) + (f"\n{d['caption']}" if d["caption"] else "")
+    return out
+
+
 def plot_from_scores(scores, dataset, trajectory=None, out_prefix: str = "report/attribution", target: int = 0,
                      k: int = 6, query_images: Optional[torch.Tensor] = None, title: Optional[str] = None,
                      captions: Optional[Sequence[str]] = None, evidence: Optional[dict] = None) -> Tuple[str, str]:
@@ -47,7 +60,8 @@ def plot_from_scores(scores, dataset, trajectory=None, out_prefix: str = "report
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     png = plot_attribution(out_prefix + ".png", query_images, labels, dataset.images[pos(ti[:, target])], tv[:, target],
                            ti[:, target], dataset.images[pos(bi[:, target])], bv[:, target], bi[:, target],
-                           title=title or f"TRAK attribution per sampling step (target {target})")
+                           title=title or f"TRAK attribution per sampling step (target {target})",
+                           top_names=_names(dataset, pos(ti[:, target])), bottom_names=_names(dataset, pos(bi[:, target])))
     n = scores.values.shape[1] if targets is None else 1
     if captions is None:
         captions = target_captions(trajectory, dataset, scores.values.shape[1])

@@ -73,6 +73,9 @@ figure { margin: 0; text-align: center; font-size: .8em; }
 .cell:hover, .cell.on { border-color: #0969da; }
 .idx { font-family: ui-monospace, Menlo, Consolas, monospace; }
 .pos { color: #1a7f37; } .neg { color: #cf222e; } .muted { color: #656d76; }
+.src { font-family: ui-monospace, Menlo, Consolas, monospace; color: #0969da; }
+.cap { font-style: italic; }
+.meaning { font-size: .8em; max-width: 34em; margin: .2em 0 .4em 0; } .meaning .flat { color: #9a6700; }
 #inspector { border: 1px solid #d0d7de; padding: .5em .8em; background: #f6f8fa; max-width: 28em; }
 .steps { display: flex; gap: 2px; margin: .2em 0; }
 .steps span { width: 14px; height: 14px; border: 1px solid #bbb; display: inline-block; }
@@ -134,9 +137,30 @@ _SCRIPT = r"""
     c.appendChild(img(tr.src, "thumb", "training image #" + i));
     c.appendChild(el("div", "idx", "#" + i));
     c.appendChild(el("div", cls, entry[2]));
-    if (tr.label !== null) c.appendChild(el("div", "muted", tr.label));
+    if (tr.name) { var nm = el("div", "src", tr.name); nm.title = tr.name; c.appendChild(nm); }
+    if (tr.caption) { var cp = el("div", "cap", tr.caption); cp.title = tr.caption; c.appendChild(cp); }
+    if (tr.label !== null && D.shareKind !== "caption" && tr.label !== tr.caption) c.appendChild(el("div", "muted", tr.label));
     c.addEventListener("click", function () { state.inspect = i; render(); });
     return c;
+  }
+
+  // a ranked list under an honest heading: proponents are the positive scores among the highest, opponents the
+  // negative ones among the lowest; when there are none, the heading says so and the scores are shown as they are
+  function ranked(id, entries, high) {
+    var box = $(id), head = $(id + "-head"), k = entries.length;
+    var named = entries.filter(function (e) { return high ? e[1] > 0 : e[1] < 0; });
+    box.replaceChildren();
+    if (named.length) {
+      head.textContent = (high ? "top-" + named.length + " proponents (positive scores)"
+                               : "top-" + named.length + " opponents (negative scores)");
+      head.className = high ? "pos" : "neg";
+      named.forEach(function (e) { box.appendChild(cell(e, high ? "pos" : "neg")); });
+    } else {
+      head.textContent = (high ? "highest " + k + " scores: none is positive, no training image supports this"
+                               : "lowest " + k + " scores: none is negative, no training image opposes this");
+      head.className = "muted";
+      entries.forEach(function (e) { box.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+    }
   }
 
   function stepBoxes(steps, cls) {
@@ -163,7 +187,9 @@ _SCRIPT = r"""
     var close = el("button", null, "close"); close.type = "button";
     close.addEventListener("click", function () { state.inspect = null; render(); });
     box.appendChild(close);
-    box.appendChild(el("h3", null, "training image #" + i + (tr.label !== null ? " \u00b7 " + D.shareKind + " " + tr.label : "")));
+    box.appendChild(el("h3", null, "training image #" + i + (tr.name ? " \u00b7 " + tr.name : "") +
+                       (tr.label !== null ? " \u00b7 " + D.shareKind + " " + tr.label : "")));
+    if (tr.caption) box.appendChild(el("div", "cap", tr.caption));
     box.appendChild(img(tr.src, "huge", "training image #" + i));
     box.appendChild(el("div", null, "among the top-" + D.k + " proponents at steps: " + stepList(inTop)));
     box.appendChild(stepBoxes(inTop, "in"));
@@ -352,18 +378,18 @@ _SCRIPT = r"""
       fig.appendChild(im); fig.appendChild(el("figcaption", null, f[1]));
       figs.appendChild(fig);
     });
-    var pro = $("pro"), opp = $("opp");
-    pro.replaceChildren(); opp.replaceChildren();
-    T.pro[s].forEach(function (e) { pro.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
-    T.opp[s].forEach(function (e) { opp.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+    ranked("pro", T.pro[s], true);
+    ranked("opp", T.opp[s], false);
+    var mb = $("meaning"), m = T.meaning[s];
+    mb.replaceChildren(el("div", null, m.sign), el("div", m.flat ? "flat" : null, m.spread));
     var dbox = $("destination");
     dbox.hidden = !T.dest;
     if (T.dest) {
       var dp = $("dest-pro"), dn = $("dest-opp");
       dp.replaceChildren(); dn.replaceChildren();
       $("dest-fig").replaceChildren(img(T.final, "big", "final image"), el("figcaption", null, "final image"));
-      T.dest.pro.forEach(function (e) { dp.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
-      T.dest.opp.forEach(function (e) { dn.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+      ranked("dest-pro", T.dest.pro, true);
+      ranked("dest-opp", T.dest.opp, false);
     }
     inspector();
     charts(T);
@@ -404,14 +430,20 @@ def write_page(out_html, data: dict) -> str:
         '<input type="range" id="step" min="0" value="0" step="1"><span id="step-label"></span></div>',
         '<div id="strip" class="strip"></div>',
         '<div class="row"><div id="images" class="row"></div>',
-        f'<div><h3 class="pos">top-{int(data["k"])} proponents</h3><div id="pro" class="cells"></div>',
-        f'<h3 class="neg">top-{int(data["k"])} opponents</h3><div id="opp" class="cells"></div></div>',
+        '<div><details class="meaning"><summary>what the scores mean</summary>A training image\'s score at a step '
+        'estimates how much training on it lowered the model\'s loss on what it predicts at that step (x\u03020_t, '
+        're-noised to t): a positive score (green) pulls the sampling toward that prediction, a negative one (red) '
+        'pushes away from it. Only negative scores are opponents, and only positive ones proponents. The scores are '
+        'relative to the other training images; when the top-k stand little above the rest (a nearly flat ranking), '
+        'their order says little.</details><div id="meaning" class="meaning"></div>',
+        '<h3 id="pro-head"></h3><div id="pro" class="cells"></div>',
+        '<h3 id="opp-head"></h3><div id="opp" class="cells"></div></div>',
         '<aside id="inspector" hidden></aside></div>',
         '<section id="destination" hidden><h2>Destination <span class="muted">(the final image, its target '
         'averaged over the whole range of timesteps)</span></h2><div class="row">'
         '<figure id="dest-fig"></figure>'
-        f'<div><h3 class="pos">top-{int(data["k"])} proponents</h3><div id="dest-pro" class="cells"></div>'
-        f'<h3 class="neg">top-{int(data["k"])} opponents</h3><div id="dest-opp" class="cells"></div></div></div></section>',
+        '<div><h3 id="dest-pro-head"></h3><div id="dest-pro" class="cells"></div>'
+        '<h3 id="dest-opp-head"></h3><div id="dest-opp" class="cells"></div></div></div></section>',
         '<h2>How the attribution moves</h2><div id="charts" class="charts"></div>',
         '<section id="evidence" hidden></section>',
         f'<script type="application/json" id="journey-data">{script_json(data)}</script>',

@@ -46,10 +46,25 @@ def target_captions(trajectory, dataset, num_targets: int) -> List[str]:
     return [""] * num_targets
 
 
+#: captions shown as their own category in the label chart; the rest are "other captions"
+MAX_CAPTION_CATEGORIES = 9
+
+
 def _label_names(dataset, needed: Sequence[int]):
-    """``(kind, names, label_of)``: labels of the training data when it has them, else pixel clusters."""
+    """``(kind, names, label_of)``: labels of the training data when it has them, else its captions (the most
+    frequent first captions, the rest as one "other captions"), else pixel clusters."""
     idx = dataset.indices.numpy()
-    if dataset.labels is not None:
+    captions = getattr(dataset, "captions", None)
+    if dataset.labels is None and captions is not None:
+        from collections import Counter
+
+        first = [captions.of(int(i))[0] for i in idx]
+        common = [c for c, _ in Counter(first).most_common()]
+        names = common if len(common) <= MAX_CAPTION_CATEGORIES + 1 else common[:MAX_CAPTION_CATEGORIES] + ["other captions"]
+        code = {c: j for j, c in enumerate(names)}
+        labels = np.array([code.get(c, len(names) - 1) for c in first], dtype=np.int64)
+        kind = "caption"
+    elif dataset.labels is not None:
         labels = dataset.labels.numpy()
         num = int(max(labels.max() + 1, len(dataset.class_names or [])))
         names = [str(dataset.class_names[c]) if dataset.class_names and c < len(dataset.class_names) else str(c)
@@ -65,6 +80,34 @@ def _label_names(dataset, needed: Sequence[int]):
         kind = "cluster"
     pos = dataset.positions_of(np.asarray(list(needed), dtype=np.int64)).numpy()
     return kind, names, {int(idx[p]): int(labels[p]) for p in pos}
+
+
+def _named(dataset, p: int) -> dict:
+    """``{"name", "caption"}`` of the training image at position ``p``: its source (file path relative to the
+    image folder, dataset row, or ``name #index``) and caption or class name (None without one)."""
+    if not hasattr(dataset, "describe"):
+        return {"name": f"#{int(dataset.indices[p])}", "caption": None}
+    d = dataset.describe(int(p))
+    return {"name": str(d["source"]), "caption": None if d["caption"] is None else str(d["caption"])}
+
+
+def score_meaning(values, k: int) -> dict:
+    """What the scores of one target at one step say, as text the page shows: their sign (how many training
+    images pull toward the step's prediction, how many push away) and how flat the ranking is: the gap between the
+    mean of the top-k and the median, in standard deviations of all scores (``flat`` below 1)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    n, neg = v.size, int((v < 0).sum())
+    k = max(1, min(int(k), n))
+    top = np.sort(v)[::-1][:k]
+    sd, med = float(v.std()), float(np.median(v))
+    gap = (float(top.mean()) - med) / sd if sd > 0 else 0.0
+    kind = "nearly flat" if gap < 1 else "moderately peaked" if gap < 3 else "peaked"
+    sign = (f"all {n} scores are positive: every training image pulls toward this step's prediction, none opposes it"
+            if neg == 0 else f"{neg} of {n} scores are negative (opponents: they push away from this step's "
+            f"prediction), {n - neg} positive (proponents pull toward it)")
+    spread = (f"scores from {format_score(v.min())} to {format_score(v.max())}, median {format_score(med)}, standard "
+              f"deviation {sd:.1e}; the top-{k} stand {gap:.1f} standard deviations above the median: a {kind} ranking")
+    return {"sign": sign, "spread": spread, "negative": neg, "gap": round(gap, 3), "flat": bool(gap < 1)}
 
 
 def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Sequence[int]] = None, k: int = 6,
@@ -99,7 +142,8 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
                                 + ([dest[0][targets].ravel(), dest[2][targets].ravel()] if dest else [])).tolist())
     kind, names, label_of = _label_names(dataset, needed)
     pos = dataset.positions_of(np.asarray(sorted(needed), dtype=np.int64)).numpy()
-    train = {str(int(idx[p])): {"src": _uri(images[p]), "label": names[label_of[int(idx[p])]]} for p in pos}
+    train = {str(int(idx[p])): {"src": _uri(images[p]), "label": names[label_of[int(idx[p])]], **_named(dataset, p)}
+             for p in pos}
 
     audit = (evidence or {}).get("audit") or {}
     shown = []
@@ -111,6 +155,7 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
             "xt": [_uri(xt[s, j]) for s in range(S)] if xt is not None else None,
             "pro": [[[int(i), float(v), format_score(v)] for i, v in zip(ti[s, b], tv[s, b])] for s in range(S)],
             "opp": [[[int(i), float(v), format_score(v)] for i, v in zip(bi[s, b], bv[s, b])] for s in range(S)],
+            "meaning": [score_meaning(scores.values[s, b], k) for s in range(S)],
             # the destination: the final image attributed with its target over the whole range of timesteps
             "dest": None if dest is None else {
                 "pro": [[int(i), float(v), format_score(v)] for i, v in zip(dest[0][b], dest[1][b])],

@@ -35,6 +35,7 @@ ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
 _POS_COLOR = "#1a7f37"
 _NEG_COLOR = "#cf222e"
 _QUERY_COLOR = "#0969da"
+_MUTED_COLOR = "#656d76"
 
 
 def _np(x) -> np.ndarray:
@@ -163,6 +164,8 @@ def plot_attribution(
     title: Optional[str] = None,
     query_caption: str = "x̂0_t",
     dpi: int = 100,
+    top_names: Optional[Sequence[Sequence[str]]] = None,
+    bottom_names: Optional[Sequence[Sequence[str]]] = None,
 ) -> str:
     """Grid of per-step attributions: one row per denoising step.
 
@@ -178,6 +181,10 @@ def plot_attribution(
         top_images: ``(S, K, C, H, W)`` in [-1, 1]; ``top_scores``/``top_indices``: ``(S, K)``.
         bottom_images, bottom_scores, bottom_indices: same shapes (optional).
         title: figure title.
+        top_names, bottom_names: ``(S, K)`` short texts naming each training image (its file and caption), shown
+            under its index.
+    The column headings say "proponents" / "opponents" only when every score under them is positive / negative
+    (:func:`ranked_heading`).
     Returns:
         ``out_png``.
     """
@@ -189,7 +196,8 @@ def plot_attribution(
 
     # Manual layout in inches so small images stay readable at any S, K.
     cell = 1.0          # image side
-    tgap = 0.42         # room for the two-line title above each image
+    named = top_names is not None or bottom_names is not None
+    tgap = 0.72 if named else 0.42  # room for the title above each image (two lines, four with names)
     hgap = 0.08         # horizontal gap between images
     qgap = 0.30         # gap after the query column
     sep = 0.45 if KB else 0.0  # gap between proponents and opponents
@@ -217,14 +225,15 @@ def plot_attribution(
             _show(ax, d["top"][s, k])
             sc = d["top_scores"][s, k]
             _frame(ax, "#888888", 0.6)
-            ax.set_title(f"#{d['top_indices'][s, k]}\n{format_score(sc)}", fontsize=fs, pad=3,
+            ax.set_title(f"#{d['top_indices'][s, k]}{_name_lines(top_names, s, k)}\n{format_score(sc)}", fontsize=fs, pad=3,
                          color=_POS_COLOR if sc >= 0 else _NEG_COLOR)
         for k in range(KB):
             ax = add_ax(x_bot + k * (cell + hgap), s)
             _show(ax, d["bottom"][s, k])
             sc = d["bottom_scores"][s, k]
             _frame(ax, "#888888", 0.6)
-            ax.set_title(f"#{d['bottom_indices'][s, k]}\n{format_score(sc)}", fontsize=fs, pad=3,
+            ax.set_title(f"#{d['bottom_indices'][s, k]}{_name_lines(bottom_names, s, k)}\n{format_score(sc)}", fontsize=fs,
+                         pad=3,
                          color=_POS_COLOR if sc >= 0 else _NEG_COLOR)
 
     # column headers
@@ -233,12 +242,12 @@ def plot_attribution(
              weight="bold", color=_QUERY_COLOR)
     if K:
         xc = x_top + (K * (cell + hgap) - hgap) / 2
-        fig.text(xc / width, y_head, f"top-{K} proponents", ha="center", va="bottom", fontsize=fs + 1,
-                 weight="bold", color=_POS_COLOR)
+        fig.text(xc / width, y_head, ranked_heading(d["top_scores"], True), ha="center", va="bottom", fontsize=fs + 1,
+                 weight="bold", color=_POS_COLOR if (d["top_scores"] > 0).all() else _MUTED_COLOR)
     if KB:
         xc = x_bot + (KB * (cell + hgap) - hgap) / 2
-        fig.text(xc / width, y_head, f"top-{KB} opponents", ha="center", va="bottom", fontsize=fs + 1,
-                 weight="bold", color=_NEG_COLOR)
+        fig.text(xc / width, y_head, ranked_heading(d["bottom_scores"], False), ha="center", va="bottom", fontsize=fs + 1,
+                 weight="bold", color=_NEG_COLOR if (d["bottom_scores"] < 0).all() else _MUTED_COLOR)
         xs = (x_bot - sep / 2) / width
         fig.add_artist(Line2D([xs, xs], [bottom_m / height, (height - head) / height],
                                   color="#bbbbbb", lw=1.0, ls="--"))
@@ -248,6 +257,27 @@ def plot_attribution(
     out_png = _prepare_dir(out_png)
     fig.savefig(out_png, dpi=dpi, facecolor="white")
     return out_png
+
+
+def ranked_heading(scores, high: bool) -> str:
+    """The heading over a column of ranked scores: "top-K proponents" only when all are positive, "top-K
+    opponents" only when all are negative; else what they are ("highest K scores", "lowest K scores (no
+    opponents: none negative)")."""
+    sc = np.asarray(scores, dtype=np.float64)
+    K = sc.shape[-1] if sc.ndim else 0
+    if high:
+        return f"top-{K} proponents" if (sc > 0).all() else f"highest {K} scores (green: positive)"
+    if (sc < 0).all():
+        return f"top-{K} opponents"
+    return f"lowest {K} scores (none negative)" if (sc >= 0).all() else f"lowest {K} scores (red: negative)"
+
+
+def _name_lines(names, s: int, k: int) -> str:
+    """``names[s][k]`` as short lines under an image's index (file name, caption), or ""."""
+    if names is None:
+        return ""
+    text = str(names[s][k])
+    return "".join("\n" + (part if len(part) <= 16 else part[:15] + "…") for part in text.split("\n")[:2])
 
 
 def image_grid_png(

@@ -62,8 +62,11 @@ def check_journey(browser, html, scores_dir, traj, max_seconds=2.0):
             assert np.array_equal(_pixels(shown["x0"]), to_uint8(traj.x0_pred[step, b]).squeeze(-1))
             assert np.array_equal(_pixels(shown["xt"]), to_uint8(traj.x_t[step, b]).squeeze(-1))
             top = sj["top"][s][b]
-            assert shown["pro"] == [e["index"] for e in top["proponents"][:K]]
-            assert shown["opp"] == [e["index"] for e in top["opponents"][:K]]
+            # proponents: the positive among the top-K; opponents: the negative among the lowest K (else all of them,
+            # under a heading that says none is positive / negative)
+            high, low = top["proponents"][:K], top["lowest"][:K]
+            assert shown["pro"] == ([e["index"] for e in high if e["score"] > 0] or [e["index"] for e in high])
+            assert shown["opp"] == ([e["index"] for e in low if e["score"] < 0] or [e["index"] for e in low])
         assert shown["title"].startswith(f"Target {b}")
         assert all(_images_decoded(browser))
         # the destination row (final image, whole range of timesteps) when the scores have one
