@@ -52,10 +52,13 @@ class Attributor:
     Args:
         checkpoints: ``(unet, scheduler)`` pairs or checkpoint folders; several = an ensemble (the scores are the
             mean of each checkpoint's). The last one is the model :meth:`pipeline` samples from.
-        train_data: the training images: a dataset (:class:`~diffusion_trak.data.ImageDataset`), a
+        train_data: the training images: a dataset (:class:`~diffusion_trak.data.ImageDataset`), a Hugging Face
+            ``datasets.Dataset``/``DatasetDict`` in memory (:func:`~diffusion_trak.data.from_hf`: its image column,
+            captions from its ``text`` column; ``from_hf(ds, image_column=..., text_column=...)`` names others), a
             :class:`~diffusion_trak.data.DataArgs` (or dict), an image folder, an ``.npz`` file, or a bundled
-            set's name (``digits``); loaded when first needed (None: sampling only). A folder given as a path is
-            resized to the model's input size.
+            set's name (``digits``); loaded when first needed (None: sampling only). Images are never resized
+            unless asked (``DataArgs(image_size=...)``, ``--image-size``): a size the model does not take is refused
+            in one line, as the CLI refuses it.
         out: the run folder.
         vae, text_encoder, tokenizer: the frozen parts of a latent / text-conditional model.
         captions, caption_mode: training captions of a text model (default: the data's own, else its class
@@ -87,6 +90,8 @@ class Attributor:
         self.features_dir = os.fspath(features_dir) if features_dir else os.path.join(self.out, "features")
         self.latents_dir = os.fspath(latents_dir) if latents_dir else os.path.join(self.out, "latents")
         self.train_data, self._dataset = train_data, None
+        #: what messages call the model :meth:`pipeline` samples from (its folder, with :meth:`from_pretrained`)
+        self.name = "the model"
         self._inputs, self._features, self._last = None, None, None
 
     # ------------------------------------------------------------------ constructors
@@ -131,7 +136,9 @@ class Attributor:
                     kwargs[k] = first.get(k)
             if kwargs.get("sampler") is None:
                 kwargs["sampler"] = first["scheduler"]
-        return cls(ckpts, train_data, out, **kwargs)
+        attr = cls(ckpts, train_data, out, **kwargs)
+        attr.name = os.fspath(paths[-1])
+        return attr
 
     @classmethod
     def from_pipeline(cls, pipe, train_data, out: str = "runs/attribution", **kwargs) -> "Attributor":
@@ -159,16 +166,6 @@ class Attributor:
 
         return all(lora_parameter_names(u) for u, _ in self.checkpoints)
 
-    def _pixel_size(self):
-        """``(size, channels)`` of the images the model takes (pixels before its VAE)."""
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
-        vae = self.conditioning.vae
-        if vae is None:
-            return size, cfg.in_channels
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        return (size * factor if size else None), vae.config.in_channels
-
     @property
     def dataset(self):
         """The training images (pixels; what reports show)."""
@@ -184,11 +181,14 @@ class Attributor:
                              "an .npz file or a bundled set's name)")
         if hasattr(train_data, "images") and hasattr(train_data, "indices"):
             return train_data
+        if type(train_data).__module__.startswith("datasets.") and type(train_data).__name__ in ("Dataset", "DatasetDict"):
+            from .data import from_hf  # a Hugging Face dataset in memory: image column, text column for captions
+
+            return from_hf(train_data)
         if isinstance(train_data, (str, os.PathLike)):
             path = os.fspath(train_data)
-            if os.path.isdir(path):
-                size, channels = self._pixel_size()
-                train_data = DataArgs(name="folder", path=path, image_size=size, channels=channels)
+            if os.path.isdir(path):  # read as it is, as the CLI reads --data-path: never resized unless asked
+                train_data = DataArgs(name="folder", path=path)
             elif path.endswith(".npz"):
                 train_data = DataArgs(name="npz", path=path)
             else:
@@ -196,8 +196,9 @@ class Attributor:
         elif isinstance(train_data, dict):
             train_data = DataArgs.from_dict(train_data)
         if not isinstance(train_data, DataArgs):
-            raise InputError(f"train_data is a {type(train_data).__name__}; pass a dataset, an image folder, an .npz "
-                             "file, a DataArgs or a bundled set's name (digits)")
+            raise InputError(f"train_data is a {type(train_data).__module__}.{type(train_data).__name__}; pass an "
+                             "ImageDataset, a Hugging Face datasets.Dataset, an image folder, an .npz file, a DataArgs "
+                             "or a bundled set's name (digits)")
         return load_dataset(train_data)
 
     @property
@@ -238,7 +239,9 @@ class Attributor:
         """Sample from the last checkpoint recording the trajectory: :class:`~diffusion_trak.pipelines.TrajectoryPipeline`
         for a pixel model, :class:`~diffusion_trak.pipelines.latent_trajectory.LatentTrajectoryPipeline` (prompts,
         guidance) for a latent or text model; arguments are the pipeline's. Returns its output
-        (``.trajectory``), which :meth:`attribute` takes as it is."""
+        (``.trajectory``), which :meth:`attribute` takes as it is. A prompt a text model lacks, a class label or
+        a number of steps the model does not take are refused in one line, as ``diffusion-trak generate`` refuses them."""
+        self._check_sampling(args[0] if args else kwargs.get("prompt"), kwargs)
         cls = type(self.sampler)
         if cls.__name__ not in _RECORDING_SAMPLERS:
             from diffusers import DDIMScheduler as cls
@@ -259,6 +262,30 @@ class Attributor:
                                             tokenizer=text.tokenizer if text else None)
         kwargs.setdefault("show_progress", self.progress)
         return pipe(*args, **kwargs)
+
+    def _check_sampling(self, prompt, kwargs) -> None:
+        """The one-line refusals of :meth:`pipeline` (and so of ``diffusion-trak generate``), before any sampling."""
+        name, cfg = self.name, self.unet.config
+        labels = kwargs.get("class_labels")
+        n_classes = getattr(cfg, "num_class_embeds", None)
+        if labels is not None and not n_classes:
+            raise InputError(f"{name} is not class-conditional; drop --class-label (class_labels=)")
+        bad = [int(c) for c in torch.as_tensor(labels).reshape(-1) if not 0 <= int(c) < n_classes] if labels is not None else []
+        if bad:
+            raise InputError(f"--class-label (class_labels=) must be between 0 and {n_classes - 1} for {name}, got {bad[0]}")
+        steps, n_t = int(kwargs.get("num_inference_steps", 50)), int(self.sampler.config.num_train_timesteps)
+        if not 1 <= steps <= n_t:
+            raise InputError(f"--steps (num_inference_steps=) must be between 1 and {n_t} (the scheduler's training "
+                             f"timesteps), got {steps}")
+        bad = [int(s) for s in kwargs.get("record_steps") or [] if not 0 <= int(s) < steps]
+        if bad:
+            raise InputError(f"--record-steps {bad} are past the last step {steps - 1} of --steps {steps} "
+                             f"(record_steps=, num_inference_steps=); use steps between 0 and {steps - 1}")
+        text = prompt is not None or kwargs.get("prompt_embeds") is not None
+        if text and getattr(cfg, "cross_attention_dim", None) is None:
+            raise InputError(f"{name} takes no text; drop --prompt (the prompt)")
+        if not text and unet_conditioning(self.unet) == "text":
+            raise InputError(f"{name} is text-conditional; pass --prompt (attr.pipeline(\"a prompt\", ...) in Python)")
 
     # ------------------------------------------------------------------ attribute
     def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),

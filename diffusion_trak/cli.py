@@ -298,40 +298,21 @@ def cmd_generate(ns):
     from diffusers import DDIMScheduler
 
     from .attributor import Attributor
-    from .errors import UserError
     from .store import make_dirs
 
     path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
     _check_out(path, "--out", folder=False)
-    bad = [s for s in ns.record_steps or [] if s >= ns.steps]
-    if bad:
-        raise UserError(f"--record-steps {bad} are past the last step {ns.steps - 1} of --steps {ns.steps}; "
-                        f"use steps between 0 and {ns.steps - 1}")
     ckpt = ns.checkpoint or (ns.pipeline[-1] if ns.pipeline else _checkpoints(ns)[-1])
     attr = Attributor.from_pretrained(ckpt, None, ns.run, lora=ns.lora, device=_device(ns))
-    unet, sched = attr.unet, attr.sampler
-    n_classes = getattr(unet.config, "num_class_embeds", None)
-    if ns.class_label is not None and not n_classes:
-        raise UserError(f"{ckpt} is not class-conditional; drop --class-label")
-    if ns.class_label is not None and ns.class_label >= n_classes:
-        raise UserError(f"--class-label must be between 0 and {n_classes - 1} for {ckpt}, got {ns.class_label}")
-    if ns.steps > sched.config.num_train_timesteps:
-        raise UserError(f"--steps must be between 1 and {sched.config.num_train_timesteps} (the scheduler's training "
-                        f"timesteps), got {ns.steps}")
-    text = {}
-    if ns.prompt is not None:
-        if getattr(unet.config, "cross_attention_dim", None) is None:
-            raise UserError(f"{ckpt} takes no text; drop --prompt")
-        text = {"prompt": ns.prompt, "guidance_scale": ns.guidance_scale}
-    elif attr.conditioning.text is not None:
-        raise UserError(f"{ckpt} is text-conditional; pass --prompt")
+    sched = attr.sampler
+    text = {} if ns.prompt is None else {"prompt": ns.prompt, "guidance_scale": ns.guidance_scale}
     if ns.scheduler == "ddim":
         attr.sampler = DDIMScheduler.from_config(sched.config)
     record = ns.record_steps
     if record is None and ns.num_record:
         record = sorted({int(round(i * (ns.steps - 1) / max(1, ns.num_record - 1))) for i in range(ns.num_record)})
     out = attr.pipeline(batch_size=ns.num_images, seed=ns.seed, num_inference_steps=ns.steps, record_steps=record,
-                        class_labels=ns.class_label, **text)
+                        class_labels=ns.class_label, **text)  # checks prompt, class label and steps first
     make_dirs(os.path.dirname(os.path.abspath(path)))
     out.trajectory.save(path)
     _say(f"trajectory: {path} (steps recorded: {out.trajectory.step_indices.tolist()})")

@@ -61,6 +61,7 @@ __all__ = [
     "ImageDataset",
     "DiskImageDataset",
     "load_dataset",
+    "from_hf",
     "save_npz",
     "DATASET_NAMES",
     "FMNIST_CLASSES",
@@ -848,6 +849,16 @@ def _load_hf(args: DataArgs) -> DiskImageDataset:
         ds, where = datasets.load_dataset("imagefolder", data_dir=str(root)), f"the imagefolder {root}"
     else:
         raise DataError(f"{root} is neither a dataset saved with save_to_disk nor an image folder; check --data-path")
+    return _hf_dataset(ds, args, where)
+
+
+def _hf_dataset(ds, args: DataArgs, where: str, image_column: Optional[str] = None,
+                text_column: Optional[str] = None, label_column: str = "label") -> DiskImageDataset:
+    """A ``datasets.Dataset`` (or a ``DatasetDict``: its ``args.split``, or its only split) as a dataset: images
+    from ``image_column`` (default: ``image``, else the first ``datasets.Image`` column), captions from
+    ``text_column`` (default: ``text``, the caption column of diffusers' text-to-image scripts, else ``caption``),
+    labels and class names from ``label_column`` when present."""
+    datasets = _datasets_module()
     if isinstance(ds, datasets.DatasetDict):
         if args.split in ds:
             ds = ds[args.split]
@@ -855,21 +866,44 @@ def _load_hf(args: DataArgs) -> DiskImageDataset:
             ds = next(iter(ds.values()))
         else:
             raise DataError(f"{where} has splits {', '.join(ds)} but no {args.split!r}; "
-                            f"save the training split alone (ds[...].save_to_disk)")
+                            f"pass the training split alone (ds['...'])")
     images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if image_column is not None and image_column not in images:
+        what = "is not a datasets.Image column" if image_column in ds.column_names else "is not a column"
+        raise DataError(f"image_column {image_column!r} of {where} {what} (columns: {', '.join(ds.column_names)}); "
+                        "name the column that holds the images")
     if not images:
         raise DataError(f"{where} has no image column (columns: {', '.join(ds.column_names)}); "
                         "store the images in a datasets.Image column")
-    column = "image" if "image" in images else images[0]
+    column = image_column or ("image" if "image" in images else images[0])
     labels, class_names = None, None
-    if "label" in ds.features:
-        labels = np.asarray(ds["label"], dtype=np.int64)
-        class_names = getattr(ds.features["label"], "names", None)
+    if label_column in ds.features:
+        labels = np.asarray(ds[label_column], dtype=np.int64)
+        class_names = getattr(ds.features[label_column], "names", None)
+    if text_column is not None and text_column not in ds.column_names:
+        raise DataError(f"text_column {text_column!r} is not a column of {where} (columns: {', '.join(ds.column_names)}); "
+                        "name the column that holds the captions")
+    text = text_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
     captions = None
-    if "text" in ds.features:  # the caption column of diffusers' text-to-image scripts
-        captions = {i: [t] if isinstance(t, str) else list(t) for i, t in enumerate(ds["text"])}
+    if text is not None:
+        captions = {i: [t] if isinstance(t, str) else list(t) for i, t in enumerate(ds[text])}
     keep = _select(labels, len(ds), args, where)
     return _disk_dataset(_HFSource(ds, column, where), labels, keep, class_names, captions, args, where)
+
+
+def from_hf(ds, image_column: Optional[str] = None, text_column: Optional[str] = None, label_column: str = "label",
+            split: str = "train", image_size: Optional[int] = None, channels: Optional[int] = None,
+            classes: Optional[List[int]] = None, limit: Optional[int] = None) -> DiskImageDataset:
+    """An in-memory Hugging Face ``datasets.Dataset`` or ``DatasetDict`` (its ``split``, or its only one) as a
+    training set, as ``--data hf`` reads a saved one: images from ``image_column``, captions from ``text_column``
+    (defaults: ``image``/the first image column, and ``text`` else ``caption``), labels from ``label_column``;
+    the stable index of an example is its row. ``Attributor(train_data=ds)`` calls this with the defaults."""
+    datasets = _datasets_module()
+    if not isinstance(ds, (datasets.Dataset, datasets.DatasetDict)):
+        raise DataError(f"from_hf takes a datasets.Dataset or DatasetDict, got a {type(ds).__name__}")
+    args = DataArgs(name="hf", path="<in memory>", split=split, image_size=image_size, classes=classes, limit=limit,
+                    channels=channels)
+    return _hf_dataset(ds, args, "the datasets.Dataset in memory", image_column, text_column, label_column)
 
 
 def _load_npz(args: DataArgs) -> ImageDataset:

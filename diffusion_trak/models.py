@@ -291,7 +291,9 @@ def check_compatible(unet, dataset) -> None:
         raise InputError(f"model expects {cfg.in_channels} channels but the dataset has {C}; "
                          f"use --channels {cfg.in_channels}")
     if size is not None and size != H:
-        raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size}")
+        distort = "" if H == W else " (a resize that changes their aspect ratio: crop them first to keep it)"
+        raise InputError(f"model expects {size}×{size} images but the dataset has {H}×{W}; use --image-size {size} "
+                         f"(DataArgs(image_size={size}) in Python){distort}")
 
 
 def dataset_captions(dataset, captions=None):
@@ -424,7 +426,7 @@ class Conditioning:
         if kind == "text":
             self._need_text()
             if prompts is None:
-                raise LatentError("this unet reads text: pass prompts= (one per target image)")
+                raise LatentError("this unet reads text: pass --prompt (prompts= in Python, one per target image)")
             return {"encoder_hidden_states": self.text.encode(list(prompts))}
         if kind == "class":
             if class_labels is None:

@@ -139,7 +139,7 @@ def test_text_model_images_need_prompts(tmp_path, folders):
     attr = Attributor.from_pretrained(folders["sd"], folders["imgs"], str(tmp_path / "run"), **KW)
     attr.featurize()
     pixels = attr.dataset.images[:2]
-    with pytest.raises(LatentError, match="pass prompts="):
+    with pytest.raises(LatentError, match=r"pass --prompt \(prompts= in Python"):
         attr.attribute(pixels)
     a = attr.attribute(pixels, prompts=["a photo of a digit0", "a photo of a digit1"], image_timesteps=[10])
     b = attr.attribute(pixels, prompts=["a photo of a digit5", "a photo of a digit1"], image_timesteps=[10])
