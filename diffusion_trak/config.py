@@ -179,7 +179,7 @@ class FeaturizeArgs:
         batch_size: examples per batch written to the store; with ``vmap`` also per vmap call (memory ≈
             batch_size × T activations + batch_size × p). The fast methods bound memory by rows instead
             (passes of as many (example, timestep) rows as fit
-            :data:`diffusion_trak.featurize.fast.ACTIVATION_BUDGET`).
+            :func:`diffusion_trak.featurize.fast.rows_per_pass`, a share of the device's memory).
         method: ``fast`` (the default; :mod:`diffusion_trak.featurize.fast`: all batch × T pairs in one
             batched forward/backward, exact per-layer per-example gradients from hooks, sketched layer by
             layer with a seeded CountSketch; never forms the p-dimensional gradient nor a p × k matrix; same

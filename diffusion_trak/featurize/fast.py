@@ -9,9 +9,9 @@ This path never forms the ``p``-dimensional gradient:
    computes only gradients with respect to activations; since the pairs do not interact (GroupNorm and
    attention act within a sample; the model is in ``eval`` mode), the gradient reaching a layer's output
    at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds the rows per pass
-   (``max_rows``, by default what fits :data:`ACTIVATION_BUDGET` bytes of saved activations, measured on
-   the first call), the rows go through in passes of whole examples, or of chunks of one example's
-   timesteps, each scaled by the full ``1/T``; the sketch is linear, so the passes add up to the same
+   (``max_rows``, by default :func:`rows_per_pass`: a share of the device's memory over the bytes of
+   activations one row saves, measured on the first call), the rows go through in passes of whole
+   examples, or of chunks of one example's timesteps, each scaled by the full ``1/T``; the sketch is linear, so the passes add up to the same
    features and memory stays bounded whatever B and T are.
 2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
    the output gradient during the backward. From the two it forms that layer's exact per-example
@@ -19,10 +19,9 @@ This path never forms the ``p``-dimensional gradient:
    exactly what the reference differentiates):
 
    - ``Linear``: ``Σ_{rows} g ⊗ a`` (rows = timesteps × sequence positions), bias ``Σ g``;
-   - ``Conv2d``: the convolution weight-gradient kernel run on each example's T rows (it sums the outer
-     products of input patches and output gradients over positions and timesteps; no unfolded copy), on
-     small feature maps (for examples of one row, small weights) as one grouped call with each example's channels
-     as their own groups;
+   - ``Conv2d``: ``Σ_{rows, positions} g ⊗ patch``, for all examples of the pass at once, by one grouped
+     convolution weight-gradient call with each example's channels as their own groups (no unfolded copy) or by
+     unfolded patches and a batched matmul, whichever :func:`conv_kernel` picks for the shapes and device;
    - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
    - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
 3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
@@ -49,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -62,17 +62,42 @@ from .sketch import CountSketchProjector
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 PRECISIONS = ("fp32", "tf32", "bf16")
 #: bytes of activations saved for the backward per pass: the rows per pass are this over the bytes one row
-#: saves (measured by :meth:`FastGradientSketch._sketch` on the first call); results do not depend on it
-ACTIVATION_BUDGET = 256 * 2 ** 20
-#: Conv2d outputs with at most this many positions get their per-example weight gradients from one grouped
-#: kernel call (measured faster on CPU at 8×8 and below), larger ones from one call per example
-GROUPED_CONV_MAX_POSITIONS = 64
-#: for single-row examples (T = 1: the GGN kernel's single-draw rows) the grouped call is faster while a group's
-#: weight is small, whatever the map (measured on CPU: 2× faster at 16 × 16 channels, 2× slower at 64 × 64, even
-#: on 4×4 maps): grouped iff in-channels per group × out-channels is at most this, on maps of at most
-#: GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS positions (16×16)
-GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT = 2048
-GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS = 256
+#: saves (measured by :meth:`FastGradientSketch._sketch` on the first call); ``None``: sized for the device by
+#: :func:`rows_per_pass`. Results do not depend on it beyond float rounding
+ACTIVATION_BUDGET: Optional[int] = None
+#: the device's share of memory that one pass's saved activations may take: on CUDA a fraction of the device's
+#: total memory; on CPU CPU_BUDGET bytes (larger passes were measured slower there: 256 MiB against 1 GiB, 1.1M
+#: UNet, 8–12% faster), but at least CPU_MIN_ROWS rows while they fit CPU_BUDGET_FRACTION of the machine's memory
+#: (each pass costs a fixed number of ops per layer: passes of a few rows of a large UNet are dominated by them).
+#: Functions of the hardware, not of what happens to be free, so the rows per pass, and with them the float
+#: rounding, are the same in every run and every process
+CUDA_BUDGET_FRACTION = 0.25
+CPU_BUDGET = 256 * 2 ** 20
+CPU_MIN_ROWS = 16
+CPU_BUDGET_FRACTION = 1 / 16
+#: the unfolded input patches of one Conv2d (the ``unfold`` kernel) are formed for at most this share of one
+#: pass's saved activations at once
+UNFOLD_BUDGET_SHARE = 0.25
+#: Per-example Conv2d weight gradients come from one of two kernels, each a fixed number of torch ops per layer
+#: whatever the number of examples (see :func:`conv_kernel`): ``grouped`` (one convolution weight-gradient call
+#: with each example's channels as groups of their own) or ``unfold`` (input patches unfolded, one batched matmul
+#: per chunk of examples). Measured on CPU, one thread, per layer (ms, grouped against unfold): with T ≥ 2 rows
+#: per example ``grouped`` always wins (unfold copies every patch of every row: 64 × 64 channels at 4×4, 16
+#: examples × 10 rows: 19 against 56); for single rows (T = 1: the GGN kernel's), ``unfold`` wins
+#: on small maps with large weights (64 × 64 channels at 4×4, 512 single rows: 92 against 48; 256 × 256 at 8×8,
+#: 16 rows: 55 against 35), ``grouped`` everywhere else (64 × 64 at 8×8, 512 rows: 107 against 127; 128 × 128 at
+#: 32×32: 55 against 115; 32 × 32 at 16×16: 56 against 167). So on CPU: ``unfold`` for single rows and a weight of more than
+#: UNFOLD_MIN_WEIGHT in-channels per group × out-channels on maps of at most UNFOLD_MAX_POSITIONS positions, or
+#: of at least UNFOLD_LARGE_WEIGHT on maps of at most UNFOLD_LARGE_WEIGHT_MAX_POSITIONS. On CUDA, ``grouped``
+#: for fewer than CUDA_GROUPED_MAX_EXAMPLES examples per pass and ``unfold`` above (the rule of torch's own
+#: per-sample convolution gradients, ``torch.nn.utils._expanded_weights``). (A loop of one call per example,
+#: the old choice on CPU, is up to 1.4× faster there on large layers, but its ops grow with the examples:
+#: on a GPU the launches, not the arithmetic, then set the pace.)
+UNFOLD_MIN_WEIGHT = 2048
+UNFOLD_MAX_POSITIONS = 16
+UNFOLD_LARGE_WEIGHT = 16384
+UNFOLD_LARGE_WEIGHT_MAX_POSITIONS = 64
+CUDA_GROUPED_MAX_EXAMPLES = 32
 NON_FINITE = ("NaN/Inf in per-example gradients; check the checkpoint for NaN weights (retrain with a lower learning rate) "
               "and the inputs for NaN")
 
@@ -102,7 +127,7 @@ class FastGradientSketch:
         nnz: nonzeros per coordinate of the sparse JL (1 = CountSketch).
         self_check: on the first call, compare the sketches of a few rows against a plain batched gradient.
         max_rows: (example, timestep) rows per forward/backward pass; default: as many as fit
-            :data:`ACTIVATION_BUDGET`, measured on the first call. Bounds memory; results do not depend on it.
+            :func:`rows_per_pass`, measured on the first call. Bounds memory; results do not depend on it.
     """
 
     def __init__(self, model: nn.Module, scheduler, k: int, seed: int = 0, device="cpu", precision: str = "fp32",
@@ -224,8 +249,8 @@ class FastGradientSketch:
             self._add(*layer.slots["bias"], gf.sum(-1).reshape(B, T, C).sum(1))
 
     def _conv(self, layer: _Layer, x, g, B, T):
-        """Per-example Conv2d gradients: the convolution weight-gradient kernel run on each example's T rows
-        (it sums over those rows and all positions), so no unfolded patches are ever formed."""
+        """Per-example Conv2d gradients summed over each example's T rows, in a fixed number of ops whatever B is:
+        the ``grouped`` or the ``unfold`` kernel (:func:`conv_kernel`); the two agree up to float rounding."""
         mod = layer.module
         O = g.shape[1]
         if "weight" in layer.slots:
@@ -233,26 +258,29 @@ class FastGradientSketch:
                 x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
                 padding = (0, 0)
             else:
-                padding = (0, 0) if mod.padding == "valid" else mod.padding
+                padding = (0, 0) if mod.padding == "valid" else tuple(mod.padding)
             x = x.to(g.dtype)
-            w = mod.weight.detach().to(g.dtype)
-            conv_args = (list(mod.stride), list(padding), list(mod.dilation), False, [0, 0])
-            if B > 1 and _grouped_conv(mod, g.shape[-1] * g.shape[-2], T):
+            w = mod.weight.detach()
+            if conv_kernel(mod, g.shape[-1] * g.shape[-2], B, T, g.device) == "unfold":
+                gw = _unfold_weight_grads(mod, x, g, B, T, padding, self._unfold_rows())
+            else:
                 # one grouped call for all B examples: example b's channels form groups of their own, and the
                 # T rows of each example are the batch that the kernel sums over
+                conv_args = (list(mod.stride), list(padding), list(mod.dilation), False, [0, 0])
                 xg = x.reshape(B, T, *x.shape[1:]).transpose(0, 1).reshape(T, B * x.shape[1], *x.shape[2:])
                 gg = g.reshape(B, T, *g.shape[1:]).transpose(0, 1).reshape(T, B * O, *g.shape[2:])
-                gw = torch.ops.aten.convolution_backward(gg, xg, w.repeat(B, 1, 1, 1), None, *conv_args,
-                                                         mod.groups * B, [False, True, False])[1].reshape(B, *w.shape)
-            else:  # one call per example: cheaper than the grouped kernel on large feature maps
-                gw = torch.empty(B, *w.shape, device=g.device, dtype=g.dtype)
-                for i in range(B):
-                    gw[i] = torch.ops.aten.convolution_backward(
-                        g[i * T:(i + 1) * T], x[i * T:(i + 1) * T], w, None, *conv_args, mod.groups,
-                        [False, True, False])[1]
+                # the kernel reads the weight's shape only (no input gradient is asked for): an uninitialised
+                # B-fold weight, not a copy (the copy took a third of the call's time on CPU)
+                wb = torch.empty(B * w.shape[0], *w.shape[1:], device=g.device, dtype=g.dtype)
+                gw = torch.ops.aten.convolution_backward(gg, xg, wb, None, *conv_args, mod.groups * B,
+                                                         [False, True, False])[1].reshape(B, *w.shape)
             self._add(*layer.slots["weight"], gw)
         if "bias" in layer.slots:
             self._add(*layer.slots["bias"], g.reshape(B * T, O, -1).sum(-1, dtype=torch.float32).reshape(B, T, O).sum(1))
+
+    def _unfold_rows(self) -> int:
+        """Bytes of unfolded patches the ``unfold`` kernel may form at once: a share of one pass's activations."""
+        return int(UNFOLD_BUDGET_SHARE * (self.row_bytes or 1.0) * rows_per_pass(self.device, self.row_bytes or 1.0))
 
     # -- main ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -310,7 +338,7 @@ class FastGradientSketch:
             got = self._sketch(*probe, 1, measure=True)
             if not self._checked:
                 self._self_check(got, *probe)
-        rows = self.max_rows or max(1, int(ACTIVATION_BUDGET // max(self.row_bytes, 1.0)))
+        rows = self.max_rows or rows_per_pass(self.device, self.row_bytes)
         out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
         tc = _even(T, min(T, rows))
         bc = _even(B, max(1, rows // tc))
@@ -389,12 +417,61 @@ class FastGradientSketch:
         self._checked = True
 
 
-def _grouped_conv(mod: nn.Conv2d, positions: int, T: int) -> bool:
-    """Whether one grouped kernel call forms the per-example weight gradients (else one call per example)."""
-    if T == 1:
-        return (positions <= GROUPED_CONV_SINGLE_ROW_MAX_POSITIONS
-                and (mod.in_channels // mod.groups) * mod.out_channels <= GROUPED_CONV_SINGLE_ROW_MAX_WEIGHT)
-    return positions <= GROUPED_CONV_MAX_POSITIONS
+def conv_kernel(mod: nn.Conv2d, positions: int, examples: int, T: int, device) -> str:
+    """Which kernel forms the per-example weight gradients of ``mod`` (``positions`` output positions, ``examples``
+    examples of ``T`` rows each in the pass): ``grouped`` or ``unfold``, both a fixed number of ops per layer. A
+    function of shapes and the device type only, so every run and every process makes the same choice."""
+    if torch.device(device).type == "cuda":
+        return "grouped" if examples < CUDA_GROUPED_MAX_EXAMPLES else "unfold"
+    weight = (mod.in_channels // mod.groups) * mod.out_channels
+    if T == 1 and weight > UNFOLD_MIN_WEIGHT and (positions <= UNFOLD_MAX_POSITIONS or
+                                       (positions <= UNFOLD_LARGE_WEIGHT_MAX_POSITIONS and weight >= UNFOLD_LARGE_WEIGHT)):
+        return "unfold"
+    return "grouped"
+
+
+def _unfold_weight_grads(mod: nn.Conv2d, x, g, B, T, padding, max_bytes: int) -> torch.Tensor:
+    """``(B, *weight.shape)``: per example, the sum over its T rows and all positions of output gradient ⊗ input
+    patch, from unfolded patches and one batched matmul per chunk of examples (at most ``max_bytes`` of patches at
+    once; the chunks depend on the shapes only)."""
+    O, Cg, kh, kw = mod.weight.shape
+    G = mod.groups
+    L = g.shape[-1] * g.shape[-2]
+    gw = torch.empty(B, O, Cg * kh * kw, device=g.device, dtype=g.dtype)
+    per_example = T * x.shape[1] * kh * kw * L * x.element_size()
+    step = max(1, min(B, int(max_bytes // max(per_example, 1))))
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        n = b1 - b0
+        u = F.unfold(x[b0 * T:b1 * T], (kh, kw), dilation=mod.dilation, padding=padding, stride=mod.stride)
+        # (n·T, G·Cg·kh·kw, L) → (n·G, T·L, Cg·kh·kw) and gradients (n·T, G·Og, L) → (n·G, Og, T·L)
+        u = u.reshape(n, T, G, Cg * kh * kw, L).permute(0, 2, 1, 4, 3).reshape(n * G, T * L, Cg * kh * kw)
+        gg = g[b0 * T:b1 * T].reshape(n, T, G, O // G, L).permute(0, 2, 3, 1, 4).reshape(n * G, O // G, T * L)
+        gw[b0:b1] = torch.bmm(gg, u).reshape(n, O, Cg * kh * kw)
+    return gw.reshape(B, O, Cg, kh, kw)
+
+
+def rows_per_pass(device, row_bytes: float) -> int:
+    """(example, timestep) rows per forward/backward pass on ``device`` for rows of ``row_bytes`` saved bytes each:
+    what fits :data:`ACTIVATION_BUDGET` when it is set, else :data:`CUDA_BUDGET_FRACTION` of a CUDA device's total
+    memory, or on CPU :data:`CPU_BUDGET` bytes but at least :data:`CPU_MIN_ROWS` rows within
+    :data:`CPU_BUDGET_FRACTION` of the machine's memory."""
+    row_bytes = max(float(row_bytes), 1.0)
+    if ACTIVATION_BUDGET is not None:
+        return max(1, int(ACTIVATION_BUDGET // row_bytes))
+    device = torch.device(device)
+    if device.type == "cuda":
+        return max(1, int(torch.cuda.get_device_properties(device).total_memory * CUDA_BUDGET_FRACTION // row_bytes))
+    most = max(CPU_BUDGET, _total_memory() * CPU_BUDGET_FRACTION)
+    return max(1, int(CPU_BUDGET // row_bytes), min(CPU_MIN_ROWS, int(most // row_bytes)))
+
+
+@functools.lru_cache(maxsize=1)
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: the low end of CPU_BUDGET_RANGE
 
 
 def _even(n: int, most: int) -> int:
