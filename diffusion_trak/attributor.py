@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import api
@@ -306,14 +307,46 @@ class Attributor:
                                trajectory=target, steps=steps, **kw)
             self._last = ("trajectory", target)
             return scores
-        images = torch.as_tensor(target)
-        if images.ndim == 3:
-            images = images[None]
         cond = self.conditioning.prompts(self.unet, prompts, class_labels)
         scores = api.score(self.features, self.checkpoints, self.inputs.indices.numpy(), self.score_args,
                            images=self.conditioning.encode_images(images), image_timesteps=image_timesteps, cond=cond, **kw)
         self._last = ("images", images)
         return scores
+
+    def _target_images(self, target, value_range, prompts, class_labels) -> torch.Tensor:
+        """Images given to :meth:`attribute` as float32 ``(B, C, H, W)`` in [-1, 1], checked against the model as the
+        CLI checks a dataset (one line each): a tensor or array of one image or a batch (not empty), the model's
+        channels and size, values by the rule of :func:`diffusion_trak.data.to_unit_range` (``value_range``: their
+        stated range; uint8 0..255; floats [-1, 1]), and ``prompts``/``class_labels`` only for a model that takes them."""
+        from .data import to_unit_range
+
+        if not isinstance(target, (torch.Tensor, np.ndarray)):
+            raise InputError(f"attribute() takes a trajectory (or the output of pipeline()) or images as a (B, C, H, W) "
+                             f"tensor or array, got a {type(target).__name__}")
+        x = target.detach().cpu() if isinstance(target, torch.Tensor) else target
+        x = x.float().numpy() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else np.asarray(x)
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise InputError(f"images must be a non-empty (B, C, H, W) batch or one (C, H, W) image, got shape "
+                             f"{tuple(target.shape)}")
+        cfg, vae = self.unet.config, self.conditioning.vae  # the pixels the model takes (before its VAE)
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        if vae is not None:
+            size, channels = size and size * 2 ** (len(vae.config.block_out_channels) - 1), vae.config.in_channels
+        else:
+            channels = cfg.in_channels
+        if x.shape[1] != channels:
+            raise InputError(f"the model takes {channels}-channel images but these have {x.shape[1]} (shape "
+                             f"{tuple(x.shape)}); give {channels}-channel images")
+        if size and tuple(x.shape[2:]) != (size, size):
+            raise InputError(f"the model takes {size}×{size} images but these are {x.shape[2]}×{x.shape[3]}; resize "
+                             f"them to {size}×{size}")
+        kind = unet_conditioning(self.unet)
+        if prompts is not None and kind != "text":
+            raise InputError("this model takes no text; drop prompts=")
+        if class_labels is not None and kind != "class":
+            raise InputError("this model is not class-conditional; drop class_labels=")
+        return torch.from_numpy(to_unit_range(x, value_range, "the images given to attribute()"))
 
     def scores_dir(self, name: str) -> str:
         """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""

@@ -364,7 +364,8 @@ def cmd_score(ns):
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,
                                         image_size=dataset.resolution, channels=dataset.num_channels))
         prompts = [ns.prompt] * len(targets) if ns.prompt is not None else None
-        sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, out=out)
+        sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, out=out,
+                            value_range=(-1, 1))  # load_dataset read them by the rule already
     else:
         if not os.path.isfile(tpath):
             raise UserError(f"no trajectory at {tpath}; run `diffusion-trak generate --run {ns.run}` or pass --trajectory")

@@ -1,7 +1,9 @@
 """Image datasets for training-data attribution.
 
 Every dataset gives float32 images ``(N, C, H, W)`` scaled to ``[-1, 1]`` (the
-range diffusers' UNets are trained on), together with optional integer labels,
+range diffusers' UNets are trained on) by one rule for every source (:func:`to_unit_range`:
+a stated ``value_range``, else uint8 0..255, 16-bit 0..65535, floats [-1, 1]; anything
+outside is refused, never guessed), together with optional integer labels,
 optional captions and a *stable index* per example. The bundled sets and
 ``.npz`` files are held in memory (:class:`ImageDataset`); image folders and
 Hugging Face datasets stay on disk and are decoded in batches
@@ -49,7 +51,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -63,6 +65,7 @@ __all__ = [
     "load_dataset",
     "from_hf",
     "save_npz",
+    "to_unit_range",
     "DATASET_NAMES",
     "FMNIST_CLASSES",
     "FMNIST_DEBIAN_DIR",
@@ -132,6 +135,9 @@ class DataArgs:
             in the stable source order.  ``None`` keeps all.
         channels: Force 1 (grayscale) or 3 (RGB) channels.  ``None`` keeps the
             native channel count (for ``folder``: the majority mode of the files).
+        value_range: ``(low, high)`` of the stored pixel values (``--value-range LO HI``), mapped to
+            [-1, 1]; ``None`` applies the rule of :func:`to_unit_range` (uint8 0..255, 16-bit 0..65535,
+            floats [-1, 1]). Values outside it are refused, never guessed.
     """
 
     name: str = "digits"
@@ -141,6 +147,7 @@ class DataArgs:
     classes: Optional[List[int]] = None
     limit: Optional[int] = None
     channels: Optional[int] = None
+    value_range: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
@@ -167,12 +174,18 @@ class DataArgs:
                 raise DataError(f"--channels must be 1 or 3, got {self.channels}")
         if self.name in ("folder", "npz", "hf") and not self.path:
             raise DataError(f"dataset {self.name!r} needs a path; pass --data-path")
+        if self.value_range is not None:
+            self.value_range = check_value_range(self.value_range)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-serialisable dict of the fields."""
         d = dataclasses.asdict(self)
         if d["classes"] is not None:
             d["classes"] = list(d["classes"])
+        if d["value_range"] is None:  # left out while unset: run.json files written before it existed still match
+            del d["value_range"]
+        else:
+            d["value_range"] = list(d["value_range"])
         return d
 
     @classmethod
@@ -404,7 +417,9 @@ class DiskImageDataset(_Examples):
 
     def __init__(self, source, rows, mode: str, image_size: Optional[int], shape: tuple,
                  labels: Optional[torch.Tensor] = None, indices: Optional[torch.Tensor] = None,
-                 class_names: Optional[Sequence[str]] = None, name: str = "dataset", captions: Any = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, name: str = "dataset", captions: Any = None,
+                 value_range: Optional[Sequence[float]] = None) -> None:
+        self.value_range = value_range  # the stated range of the stored values (None: the rule, see to_unit_range)
         self.source, self.rows = source, np.asarray(rows, dtype=np.int64).reshape(-1)
         self.mode, self.image_size, self._shape = mode, image_size, tuple(int(s) for s in shape)
         self.labels, self.indices = _check_labels_indices(labels, indices, len(self.rows))
@@ -424,7 +439,7 @@ class DiskImageDataset(_Examples):
         for j, (row, item) in enumerate(zip(rows, self.source.load(rows))):
             try:
                 with self.source.image(item) as im:
-                    x = _decode(im, self.mode, self.image_size)
+                    x = _decode(im, self.mode, self.image_size, self.value_range, f"image {self.source.describe(row)}")
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -450,7 +465,7 @@ class DiskImageDataset(_Examples):
         """New dataset with the examples at ``positions`` (positions, not stable indices); nothing is read."""
         pos, labels, indices = self._subset_fields(positions)
         return DiskImageDataset(self.source, self.rows[pos.numpy()], self.mode, self.image_size, self._shape, labels,
-                                indices, self.class_names, self.name, self.captions)
+                                indices, self.class_names, self.name, self.captions, self.value_range)
 
     def to_memory(self) -> ImageDataset:
         """The same dataset held in memory."""
@@ -462,34 +477,64 @@ class DiskImageDataset(_Examples):
 # --------------------------------------------------------------------------
 
 
-def _to_unit_range(arr: np.ndarray, value_range: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Map uint8 / float images to float32 in [-1, 1]."""
-    if value_range is not None:
-        lo, hi = float(value_range[0]), float(value_range[1])
-        if hi <= lo:
-            raise DataError(f"invalid value_range {value_range!r} in data; expected (low, high)")
-        a = arr.astype(np.float32)
-        return ((a - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
-    if arr.dtype == np.uint8:
-        return (arr.astype(np.float32) / 127.5 - 1.0).astype(np.float32)
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32) * 2.0 - 1.0
-    a = arr.astype(np.float32)
+#: integer image types and the range of their values under the rule (bool: 0/1, 8-bit: 0..255, 16-bit: 0..65535)
+INTEGER_RANGES = {np.dtype(bool): (0.0, 1.0), np.dtype(np.uint8): (0.0, 255.0), np.dtype(np.uint16): (0.0, 65535.0)}
+
+
+def check_value_range(value_range) -> Tuple[float, float]:
+    """``(low, high)`` as two finite floats with ``low < high``, else a one-line :class:`DataError`."""
+    try:
+        lo, hi = (float(v) for v in np.asarray(value_range, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        raise DataError(f"value_range must be two numbers (low, high), got {value_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise DataError(f"value_range must be two finite numbers with low < high, got {value_range!r}")
+    return lo, hi
+
+
+def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str = "the images") -> np.ndarray:
+    """Images as float32 in [-1, 1], by the one rule for image values of every source (``.npz``, image files,
+    Hugging Face datasets, tensors given to the API):
+
+    - a stated range ``value_range=(low, high)`` (``--value-range LO HI``, an ``.npz``'s ``value_range``) is mapped
+      linearly onto [-1, 1];
+    - otherwise integers are read by their type: ``uint8`` (8-bit files) 0..255, ``uint16`` (16-bit files)
+      0..65535, ``bool`` 0/1 (other integer types need a stated range);
+    - otherwise floats are read as [-1, 1] (what diffusers' UNets are trained on), and floats with positive but
+      no negative values are refused: they look like [0, 1] data, so their range must be stated.
+
+    Values outside the range (by more than a millionth of it), NaN and Inf are refused in one line naming what
+    was seen: nothing is clipped, rescaled from the extremes or guessed.
+    """
+    a = np.asarray(arr)
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{what} hold values of type {a.dtype}, not numbers; give uint8 0..255, uint16 or float images")
+    stated = value_range is not None
+    if stated:
+        lo, hi = check_value_range(value_range)
+    elif a.dtype in INTEGER_RANGES:
+        lo, hi = INTEGER_RANGES[a.dtype]
+    elif a.dtype.kind in "iu":
+        raise DataError(f"{what} are integers of type {a.dtype}, whose range the rule does not fix (uint8: 0..255, "
+                        "uint16: 0..65535); state it with --value-range LO HI (value_range=(lo, hi)), e.g. 0 255")
+    else:
+        lo, hi = -1.0, 1.0
+    kind, a = a.dtype.kind, a.astype(np.float32)
     if a.size == 0:
         return a
     if not np.isfinite(a).all():
-        raise DataError("images contain NaN or inf values; clean the data before loading")
-    lo, hi = float(a.min()), float(a.max())
-    eps = 1e-3
-    if lo >= -eps and hi <= 1 + eps:  # [0, 1]
-        return np.clip(a * 2.0 - 1.0, -1.0, 1.0)
-    if lo >= -1 - eps and hi <= 1 + eps:  # [-1, 1]
-        return np.clip(a, -1.0, 1.0)
-    if lo >= -eps and hi <= 255 + eps:  # 0..255 stored as float
-        return np.clip(a / 127.5 - 1.0, -1.0, 1.0)
-    raise DataError(
-        f"image values span [{lo:g}, {hi:g}]; provide uint8 0..255 or floats in [0,1] or [-1,1]"
-    )
+        raise DataError(f"{what} contain NaN or Inf values; clean the data before loading")
+    seen_lo, seen_hi = float(a.min()), float(a.max())
+    tol = 1e-6 * (hi - lo)
+    if seen_lo < lo - tol or seen_hi > hi + tol:
+        rule = "the stated range" if stated else ("the range floats are read as" if kind == "f" else "their type's range")
+        raise DataError(f"{what} have values in [{seen_lo:g}, {seen_hi:g}], outside {rule} [{lo:g}, {hi:g}]; "
+                        "state their range with --value-range LO HI (value_range=(lo, hi))")
+    if not stated and kind == "f" and seen_lo >= 0 and seen_hi > 0:
+        raise DataError(f"{what} are floats without a negative value (in [{seen_lo:g}, {seen_hi:g}]): that looks like "
+                        "[0, 1] data, but floats are read as [-1, 1]; state the range: --value-range 0 1 "
+                        "(value_range=(0, 1)), or -1 1 if they are [-1, 1] images")
+    return np.clip((a - lo) / ((hi - lo) / 2.0) - 1.0, -1.0, 1.0).astype(np.float32)
 
 
 def _convert_channels(images: torch.Tensor, channels: Optional[int]) -> torch.Tensor:
@@ -547,9 +592,10 @@ def _finish(
     class_names: Optional[Sequence[str]],
     args: DataArgs,
     value_range: Optional[Sequence[float]] = None,
+    what: str = "the images",
 ) -> ImageDataset:
-    """uint8/float (N,C,H,W) -> scaled, channel-converted, resized dataset."""
-    t = torch.from_numpy(np.ascontiguousarray(_to_unit_range(images, value_range)))
+    """uint8/float (N,C,H,W) -> scaled (:func:`to_unit_range`), channel-converted, resized dataset."""
+    t = torch.from_numpy(np.ascontiguousarray(to_unit_range(images, value_range, what)))
     t = _convert_channels(t, args.channels)
     t = _resize(t, args.image_size)
     lab = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
@@ -652,20 +698,26 @@ def _list_images(root: Path) -> List[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _decode(im, mode: str, image_size: Optional[int]) -> torch.Tensor:
-    """One PIL image as a float32 ``(C, H, W)`` tensor in [-1, 1]: converted to ``mode`` (16-bit and float
-    grayscale rescaled from their own range), resized to ``image_size`` (bilinear, antialiased)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and mode == "L":
-        a = np.asarray(im, dtype=np.float32)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+#: PIL modes of 16-bit (``I;16*``, ``I``) and float (``F``) grayscale images: their values are read as stored
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _decode(im, mode: str, image_size: Optional[int], value_range: Optional[Sequence[float]] = None,
+            what: str = "the image") -> torch.Tensor:
+    """One PIL image as a float32 ``(C, H, W)`` tensor in [-1, 1] by the rule of :func:`to_unit_range`: 8-bit images
+    0..255, 16-bit ones 0..65535, float ones as floats, or ``value_range`` when stated; with the channels of
+    ``mode`` (``L`` or ``RGB``), resized to ``image_size`` (bilinear, antialiased)."""
+    if im.mode in _WIDE_MODES:
+        if im.mode != "F" and value_range is None:
+            value_range = INTEGER_RANGES[np.dtype(np.uint16)]
+        a = to_unit_range(np.asarray(im), value_range, what)
+        a = a[:, :, None] if a.ndim == 2 else a
+        a = np.repeat(a, 3, axis=2) if mode == "RGB" else a
     else:
-        a = np.asarray(im.convert(mode), dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    t = torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)[None]
-    t = _resize(t, image_size)[0]
-    return torch.from_numpy(_to_unit_range(t.numpy(), (-1.0, 1.0)))
+        a = to_unit_range(np.asarray(im.convert(mode), dtype=np.uint8), value_range, what)
+        a = a[:, :, None] if a.ndim == 2 else a
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
+    return _resize(t, image_size)[0]
 
 
 class _FileSource:
@@ -806,7 +858,7 @@ def _disk_dataset(source, labels, keep, class_names, captions, args: DataArgs, w
     return DiskImageDataset(source, keep, mode, args.image_size, shape,
                             torch.from_numpy(labels[keep]) if labels is not None else None,
                             torch.from_numpy(keep.astype(np.int64)), class_names, args.name,
-                            _captions(captions, keep))
+                            _captions(captions, keep), args.value_range)
 
 
 def _load_folder(args: DataArgs) -> DiskImageDataset:
@@ -918,11 +970,16 @@ def _load_npz(args: DataArgs) -> ImageDataset:
         if "images" not in z.files:
             raise DataError(f"{path} has no 'images' array (found: {', '.join(z.files) or 'none'}); "
                             "save images under the key 'images'")
-        images = np.asarray(z["images"])
-        labels = np.asarray(z["labels"]).astype(np.int64).reshape(-1) if "labels" in z.files else None
-        class_names = [str(s) for s in np.asarray(z["class_names"]).reshape(-1)] if "class_names" in z.files else None
-        src_idx = np.asarray(z["indices"]).astype(np.int64).reshape(-1) if "indices" in z.files else None
-        value_range = np.asarray(z["value_range"], dtype=np.float64).reshape(-1) if "value_range" in z.files else None
+        try:  # object arrays (which only a pickle could load) and damaged members end here
+            images = np.asarray(z["images"])
+            labels = np.asarray(z["labels"]).astype(np.int64).reshape(-1) if "labels" in z.files else None
+            class_names = [str(s) for s in np.asarray(z["class_names"]).reshape(-1)] if "class_names" in z.files else None
+            src_idx = np.asarray(z["indices"]).astype(np.int64).reshape(-1) if "indices" in z.files else None
+            value_range = np.asarray(z["value_range"], dtype=np.float64).reshape(-1) if "value_range" in z.files else None
+        except Exception as e:  # noqa: BLE001
+            why = " ".join(str(e).split())[:100]
+            raise DataError(f"cannot read the arrays of {path} ({type(e).__name__}: {why}); save plain numeric arrays "
+                            "(no object arrays) with np.savez") from None
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4:
@@ -940,10 +997,14 @@ def _load_npz(args: DataArgs) -> ImageDataset:
         raise DataError(f"{path}: {src_idx.shape[0]} indices for {n} images; fix the 'indices' array")
     if value_range is not None and value_range.shape[0] != 2:
         raise DataError(f"{path}: value_range must hold 2 numbers (low, high)")
+    if value_range is not None and args.value_range is not None and tuple(value_range) != tuple(args.value_range):
+        raise DataError(f"{path} states value_range {value_range.tolist()} but --value-range is "
+                        f"{list(args.value_range)}; drop --value-range or fix the file's value_range")
     keep = _select(labels, n, args, f"npz {path}")
     indices = src_idx[keep] if src_idx is not None else keep
     return _finish(images[keep], labels[keep] if labels is not None else None, indices, class_names,
-                   args, value_range=value_range)
+                   args, value_range=value_range if value_range is not None else args.value_range,
+                   what=f"the images of {path}")
 
 
 _LOADERS = {

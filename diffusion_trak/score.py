@@ -32,6 +32,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InputError
+
+_TINY = float(np.finfo(np.float32).tiny)
+
 
 def release_pages(array) -> None:
     """Drop the pages of a numpy memmap from this process's resident set (``MADV_DONTNEED``; the data stays
@@ -88,14 +92,46 @@ class TRAKScorer:
                 raise ValueError("checkpoints have different numbers of training rows")
             G = kernel(phi, block_size) if kernels is None else torch.tensor(np.asarray(kernels[c]), dtype=torch.float64)
             lam = ridge_lambda(G, ridge)
+            k = G.shape[0]
+            if not np.isfinite(lam):
+                raise InputError(f"the ridge λ = {ridge:g}·tr(K)/k of checkpoint {c} is not a finite number; "
+                                 "use a smaller --ridge (ScoreArgs(ridge=...)), e.g. the default 0.1")
             G.diagonal().add_(lam)
-            self.chol.append(torch.linalg.cholesky(G))
+            L, info = torch.linalg.cholesky_ex(G)
+            if int(info) != 0 or not torch.isfinite(L).all():
+                rank = f", more than the {self.n} training rows (the kernel's rank is at most {self.n})" if k > self.n else ""
+                raise InputError(f"the kernel K + λI of checkpoint {c} is not positive definite with ridge {ridge:g} "
+                                 f"(λ = {lam:.3g}; k = {k} features{rank}), so no score can be computed; raise --ridge "
+                                 "(ScoreArgs(ridge=...)), e.g. to 1e-3, or use a smaller --proj-dim")
+            self.chol.append(L)
             self.lambdas.append(lam)
 
     def weights(self, c: int, target_features) -> torch.Tensor:
         """``Ψ_c (Φ_cᵀΦ_c + λI)⁻¹``: (m × k), float64."""
         psi = _f64(target_features)
-        return torch.cholesky_solve(psi.T, self.chol[c]).T
+        W = torch.cholesky_solve(psi.T, self.chol[c]).T
+        if not W.any() and psi.any():
+            self._underflow(c)
+        return W
+
+    def _underflow(self, c: int):
+        raise InputError(f"every score underflows to 0 with ridge {self.ridge:g} (λ = {self.lambdas[c]:.3g} swamps the "
+                         "kernel, the scores are no longer numbers a float can hold); use a smaller --ridge "
+                         "(ScoreArgs(ridge=...)), e.g. the default 0.1")
+
+    def _scores(self, W, i: int) -> np.ndarray:
+        """:meth:`_block` as float32, refusing a block whose scores all underflow to 0."""
+        acc = self._block(W, i)
+        block = acc.numpy().astype(np.float32)
+        if not block.any() and (acc.any() or (any(w.any() for w in W) and any(
+                np.asarray(phi[i:i + self.block_size]).any() for phi in self.train_features))):
+            self._underflow(0)
+        return block
+
+    def check(self, target_features: Sequence, rows: int = 8) -> None:
+        """Score a few targets (``rows`` of each checkpoint's ``target_features``) against the first block of
+        training rows: the checks of a whole scoring (degenerate ridge), before anything is written."""
+        self._scores([self.weights(c, np.asarray(t[:rows])) for c, t in enumerate(target_features)], 0)
 
     def score(self, target_features: Sequence, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Scores (m × n) for per-checkpoint target features ``[Ψ_1, …, Ψ_C]`` (each m × k)."""
@@ -106,8 +142,8 @@ class TRAKScorer:
         out = np.zeros((m, self.n), dtype=np.float32) if out is None else out
         W = [self.weights(c, psi) for c, psi in enumerate(target_features)]
         for i in range(0, self.n, self.block_size):
-            acc = self._block(W, i)
-            out[:, i:i + acc.shape[1]] = acc.numpy()
+            block = self._scores(W, i)
+            out[:, i:i + block.shape[1]] = block
         return out
 
     def _block(self, W, i: int) -> torch.Tensor:
@@ -145,7 +181,7 @@ class TRAKScorer:
             contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1
             W = [self.weights(c, np.asarray(t[rows])) for c, t in enumerate(target_features)]
             for i in range(0, self.n, self.block_size):
-                block = self._block(W, i).numpy().astype(data.dtype)
+                block = self._scores(W, i).astype(data.dtype, copy=False)
                 if not np.isfinite(block).all():
                     raise StoreError(f"NaN/Inf scores for target rows {rows[:5].tolist()}...; check the features for NaN "
                                      "(refeaturize with --overwrite) or raise --ridge")
@@ -155,8 +191,7 @@ class TRAKScorer:
                     data[rows, i:i + block.shape[1]] = block
                 release_pages(data)  # written pages stay in the page cache, out of our resident set
             data.flush()
-            stored.done[rows] = True
-            stored.done.flush()
+            stored.seal(rows)
         return stored
 
 

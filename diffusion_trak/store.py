@@ -5,10 +5,11 @@
     store/
       manifest.json          {"format", "settings", "arrays": {name: {"shape", "dtype"}}}
       <name>.npy             the rows (np.lib.format, so shape and dtype are in the header)
-      <name>.done.npy        one bool per row, set only after the row's data is flushed
+      <name>.crc.npy         one uint32 per row: the zlib.crc32 of the row's bytes, written with the row
+      <name>.done.npy        one bool per row, set only after the row's data and checksum are flushed
 
-Writing order makes every crash safe: rows are written and flushed before their done flags,
-and the manifest is written to a temporary file and renamed. A rerun computes only rows whose
+Writing order makes every crash safe: rows are written and flushed before their checksums, and those
+before their done flags; the manifest is written to a temporary file and renamed. A rerun computes only rows whose
 flag is unset; rows are deterministic functions of their index, so the result is identical to an
 uninterrupted run. Files are fully allocated on creation, so a full disk fails at once with a
 clear message instead of in the middle of a write.
@@ -22,6 +23,12 @@ Three rules keep what is stored safe:
   ``accelerate launch`` share the store: only rank 0 takes the lock, the others write their own rows.
 - **``overwrite`` always gets past damage.** A writer opened with ``overwrite=True`` replaces the store
   when its settings differ *or* any of its files is missing or damaged, and otherwise resumes it.
+- **A store owns only what it made.** It deletes or overwrites only files with its own names (the manifest,
+  ``<name>.npy``/``.crc.npy``/``.done.npy`` of the arrays its manifest lists, their temporary names
+  ``<file>.tmp`` and ``manifest.json.tmpPID``); a folder holding anything else, or a ``manifest.json`` that
+  is not a store's, is refused (with or without ``overwrite``) naming what it holds.
+- **Checksums.** Every done row carries its crc32; :meth:`StoredArray.read` checks them all, and a writer
+  that resumes a store recomputes the rows whose checksum does not match.
 """
 from __future__ import annotations
 
@@ -29,30 +36,46 @@ import errno
 import fcntl
 import json
 import os
-import shutil
+import re
 import weakref
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import UserError
 
-FORMAT = "diffusion-trak-store/1"
+FORMAT = "diffusion-trak-store/2"
 MANIFEST = "manifest.json"
+#: the files of an array (``<name><suffix>``)
+ARRAY_SUFFIXES = (".npy", ".crc.npy", ".done.npy")
+#: a name a store gives its files: an array's files and their temporary names, the manifest and its temporary names
+_STORE_NAME = re.compile(r"(?:[A-Za-z0-9_]+(?:\.crc|\.done)?\.npy(?:\.tmp)?|manifest\.json(?:\.tmp\d+)?)")
 
 
 class StoreError(UserError, RuntimeError):
     """A store cannot be used as asked (one line, names the fix)."""
 
 
+def staged(path: str, write, mode: str = "wb") -> str:
+    """Write a file's whole content (``write(f)``) under its temporary name ``PATH.tmpPID``, flushed to disk; return
+    that name (``os.replace`` it onto ``path`` to commit). On failure the temporary file is removed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(staged(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True), "w"), path)
 
 
 def make_dirs(path: str, flag: str = "--out") -> str:
@@ -177,24 +200,39 @@ def _check_npy(path: str, shape, dtype) -> None:
                          "rerun with --overwrite")
 
 
+def row_checksums(rows) -> np.ndarray:
+    """The zlib.crc32 of each row's bytes (``rows``: an array or memmap, first axis = rows), as uint32."""
+    out = np.empty(len(rows), dtype=np.uint32)
+    for i in range(len(rows)):
+        out[i] = zlib.crc32(np.ascontiguousarray(rows[i]))
+    return out
+
+
 class StoredArray:
-    """Rows of one array plus their done flags, opened read-only (``writable=False``) or for writing."""
+    """Rows of one array plus their checksums and done flags, opened read-only (``writable=False``) or for writing."""
 
     def __init__(self, store: "Store", name: str, shape: Sequence[int], dtype: str, writable: bool = False,
                  create: bool = False):
         self.name, self.shape, self.dtype = name, tuple(int(s) for s in shape), np.dtype(dtype)
         self.path = os.path.join(store.root, f"{name}.npy")
+        self.crc_path = os.path.join(store.root, f"{name}.crc.npy")
         self.done_path = os.path.join(store.root, f"{name}.done.npy")
         if create:
             self._create()
         self.root, self.writable = store.root, writable
         mode = "r+" if writable else "r"
         self.data = self._open(self.path, self.shape, self.dtype, mode)
+        self.crc = self._open(self.crc_path, (self.shape[0],), np.dtype(np.uint32), mode)
         self.done = self._open(self.done_path, (self.shape[0],), np.dtype(bool), mode)
+
+    def _files(self):
+        rows = (self.shape[0],)
+        return ((self.path, self.shape, self.dtype), (self.crc_path, rows, np.dtype(np.uint32)),
+                (self.done_path, rows, np.dtype(bool)))
 
     def _create(self):
         """New, zeroed files (replacing leftovers of an earlier crash); each is complete before it gets its name."""
-        for path, shape, dtype in ((self.path, self.shape, self.dtype), (self.done_path, (self.shape[0],), np.dtype(bool))):
+        for path, shape, dtype in self._files():
             tmp = path + ".tmp"
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             del mm
@@ -206,7 +244,12 @@ class StoredArray:
         _check_npy(path, shape, dtype)
         try:
             return np.lib.format.open_memmap(path, mode=mode)
-        except (ValueError, OSError) as e:
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # the store is fine; its place is not writable
+                raise StoreError(f"cannot write {path} ({e.strerror}); the store is intact: make its folder writable, "
+                                 "or read it without writing, or choose another --out") from None
+            raise StoreError(f"{path} cannot be opened ({e}); delete the store or rerun with --overwrite") from None
+        except ValueError as e:
             raise StoreError(f"{path} cannot be opened ({e}); delete the store or rerun with --overwrite") from None
 
     def pending(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -218,7 +261,7 @@ class StoredArray:
         return bool(self.done.all())
 
     def write(self, rows: Sequence[int], values) -> None:
-        """Write rows, flush them, then mark them done (in that order)."""
+        """Write rows, flush them, then their checksums, then mark them done (in that order)."""
         rows = np.asarray(rows)
         values = np.asarray(values, dtype=self.dtype)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
@@ -226,15 +269,36 @@ class StoredArray:
                              "check the inputs and model for NaN (lower the learning rate or fix the data)")
         self.data[rows] = values
         self.data.flush()
+        self.seal(rows, values)
+
+    def seal(self, rows: Sequence[int], values=None) -> None:
+        """Checksum rows already written and flushed into :attr:`data` (``values``: the same rows, if at hand),
+        then mark them done."""
+        rows = np.asarray(rows)
+        self.crc[rows] = row_checksums(self.data[rows] if values is None else values)
+        self.crc.flush()
         self.done[rows] = True
         self.done.flush()
 
+    def damaged_rows(self, block: int = 1024) -> np.ndarray:
+        """Done rows whose data no longer matches its checksum (read in blocks of ``block`` rows)."""
+        bad = []
+        for lo in range(0, self.shape[0], block):
+            sums = row_checksums(self.data[lo:lo + block])
+            bad.append(lo + np.flatnonzero((sums != self.crc[lo:lo + block]) & self.done[lo:lo + block]))
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=int)
+
     def read(self) -> np.ndarray:
-        """The whole array; raises if any row is missing."""
+        """The whole array, every row checked against its checksum; raises if any row is missing or damaged."""
+        how = "rerun the same command" if self.writable else f"rerun the command that wrote {self.root}"
         if not self.complete():
             missing = int((~self.done[:]).sum())
-            how = "rerun the same command" if self.writable else f"rerun the command that wrote {self.root}"
             raise StoreError(f"{self.path} is incomplete ({missing} of {self.shape[0]} rows missing); {how} to finish it")
+        bad = self.damaged_rows()
+        if len(bad):
+            rows = ", ".join(map(str, bad[:8].tolist())) + (", ..." if len(bad) > 8 else "")
+            raise StoreError(f"{self.path} rows [{rows}] ({len(bad)} of {self.shape[0]}) do not match their checksums "
+                             f"(changed or damaged on disk); {how} to recompute them")
         return self.data
 
 
@@ -263,23 +327,62 @@ def _read_manifest(root: str) -> dict:
     if not ok:
         raise StoreError(f"{path} is corrupted (not a store manifest); rerun the command that wrote {root} "
                          "with --overwrite")
+    if m.get("format") != FORMAT:
+        raise StoreError(f"{root} was written by another version of diffusion-trak (format {m.get('format')!r}, "
+                         f"this one reads {FORMAT!r}, with checksums); rerun the command that wrote it with --overwrite")
     return m
 
 
-def _clear(root: str) -> None:
-    """Delete everything inside ``root`` (the folder itself stays, with its lock)."""
-    for name in os.listdir(root):
-        p = os.path.join(root, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.remove(p)
+def _own_files(manifest: Optional[dict]) -> set:
+    """The names of the files a store with ``manifest`` wrote (its manifest, and the files of the arrays it lists
+    or was creating)."""
+    names = {MANIFEST}
+    if manifest:
+        for name in list(manifest.get("arrays", {})) + list(manifest.get("creating", [])):
+            names.update(name + suffix for suffix in ARRAY_SUFFIXES)
+    return names
 
 
-def _remove_leftovers(root: str) -> None:
-    """Remove temporary files of an interrupted write (``*.tmp``, ``manifest.json.tmpPID``)."""
+def _is_own(name: str, own: set) -> bool:
+    """Whether ``name`` is one of ``own`` or the temporary name of one of them (``X.tmp``, ``manifest.json.tmpPID``)."""
+    return name in own or (name.endswith(".tmp") and name[:-4] in own) or re.fullmatch(r"manifest\.json\.tmp\d+", name) is not None
+
+
+def _describe(root: str, names) -> str:
+    """``a, b, sub/, ...``: some entries of ``root``."""
+    names = sorted(names)
+    shown = [n + ("/" if os.path.isdir(os.path.join(root, n)) else "") for n in names[:5]]
+    return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _check_owned(root: str, manifest: Optional[dict]) -> None:
+    """Refuse (one line naming what it holds) a folder that is not a store's: one with a ``manifest.json`` that is
+    not a store manifest beside files of other names, or without a store manifest and with other files than a
+    store's. ``manifest``: the store manifest read in ``root`` (None: missing or damaged)."""
+    if manifest is not None:
+        return
+    names = os.listdir(root)
+    foreign = [n for n in names if not _STORE_NAME.fullmatch(n) or not os.path.isfile(os.path.join(root, n))]
+    arrays = [n for n in names if n.endswith(".npy")]
+    if foreign or (MANIFEST in names and not arrays):
+        raise StoreError(f"{root} is not a diffusion-trak store (it holds {_describe(root, names)}); nothing was "
+                         "changed: choose another output folder (a new or empty one)")
+
+
+def _clear(root: str, manifest: Optional[dict]) -> None:
+    """Delete the store's own files in ``root`` (those of ``manifest``, else every store-named file, which
+    :func:`_check_owned` made sure are all the folder holds); the folder and anything else in it stay."""
     for name in os.listdir(root):
-        if ".tmp" in name and os.path.isfile(os.path.join(root, name)):
+        own = _is_own(name, _own_files(manifest)) if manifest is not None else _STORE_NAME.fullmatch(name)
+        if own and os.path.isfile(os.path.join(root, name)):
+            os.remove(os.path.join(root, name))
+
+
+def _remove_leftovers(root: str, manifest: dict) -> None:
+    """Remove the temporary files of an interrupted write: exactly ``<own file>.tmp`` and ``manifest.json.tmpPID``."""
+    own = _own_files(manifest)
+    for name in os.listdir(root):
+        if name not in own and _is_own(name, own) and os.path.isfile(os.path.join(root, name)):
             os.remove(os.path.join(root, name))
 
 
@@ -312,29 +415,42 @@ class Store:
         self.settings = settings
 
     def _prepare(self, settings: dict, overwrite: bool, cleanup: bool) -> dict:
-        """Check the existing store (refusing, or replacing it when ``overwrite``); return its manifest."""
-        manifest = None
+        """Check the existing store (refusing, or replacing it when ``overwrite``); return its manifest. A folder
+        that is not a store's is refused either way, and nothing but the store's own files is ever deleted."""
+        manifest, damage = None, None
         if os.path.exists(self.manifest_path):
             try:
                 manifest = _read_manifest(self.root)
-                if manifest.get("settings") != settings:
-                    if not overwrite:
-                        changes = "; ".join(_diff(manifest["settings"], settings)[:6])
-                        raise StoreError(f"{self.root} was made with other settings ({changes}); "
-                                         "rerun with --overwrite to replace it, or choose another output folder")
-                    manifest = None
-                elif overwrite:  # same settings: resume, unless some file is damaged
-                    for name, spec in manifest["arrays"].items():
-                        _check_npy(os.path.join(self.root, f"{name}.npy"), spec["shape"], spec["dtype"])
-                        _check_npy(os.path.join(self.root, f"{name}.done.npy"), spec["shape"][:1], bool)
-            except StoreError:
+            except StoreError as e:
+                damage = e
+        _check_owned(self.root, manifest)
+        if damage is not None and not overwrite:
+            raise damage
+        if manifest is not None:
+            if manifest.get("settings") != settings:
                 if not overwrite:
-                    raise
-                manifest = None
-            if manifest is None and cleanup:
-                _clear(self.root)
+                    changes = "; ".join(_diff(manifest["settings"], settings)[:6])
+                    raise StoreError(f"{self.root} was made with other settings ({changes}); "
+                                     "rerun with --overwrite to replace it, or choose another output folder")
+                replace = True
+            else:  # same settings: resume, unless (with overwrite) some file is damaged
+                replace = False
+                if overwrite:
+                    try:
+                        for name, spec in manifest["arrays"].items():
+                            _check_npy(os.path.join(self.root, f"{name}.npy"), spec["shape"], spec["dtype"])
+                            _check_npy(os.path.join(self.root, f"{name}.crc.npy"), spec["shape"][:1], np.uint32)
+                            _check_npy(os.path.join(self.root, f"{name}.done.npy"), spec["shape"][:1], bool)
+                    except StoreError:
+                        replace = True
+        else:
+            replace = damage is not None
+        if replace and cleanup:
+            _clear(self.root, manifest)
+        if replace:
+            manifest = None
         if cleanup:
-            _remove_leftovers(self.root)
+            _remove_leftovers(self.root, manifest)
         if manifest is None:
             manifest = {"format": FORMAT, "settings": settings, "arrays": {}}
             write_json_atomic(self.manifest_path, manifest)
@@ -376,10 +492,22 @@ class Store:
             if not self.overwrite:
                 raise StoreError(f"{self.root}/{name} is {known}, asked for {spec}; rerun with --overwrite")
             known = None
+        if known is None:  # the manifest names the files before they exist, so that they count as the store's
+            if name not in self.manifest.setdefault("creating", []):
+                self.manifest["creating"].append(name)
+            write_json_atomic(self.manifest_path, self.manifest)
         arr = StoredArray(self, name, shape, dtype, writable=True, create=known is None)
         if known is None:
             self.manifest["arrays"][name] = spec
+            self.manifest["creating"].remove(name)
+            if not self.manifest["creating"]:
+                del self.manifest["creating"]
             write_json_atomic(self.manifest_path, self.manifest)
+        else:  # rows whose data no longer matches their checksum are computed again
+            bad = arr.damaged_rows()
+            if len(bad):
+                arr.done[bad] = False
+                arr.done.flush()
         return arr
 
     def get(self, name: str) -> StoredArray:

@@ -100,12 +100,17 @@ def test_overwrite_gets_past_damage_and_otherwise_resumes(tmp_path):
 
 
 def test_leftovers_of_a_crash_are_removed_by_the_next_writer(tmp_path):
+    import json
+
     root = str(tmp_path / "s")
     Store(root, {}).close()
-    for name in ("manifest.json.tmp123", "x.npy.tmp"):
+    m = json.load(open(os.path.join(root, "manifest.json")))
+    m["creating"] = ["x"]  # a crash while the array x was being created
+    open(os.path.join(root, "manifest.json"), "w").write(json.dumps(m))
+    for name in ("manifest.json.tmp123", "x.npy.tmp", "x.done.npy.tmp", "y.npy.tmp"):
         open(os.path.join(root, name), "w").write("half")
     Store(root, {}).close()
-    assert sorted(os.listdir(root)) == ["manifest.json"]
+    assert sorted(os.listdir(root)) == ["manifest.json", "y.npy.tmp"], "only the store's own temporary names"
 
 
 def test_one_writer_per_store_shared_within_a_process(tmp_path):
