@@ -290,7 +290,8 @@ class Attributor:
 
     # ------------------------------------------------------------------ attribute
     def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
-                  prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None) -> api.Scores:
+                  prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None,
+                  value_range: Optional[Sequence[float]] = None) -> api.Scores:
         """Scores of every training image (:func:`diffusion_trak.api.score`).
 
         ``target``: a trajectory (or the output of :meth:`pipeline`): a row per recorded step (``steps``: some of
@@ -300,6 +301,7 @@ class Attributor:
         the scores are streamed into that folder and saved there (resumable; other settings refuse unless
         ``overwrite``)."""
         target = getattr(target, "trajectory", target)
+        images = None if hasattr(target, "x0_pred") else self._target_images(target, value_range, prompts, class_labels)
         kw = dict(out=out, overwrite=self.overwrite,
                   device=self.device, progress=self.progress, dataset=self.inputs)
         if hasattr(target, "x0_pred"):
