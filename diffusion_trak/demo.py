@@ -181,8 +181,9 @@ def _latent_model(cfg: LatentDemoSettings, out, device, overwrite, say, prompt):
 
     vae = train_vae(pixels, cfg.vae, os.path.join(out, "vae"), device=device, overwrite=overwrite)
     latents = encode_dataset(pixels, vae, os.path.join(out, "latents"), overwrite=overwrite, captions=captions)
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(latents.images[i:i + 256] / latents.scaling_factor).sample
+    vdev = next(vae.parameters()).device
+    with torch.no_grad():  # the VAE lives on the device; the latents and images on the CPU
+        recon = torch.cat([vae.decode(latents.images[i:i + 256].to(vdev) / latents.scaling_factor).sample.cpu()
                            for i in range(0, len(latents), 256)])
     say(f"VAE {out}/vae: latents {latents.image_shape}, scaling_factor {latents.scaling_factor:.3f}, "
         f"reconstruction MSE {float(((recon - pixels.images) ** 2).mean()):.4f}")

@@ -2,6 +2,7 @@
 
     python -m diffusion_trak.evaluations.bench_featurize                      # ~1.1M UNet, 16×16, k=2048, T=10 and T=1
     python -m diffusion_trak.evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
+    python -m diffusion_trak.evaluations.bench_featurize --ops --cifar        # + torch ops per call at B and 4B examples
     python -m diffusion_trak.evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
     python -m diffusion_trak.evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
     python -m diffusion_trak.evaluations.bench_featurize --lds runs/eval-digits   # LDS: exact vs dense JL vs fast, 3 seeds
@@ -23,7 +24,8 @@ with new and old defaults) is in :mod:`evaluations.bench_flow`, which uses the h
 
 Throughput is in example-timesteps per second (B·T / seconds per batch), the median of ``--repeats``
 timed batches after one warm-up batch (the fast path's one-time self-check and the reference matrix
-generation happen in the warm-up). Peak memory is the process's peak resident set (``VmHWM``, reset
+generation happen in the warm-up). A path that runs out of memory (CUDA or CPU) is reported as "out of memory"
+and the other paths go on. Peak memory is the process's peak resident set (``VmHWM``, reset
 through ``/proc/self/clear_refs`` before each path, freed heap returned with ``malloc_trim``) minus the
 resident set before the path's objects were built; on CUDA it is ``torch.cuda.max_memory_allocated``.
 
@@ -207,6 +209,63 @@ def _meminfo(key):
     return 0
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA or CPU), which the benchmark reports for that path and survives."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _free_after_oom(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def count_ops(fn) -> int:
+    """The torch ops ``fn()`` dispatches (every aten call, counted by a ``TorchDispatchMode``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as c:
+        fn()
+    return c.n
+
+
+def bench_ops(model, shape, device, cases=((2, 8, 2), (4, 16, 1)), k=2048) -> dict:
+    """Ops dispatched per default featurize call for a few examples and for 4× as many, at each ``(B_small, B_large,
+    T)`` of ``cases``: on a GPU each op is at least one launch, so ops that grow with the examples leave the device
+    waiting on the host."""
+    from diffusers import DDPMScheduler
+
+    fz = Featurizer(model, DDPMScheduler(num_train_timesteps=1000), FeaturizeArgs(proj_dim=k), device)
+    big = max(c[1] for c in cases)
+    x0, ts, ns = rows_for(big, max(c[2] for c in cases), shape)
+    x0, ts, ns = x0.to(device), ts.to(device), ns.to(device)
+    fz.features(x0[:1], ts[:1, :1], ns[:1, :1])  # the one-time probe row and self-check
+    out = {"p": num_parameters(model), "k": k, "cases": []}
+    for small, large, T in cases:
+        n = [count_ops(lambda B=B: fz.features(x0[:B], ts[:B, :T], ns[:B, :T])) for B in (small, large)]
+        out["cases"].append({"T": T, "B": [small, large], "ops": n, "ops_per_pair": [n[0] / (small * T), n[1] / (large * T)],
+                             "growth": n[1] / n[0]})
+    return out
+
+
+def print_ops(title, r):
+    print(f"\n== {title}: torch ops per default featurize call (p = {r['p']:,}, k = {r['k']})")
+    for c in r["cases"]:
+        print(f"   T = {c['T']}: B = {c['B'][0]}: {c['ops'][0]:,} ops ({c['ops_per_pair'][0]:.0f} per pair); "
+              f"B = {c['B'][1]}: {c['ops'][1]:,} ({c['ops_per_pair'][1]:.0f} per pair); growth {c['growth']:.2f}× for "
+              f"{c['B'][1] // c['B'][0]}× the examples")
+
+
 def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, paths=("plain", "fast", "reference"),
                      proj_slice_rows=0, ref_batch=0):
     """Example-timesteps/s, peak memory and fractions of plain fwd+bwd for each path."""
@@ -227,7 +286,27 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             (output_value(model, scheduler, xs, ts.reshape(-1), ns.reshape(B * T, *shape)).sum() / T).backward()
         fns["plain"] = plain
 
-    if "fast" in paths:  # the library's defaults (method fast), only k and the batch given
+    failed = res.setdefault("failed", {})  # path -> why ("out of memory"): reported, and the other paths go on
+
+    def drop(name):  # a path that ran out of memory, with the figures that depend on it
+        group = {"fast": ("fast", "kernel", "kernel_plain", "kernel_floor"),
+                 "reference": ("reference", "reference_grads", "reference_proj_slice")}
+        owner = next((g for g, members in group.items() if name in members), name)
+        failed[owner] = "out of memory"
+        for member in group.get(owner, (name,)):
+            fns.pop(member, None)
+
+    def guarded(name, setup):
+        try:
+            setup()
+        except Exception as err:  # noqa: BLE001 - only allocation failures are survived, the rest re-raised
+            if not is_out_of_memory(err):
+                raise
+            drop(name)
+            _free_after_oom(device)
+
+
+    def fast_setup():
         mem = PeakMemory(device).start()
         fast = Featurizer(model, scheduler, FeaturizeArgs(proj_dim=k, batch_size=B), device)
         assert fast.args.method == "fast"
@@ -247,7 +326,11 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             res["kernel_draws"] = Tk
             fns["kernel_plain"], fns["kernel_floor"] = _kernel_references(model, scheduler, x0, kts, kns)
 
-    if "reference" in paths:
+    if "fast" in paths:  # the library's defaults (method fast), only k and the batch given
+        guarded("fast", fast_setup)
+
+    def reference_setup():
+        nonlocal proj_slice_rows
         mem = PeakMemory(device).start()
         ref = reference_featurizer(model, scheduler, k, device, cache_limit_gb)
         if ref.projector is None:
@@ -280,16 +363,37 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
             fns["reference"] = lambda: ref.features(rx0, rts, rns)
         mems["reference_setup"] = mem.peak()
 
+    if "reference" in paths:
+        guarded("reference", reference_setup)
+
     # peak memory of one call of each path (after its warm-up)
-    for name, fn in fns.items():
+    for name in list(fns):
+        if name not in fns:
+            continue
         mem = PeakMemory(device).start()
-        fn()
+        try:
+            fns[name]()
+        except Exception as err:  # noqa: BLE001 - see guarded
+            if not is_out_of_memory(err):
+                raise
+            drop(name)
+            _free_after_oom(device)
+            continue
         mems[name] = mem.peak()
     # timing: alternate paths, median over repeats
     times = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+        for name in list(fns):
+            if name not in fns:
+                continue
+            try:
+                times[name].append(timed(fns[name], device))
+            except Exception as err:  # noqa: BLE001 - see guarded
+                if not is_out_of_memory(err):
+                    raise
+                drop(name)
+                _free_after_oom(device)
+    times = {name: v for name, v in times.items() if name in fns and v}
     med = {name: statistics.median(v) for name, v in times.items()}
     if "reference_grads" in med:
         med["reference"] = med.pop("reference_grads") + med.pop("reference_proj_slice") * res["p"] / proj_slice_rows
@@ -356,6 +460,8 @@ def print_throughput(title, r):
         print(f"   reference batch: B = {r['reference_B']} (vmap memory grows with B × T); throughput per its own rows")
     print(f"   {'path':<10} {'ex-timesteps/s':>15} {'s/batch':>9} {'peak MB':>9} {'peak incl. setup':>17} {'of plain':>9}"
           "   (peak: one batch above resident; incl. setup: + matrix / sketch tables and first batch)")
+    for name, why in r.get("failed", {}).items():
+        print(f"   {name:<10} {why} (this path's figures are missing; the other paths went on)")
     for name in ("plain", "reference", "fast", "fast_with_kernel"):
         if f"{name}_throughput" not in r:
             continue
@@ -621,6 +727,8 @@ def main(argv=None):
     ap.add_argument("--cifar-slice-rows", type=int, default=1 << 18,
                     help="CPU: rows of the p×k matrix to time the projection on (extrapolated to p)")
     ap.add_argument("--skip-small", action="store_true", help="skip the ~1M UNet throughput benchmark")
+    ap.add_argument("--ops", action="store_true",
+                    help="count the torch ops per default featurize call at B and 4B examples (the ~1M UNet, and CIFAR with --cifar)")
     ap.add_argument("--fidelity", action="store_true", help="also the fidelity check (trains a small UNet unless --checkpoint)")
     ap.add_argument("--only-fidelity", action="store_true")
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder for the fidelity check")
@@ -642,6 +750,14 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.1f} (other jobs on the machine make figures noisy)")
     results = {"device": a.device, "threads": torch.get_num_threads()}
     only = a.only_fidelity or (a.lds and not (a.fidelity or a.cifar))
+    if a.ops:
+        for name, title, make, shape in (("small", "~1M UNet 16×16", small_unet, (1, 16, 16)),
+                                         ("cifar", "DDPM CIFAR-10 UNet 32×32", cifar_unet, (3, 32, 32))):
+            if (name == "small" and a.skip_small) or (name == "cifar" and not a.cifar):
+                continue
+            r = bench_ops(make(), shape, a.device)
+            print_ops(title, r)
+            results[f"{name}_ops"] = r
     if not (only or a.skip_small):
         for T in a.timesteps:
             r = bench_throughput(small_unet(), (1, 16, 16), a.batch, T, a.k, a.device, a.repeats, a.cache_limit_gb)

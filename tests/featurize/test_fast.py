@@ -326,25 +326,12 @@ def test_ops_per_call_do_not_grow_with_the_examples(scheduler):
     1.25× when its examples grow 4×, for multi-timestep examples (B = 2 → 8 at T = 2) and single-draw rows (B = 4 →
     16 at T = 1). Before, one conv call per example and passes of 5 rows made them grow 4.0×, and on a GPU the
     launches, not the arithmetic, set the pace."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from diffusion_trak.evaluations.bench_featurize import cifar_unet, rows_for
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
+    from diffusion_trak.evaluations.bench_featurize import cifar_unet, count_ops, rows_for
 
     fz = Featurizer(cifar_unet(), scheduler, FeaturizeArgs(proj_dim=64))
     assert fz.fast is not None  # the default method
     x0, ts, ns = rows_for(16, 2, (3, 32, 32))
     fz.features(x0[:1], ts[:1, :1], ns[:1, :1])  # the first call's probe row and self-check
     for T, small, large in ((2, 2, 8), (1, 4, 16)):
-        counts = []
-        for B in (small, large):
-            with Count() as c:
-                fz.features(x0[:B], ts[:B, :T], ns[:B, :T])
-            counts.append(c.n)
+        counts = [count_ops(lambda B=B: fz.features(x0[:B], ts[:B, :T], ns[:B, :T])) for B in (small, large)]
         assert counts[1] <= 1.25 * counts[0], (T, counts)
