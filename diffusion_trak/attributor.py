@@ -291,17 +291,30 @@ class Attributor:
     # ------------------------------------------------------------------ attribute
     def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
                   prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None,
-                  value_range: Optional[Sequence[float]] = None) -> api.Scores:
+                  save: bool = True, value_range: Optional[Sequence[float]] = None) -> api.Scores:
         """Scores of every training image (:func:`diffusion_trak.api.score`).
 
         ``target``: a trajectory (or the output of :meth:`pipeline`): a row per recorded step (``steps``: some of
         them) with the generation's own conditioning, and the destination row of the final image; or images
         ``(B, C, H, W)`` in ``[-1, 1]`` (pixels; encoded for a latent model), scored at ``image_timesteps`` with
-        ``prompts`` / ``class_labels`` for a conditional model. With ``out`` (e.g. ``attr.scores_dir("seed-0")``)
-        the scores are streamed into that folder and saved there (resumable; other settings refuse unless
-        ``overwrite``)."""
+        ``prompts`` / ``class_labels`` for a conditional model. The scores are streamed into a folder of the run and
+        saved there (``scores.npy``, ``scores.json``; resumable; other settings refuse unless ``overwrite``), as
+        ``diffusion-trak score`` saves them: ``out/scores/<name>``, named by the target (``seed-<seed>-<digest of the
+        final images>[-steps-...]`` for a trajectory, ``images-<digest of images, timesteps and conditioning>``),
+        or ``out`` (e.g. ``attr.scores_dir("mine")``); ``save=False`` keeps them in memory only."""
+        from .targets import digest
+
         target = getattr(target, "trajectory", target)
         images = None if hasattr(target, "x0_pred") else self._target_images(target, value_range, prompts, class_labels)
+        if out is None and save:
+            if hasattr(target, "x0_pred"):
+                name = f"seed-{target.seed}-{digest(torch.as_tensor(target.final).float())[:8]}"
+                name += "" if steps is None else "-steps-" + "-".join(str(int(s)) for s in steps)
+            else:
+                name = "images-" + digest(images, [int(t) for t in image_timesteps],
+                                          None if prompts is None else list(prompts),
+                                          None if class_labels is None else torch.as_tensor(class_labels).tolist())[:12]
+            out = self.scores_dir(name)
         kw = dict(out=out, overwrite=self.overwrite,
                   device=self.device, progress=self.progress, dataset=self.inputs)
         if hasattr(target, "x0_pred"):

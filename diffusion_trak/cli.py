@@ -408,8 +408,10 @@ def cmd_plot(ns):
         if not ns.evaluation:
             sc.check_trajectory(traj, f"the scores in {sdir}")
     make_dirs(os.path.dirname(os.path.abspath(prefix)))  # every check has passed
+    prompts = getattr(traj, "prompts", None) if traj is not None else None
+    about = f' · prompt "{prompts[ns.target]}"' if prompts else ""
     png, html = plot_from_scores(sc, dataset, traj, prefix, target=ns.target, k=ns.top_k,
-                                 title=f"{os.path.basename(os.path.abspath(run))} · {name}: "
+                                 title=f"{os.path.basename(os.path.abspath(run))} · {name}{about}: "
                                  "training-data attribution per sampling step",
                                  evidence=load_evidence(ns.evaluation, traj.final) if ns.evaluation and traj else None)
     _say(f"per-step plot: {png}\nhtml page (every target, step by step): {html}")

@@ -52,6 +52,13 @@ def check_checkpoint(path: str, unet_classes: Sequence[str] = UNET_CLASSES) -> s
         raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")
     configs = {"unet": ("config.json",), "scheduler": ("scheduler_config.json", "config.json")}
     missing = [d for d, names in configs.items() if not any(os.path.isfile(os.path.join(path, d, n)) for n in names)]
+    if missing and os.path.isfile(os.path.join(path, "scheduler_config.json")):  # the inside of scheduler/
+        raise CheckpointError(f"{path} is a scheduler's folder (scheduler_config.json), not a model; pass the folder "
+                              "that holds it as scheduler/ beside unet/ (a checkpoint or pipeline folder)")
+    if missing and os.path.isfile(os.path.join(path, "config.json")) and \
+            str(_class_name(os.path.join(path, "config.json"))).startswith("UNet"):  # the inside of unet/
+        raise CheckpointError(f"{path} is a UNet's folder (config.json), not a whole model; pass the folder that holds "
+                              "it as unet/ beside scheduler/ (a checkpoint or pipeline folder)")
     if missing:
         have = sorted(os.listdir(path))[:8]
         raise CheckpointError(f"{path} has no {' and no '.join(m + '/' for m in missing)} with a saved config (it holds "

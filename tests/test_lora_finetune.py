@@ -2,6 +2,7 @@
 fine-tuned on captioned images with peft and saved as diffusers' LoRA training scripts save it
 (``save_lora_weights``), then attributed from the CLI (``--pipeline BASE --lora ADAPTER``) and from Python
 (``lora=``), with features over the adapter's parameters only. The README's LoRA example is run here as it is."""
+import html
 import json
 import os
 import shlex
@@ -115,7 +116,9 @@ def test_readme_lora_example_from_python_and_the_cli(workdir, monkeypatch, capsy
     assert cli["checkpoints"] == fs["checkpoints"]
     sj = json.load(open(os.path.join(run, "scores", "seed-0", "scores.json")))
     assert len(sj["top"][0][0]["proponents"]) > 0
-    assert os.path.isfile(os.path.join(run, "report", "seed-0.html"))
+    page = html.unescape(open(os.path.join(run, "report", "seed-0.html"), encoding="utf-8").read())
+    assert 'prompt "a photo of a digit1"' in page  # the CLI's title names the prompt
+    assert [n.startswith("seed-0-") for n in os.listdir("runs/my-lora/scores")] == [True]  # attribute() saved them
 
     # a rerun with another adapter over the same features refuses, naming the adapter
     other = fine_tune_lora(str(root / "my-sd-base"), str(root / "my_images"), str(root / "other-lora"), steps=1)

@@ -96,6 +96,8 @@ CASES = [
     ("images_of_another_aspect_ratio", ["featurize", "--pipeline", "{ddpm}", "--data", "folder", "--data-path", "{wide}",
                                         "-T", "2", "-k", "16"],
      lambda F, run: Attributor.from_pretrained(F["ddpm"], F["wide"], run, featurize_args=FARGS).featurize()),
+    ("scheduler_folder_as_a_model", ["featurize", "--checkpoints", "{ddpm}/scheduler", "-T", "2", "-k", "16"],
+     lambda F, run: Attributor.from_pretrained(os.path.join(F["ddpm"], "scheduler"), F["imgs"], run)),
     ("params_lora_without_adapter", ["featurize", "--pipeline", "{sd}", "--data", "folder", "--data-path", "{imgs}",
                                      "--params", "lora", "-T", "2", "-k", "16"],
      lambda F, run: Attributor.from_pretrained(F["sd"], F["imgs"], run,
@@ -118,3 +120,26 @@ def test_cli_and_python_refuse_alike(tmp_path, folders, capsys, name, argv, call
     assert lines[0] == f"diffusion-trak {argv[0]}: error: {e.value}"
     assert "\n" not in str(e.value)
     assert snapshot(tmp_path) == before, "nothing written"
+
+
+def test_attribute_saves_its_scores_under_the_run_folder(tmp_path, folders):
+    """As ``diffusion-trak score`` does: ``out/scores/<named by the target>``; a rerun resumes; save=False keeps
+    them in memory; real images with other prompts are another target (another folder, never the old scores)."""
+    from diffusion_trak.api import Scores
+
+    attr = Attributor.from_pretrained(folders["sd"], folders["imgs"], str(tmp_path / "run"), featurize_args=FARGS,
+                                      progress=False)
+    attr.featurize()
+    traj = attr.pipeline("a photo of a digit1", seed=3, num_inference_steps=3, record_steps=[0, 2]).trajectory
+    sc = attr.attribute(traj)
+    (name,) = os.listdir(tmp_path / "run" / "scores")
+    assert name.startswith("seed-3-")
+    saved = Scores.load(str(tmp_path / "run" / "scores" / name))
+    np.testing.assert_array_equal(saved.values, sc.values)
+    np.testing.assert_array_equal(attr.attribute(traj).values, sc.values)  # resumed
+    attr.attribute(traj, save=False)
+    assert len(os.listdir(tmp_path / "run" / "scores")) == 1
+    px = attr.dataset.images[:1]
+    a = attr.attribute(px, prompts=["a photo of a digit0"])
+    b = attr.attribute(px, prompts=["a photo of a digit1"])
+    assert len(os.listdir(tmp_path / "run" / "scores")) == 3 and not np.array_equal(a.values, b.values)
