@@ -21,7 +21,7 @@ from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, s
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .models import Conditioning, adapter_of, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
-from .store import Store, StoreError, make_dirs, write_json_atomic
+from .store import Store, StoreError, check_resources, make_dirs, write_json_atomic
 from .target_cache import target_features_of
 from .targets import TargetSet
 
@@ -145,6 +145,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     if args.timestep_range is not None and args.timestep_range[1] >= n_t:
         raise InputError(f"timestep_range {tuple(args.timestep_range)} reaches past the model's {n_t} training "
                          f"timesteps; use HI <= {n_t - 1}")
+    _check_featurize_size(args, dataset, len(ckpts), out, device)
     cond_fn, per_timestep = conditioning.training(ckpts[0][0], dataset, args.num_timesteps, args.seed)
     featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
     settings = {
@@ -197,6 +198,22 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             if missing:
                 raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names, knames)
+
+
+def _check_featurize_size(args: FeaturizeArgs, dataset, num_ckpts: int, out: str, device) -> None:
+    """Refuse (one line) settings whose store would not fit the disk or whose draws would not fit memory, before
+    anything is allocated or written: the features and GGN kernel slots on disk; a batch's (timestep, noise) draws
+    (``batch_size`` × max(T, kernel draws) noisy images, with their noise and output) and the k × k kernel in memory."""
+    n, k, pixels = len(dataset), int(args.proj_dim), int(np.prod(dataset.image_shape))
+    ggn = args.kernel == "ggn"
+    slots = kernel_slots(n, args.batch_size, k) if ggn else 0
+    disk = num_ckpts * (n * (4 * k + 5) + slots * (4 * k * k + 5))
+    draws = max(int(args.num_timesteps), int(args.kernel_draws) if ggn else 0)
+    memory = int(args.batch_size) * draws * pixels * 4 * 3 + (2 * k * k * 8 if ggn else 0) + int(args.batch_size) * k * 4
+    check_resources(f"featurize ({n} images, k = {k}, T = {args.num_timesteps}"
+                    + (f", {args.kernel_draws} kernel draws" if ggn else "") + f", batch size {args.batch_size})",
+                    "use a smaller -k/--proj-dim, -T/--num-timesteps, --kernel-draws or --batch-size "
+                    "(FeaturizeArgs), or free space", memory, disk, out, device)
 
 
 def kernel_args(args: FeaturizeArgs) -> FeaturizeArgs:
@@ -481,6 +498,14 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     else:
         raise ValueError("give a trajectory or images to score")
     key = targets.final_digest()  # the final images: what a score store records as its target
+    S_, B_, n_ = len(steps), targets.num_targets, len(train_indices)
+    k_, C_ = int(fargs.proj_dim), len(fset["checkpoints"])
+    rows = S_ * B_ * int(args.num_noises) + B_ * int(args.destination_draws)  # (image, timestep, noise) rows of targets
+    check_resources(f"score ({S_} steps × {B_} targets, R = {args.num_noises}, {args.destination_draws} destination "
+                    f"draws, {n_} training images)", "use a smaller -R/--num-noises or --destination-draws (ScoreArgs), "
+                    "fewer steps or targets, or free space",
+                    memory=rows * int(targets.final[0].numel()) * 4 * 3 + C_ * k_ * k_ * 8 * 2,
+                    disk=(S_ * B_ * (8 * n_ + 5) + B_ * 4 * n_) if out is not None else 0, folder=out, device=device)
     per_ckpt, dest_feats = target_features_of(features, ckpts, targets, args.num_noises, args.seed, output, cond,
                                               args.destination_draws, device)  # each (S, B, k); (B, k)
     S, B, k = per_ckpt[0].shape

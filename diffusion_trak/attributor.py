@@ -243,6 +243,7 @@ class Attributor:
         (``.trajectory``), which :meth:`attribute` takes as it is. A prompt a text model lacks, a class label or
         a number of steps the model does not take are refused in one line, as ``diffusion-trak generate`` refuses them."""
         self._check_sampling(args[0] if args else kwargs.get("prompt"), kwargs)
+        self._check_sampling_size(kwargs)
         cls = type(self.sampler)
         if cls.__name__ not in _RECORDING_SAMPLERS:
             from diffusers import DDIMScheduler as cls
@@ -287,6 +288,20 @@ class Attributor:
             raise InputError(f"{name} takes no text; drop --prompt (the prompt)")
         if not text and unet_conditioning(self.unet) == "text":
             raise InputError(f"{name} is text-conditional; pass --prompt (attr.pipeline(\"a prompt\", ...) in Python)")
+
+    def _check_sampling_size(self, kwargs) -> None:
+        """Refuse (one line) a batch whose trajectory would not fit memory, before sampling: ``batch_size`` images
+        (latents) × (x_t and x̂0 of every recorded step, plus the sampler's own few)."""
+        from .store import check_resources
+
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        steps = int(kwargs.get("num_inference_steps", 50))
+        recorded = len(kwargs["record_steps"]) if kwargs.get("record_steps") is not None else steps
+        batch = int(kwargs.get("batch_size", 1))
+        check_resources(f"sampling {batch} images recording {recorded} steps",
+                        "use a smaller --num-images (batch_size=) or record fewer steps",
+                        memory=batch * int(cfg.in_channels) * int(size or 1) ** 2 * 4 * (2 * recorded + 8), device=self.device)
 
     # ------------------------------------------------------------------ attribute
     def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
@@ -361,7 +376,7 @@ class Attributor:
             raise InputError("this model takes no text; drop prompts=")
         if class_labels is not None and kind != "class":
             raise InputError("this model is not class-conditional; drop class_labels=")
-        return torch.from_numpy(to_unit_range(x, value_range, "the images given to attribute()"))
+        return torch.from_numpy(to_unit_range(x, value_range, "the images given to attribute()", floats=(-1.0, 1.0)))
 
     def scores_dir(self, name: str) -> str:
         """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""

@@ -88,7 +88,7 @@ def _data_args(ns):
     from .data import DataArgs
 
     return DataArgs(name=ns.data, path=ns.data_path, split="train", image_size=ns.image_size,
-                    classes=ns.classes, limit=ns.limit, channels=ns.channels)
+                    classes=ns.classes, limit=ns.limit, channels=ns.channels, value_range=ns.value_range)
 
 
 def _add_data(p):
@@ -100,6 +100,9 @@ def _add_data(p):
     g.add_argument("--classes", type=_int(0), nargs="+", default=None, help="keep only these labels")
     g.add_argument("--limit", type=_int(1), default=None, help="keep the first N examples")
     g.add_argument("--channels", type=int, default=None, choices=[1, 3], help="force 1 or 3 channels")
+    g.add_argument("--value-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="the range of the stored pixel values, mapped to [-1, 1] (default: the rule: 8-bit 0..255, "
+                        "16-bit 0..65535, floats -1..1; values outside are refused)")
 
 
 def _add_pipeline(p, captions: bool = False):
@@ -125,7 +128,7 @@ def _load_run_data(ns):
     path = os.path.join(ns.run, "run.json")
     if ns.data is None and os.path.exists(path):
         given = {"path": ns.data_path, "image_size": ns.image_size, "classes": ns.classes, "limit": ns.limit,
-                 "channels": ns.channels}
+                 "channels": ns.channels, "value_range": ns.value_range}
         args = DataArgs.from_dict({**_read_run_json(path), **{k: v for k, v in given.items() if v is not None}})
     else:
         ns.data = ns.data or "digits"
@@ -243,9 +246,10 @@ def cmd_train(ns):
     model = os.path.join(ns.run, "model")
     check_run_json(ns.run, dargs, ns.overwrite)  # every check before anything is written
     check_training(dataset, targs, model, ns.overwrite, "use --overwrite or another --run")
+    device = _device(ns)
     write_run_json(ns.run, dargs)
     _say(f"training a DDPM on {dataset} for {ns.epochs} epochs -> {ns.run}/model")
-    ck = train_ddpm(dataset, targs, model, device=_device(ns), overwrite=ns.overwrite)
+    ck = train_ddpm(dataset, targs, model, device=device, overwrite=ns.overwrite)
     _say(f"checkpoints: {', '.join(ck)}")
     return ck
 

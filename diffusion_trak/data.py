@@ -492,7 +492,8 @@ def check_value_range(value_range) -> Tuple[float, float]:
     return lo, hi
 
 
-def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str = "the images") -> np.ndarray:
+def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str = "the images",
+                  floats: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """Images as float32 in [-1, 1], by the one rule for image values of every source (``.npz``, image files,
     Hugging Face datasets, tensors given to the API):
 
@@ -500,8 +501,9 @@ def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str 
       linearly onto [-1, 1];
     - otherwise integers are read by their type: ``uint8`` (8-bit files) 0..255, ``uint16`` (16-bit files)
       0..65535, ``bool`` 0/1 (other integer types need a stated range);
-    - otherwise floats are read as [-1, 1] (what diffusers' UNets are trained on), and floats with positive but
-      no negative values are refused: they look like [0, 1] data, so their range must be stated.
+    - otherwise floats need a stated range, except where the caller documents one (``floats``): tensors given to
+      the Python API are [-1, 1], the model's own range (what datasets and trajectories hold); there, floats with
+      positive but no negative values are refused, as they look like [0, 1] data.
 
     Values outside the range (by more than a millionth of it), NaN and Inf are refused in one line naming what
     was seen: nothing is clipped, rescaled from the extremes or guessed.
@@ -517,8 +519,12 @@ def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str 
     elif a.dtype.kind in "iu":
         raise DataError(f"{what} are integers of type {a.dtype}, whose range the rule does not fix (uint8: 0..255, "
                         "uint16: 0..65535); state it with --value-range LO HI (value_range=(lo, hi)), e.g. 0 255")
+    elif floats is None:
+        seen = f" (they span [{float(np.nanmin(a)):g}, {float(np.nanmax(a)):g}])" if a.size else ""
+        raise DataError(f"{what} are floats{seen} and state no range; state it with --value-range LO HI "
+                        "(value_range=(lo, hi), or an .npz's value_range array), e.g. 0 1 or -1 1")
     else:
-        lo, hi = -1.0, 1.0
+        lo, hi = floats
     kind, a = a.dtype.kind, a.astype(np.float32)
     if a.size == 0:
         return a
@@ -532,8 +538,8 @@ def to_unit_range(arr, value_range: Optional[Sequence[float]] = None, what: str 
                         "state their range with --value-range LO HI (value_range=(lo, hi))")
     if not stated and kind == "f" and seen_lo >= 0 and seen_hi > 0:
         raise DataError(f"{what} are floats without a negative value (in [{seen_lo:g}, {seen_hi:g}]): that looks like "
-                        "[0, 1] data, but floats are read as [-1, 1]; state the range: --value-range 0 1 "
-                        "(value_range=(0, 1)), or -1 1 if they are [-1, 1] images")
+                        f"[0, 1] data, but floats are read as [{lo:g}, {hi:g}]; state the range: value_range=(0, 1), "
+                        "or (-1, 1) if they are [-1, 1] images")
     return np.clip((a - lo) / ((hi - lo) / 2.0) - 1.0, -1.0, 1.0).astype(np.float32)
 
 

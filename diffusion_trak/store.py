@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import weakref
 import zlib
 from typing import Optional, Sequence
@@ -87,6 +88,47 @@ def make_dirs(path: str, flag: str = "--out") -> str:
     if not os.path.isdir(path):
         raise StoreError(f"cannot create the folder {path}: a file has that name; choose another {flag}")
     return path
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def free_memory(device="cpu") -> Optional[int]:
+    """Bytes of memory free for a job on ``device``: the GPU's free memory, else the host's ``MemAvailable``."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_resources(what: str, fix: str, memory: int = 0, disk: int = 0, folder: Optional[str] = None,
+                    device="cpu") -> None:
+    """Refuse (one line: ``what`` needs so much, so much is free; ``fix``) a job whose estimated ``memory`` (bytes,
+    on ``device``) or ``disk`` (bytes, written under ``folder``) is more than is free, before anything is allocated
+    or written. Files of that size already in ``folder`` (a store being resumed) count as free."""
+    free = free_memory(device)
+    if memory and free is not None and memory > free:
+        raise StoreError(f"{what} needs about {_gib(memory)} of memory, {_gib(free)} is free; {fix}")
+    if disk and folder is not None:
+        probe = os.path.abspath(folder)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        have = shutil.disk_usage(probe).free
+        if os.path.isdir(folder):
+            have += sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
+                        if _STORE_NAME.fullmatch(n) and os.path.isfile(os.path.join(folder, n)))
+        if disk > have:
+            raise StoreError(f"{what} needs about {_gib(disk)} of disk in {folder}, {_gib(have)} is free; {fix}")
 
 
 def _diff(old: dict, new: dict, prefix="") -> list:

@@ -151,10 +151,11 @@ def test_npz_raw_inputs(tmp_path, layout, dtype):
         arr = arr.astype(np.float32) / 127.5 - 1.0
     p = tmp_path / "raw.npz"
     np.savez(p, images=arr, labels=np.arange(6) % 2)
-    if dtype == "f01":  # floats are read as [-1, 1]: [0, 1] data must say so (the rule never guesses)
-        with pytest.raises(DataError, match=r"floats without a negative value .*--value-range 0 1"):
+    if dtype in ("f01", "fpm1"):  # floats state their range (the rule never guesses it)
+        with pytest.raises(DataError, match=r"are floats \(they span .*\) and state no range; state it with --value-range"):
             load_dataset(DataArgs(name="npz", path=str(p)))
-    ds = load_dataset(DataArgs(name="npz", path=str(p), value_range=(0, 1) if dtype == "f01" else None))
+    stated = {"f01": (0, 1), "fpm1": (-1, 1)}.get(dtype)
+    ds = load_dataset(DataArgs(name="npz", path=str(p), value_range=stated))
     assert ds.image_shape == (expect_c, 5, 7)
     expected = torch.from_numpy(base[:, :expect_c].astype(np.float32) / 127.5 - 1.0)
     assert torch.allclose(ds.images, expected, atol=1e-5)
