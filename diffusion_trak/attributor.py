@@ -126,11 +126,8 @@ class Attributor:
             else:
                 ckpts.append(load_checkpoint(p, device))
         if lora is not None:
-            text_encoder = kwargs.get("text_encoder")
-            if text_encoder is None and first is not None:
-                text_encoder = first.get("text_encoder")
             for unet, _ in ckpts:
-                load_lora(unet, lora, text_encoder=text_encoder)
+                load_lora(unet, lora)
         if first is not None:
             for k in ("vae", "text_encoder", "tokenizer"):
                 if kwargs.get(k) is None:

@@ -221,12 +221,12 @@ def _digest(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_lora(unet, path, text_encoder=None) -> dict:
+def load_lora(unet, path) -> dict:
     """Load a LoRA adapter as diffusers' LoRA training scripts save it (``pipe.save_lora_weights(DIR, ...)``: a
-    folder with ``pytorch_lora_weights.safetensors``, or that file) into ``unet`` (and ``text_encoder`` when the
-    adapter has text-encoder layers), as peft layers that :class:`~diffusion_trak.config.FeaturizeArgs`
-    ``params="lora"`` selects. Returns (and keeps on ``unet``, see :func:`adapter_of`) the base model's and
-    the adapter's fingerprints, which feature stores record and check."""
+    folder with ``pytorch_lora_weights.safetensors``, or that file) into ``unet`` as peft layers, which
+    :class:`~diffusion_trak.config.FeaturizeArgs` ``params="lora"`` selects (an adapter with text-encoder layers
+    too is refused in one line: they would change the model but are not loaded). Returns (and keeps on ``unet``,
+    see :func:`adapter_of`) the base model's and the adapter's fingerprints, which feature stores record and check."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 
     from .featurize.featurizer import model_fingerprint
@@ -248,13 +248,13 @@ def load_lora(unet, path, text_encoder=None) -> dict:
     if not unet_keys:
         raise CheckpointError(f"the LoRA adapter {file} has no UNet layers (keys unet.*); save it with "
                               "pipe.save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet))")
+    if any(not k.startswith("unet.") for k in state):  # e.g. text_encoder.*: not loaded, so refused, never ignored
+        other = sorted({k.split(".")[0] for k in state if not k.startswith("unet.")})
+        raise CheckpointError(f"the LoRA adapter {file} also has {', '.join(other)} layers, which diffusion-trak does not "
+                              "load (it attributes the UNet's adapter); save the UNet's layers alone: "
+                              "save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet))")
     try:
         Loader.load_lora_into_unet(state, alphas, unet, adapter_name="default")
-        if any(k.startswith("text_encoder.") for k in state):
-            if text_encoder is None:
-                raise CheckpointError(f"the LoRA adapter {file} has text-encoder layers but the model has no text "
-                                      "encoder; pass the pipeline folder it was trained on")
-            Loader.load_lora_into_text_encoder(state, alphas, text_encoder, prefix="text_encoder", adapter_name="default")
     except (ValueError, RuntimeError, KeyError) as e:
         msg = " ".join(str(e).split())[:160]
         raise CheckpointError(f"the LoRA adapter {file} does not fit this model ({msg}); pass the base model it was "

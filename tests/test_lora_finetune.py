@@ -115,7 +115,8 @@ def test_readme_lora_example_from_python_and_the_cli(workdir, monkeypatch, capsy
     assert cli["featurize"]["params"] == "lora" and cli["lora"] == fs["lora"]
     assert cli["checkpoints"] == fs["checkpoints"]
     sj = json.load(open(os.path.join(run, "scores", "seed-0", "scores.json")))
-    assert len(sj["top"][0][0]["proponents"]) > 0
+    for e in sj["top"][0][0]["proponents"] + sj["destination"][0]["proponents"]:  # every image named
+        assert e["source"].endswith(".png") and e["caption"].startswith("a photo of a digit")
     page = html.unescape(open(os.path.join(run, "report", "seed-0.html"), encoding="utf-8").read())
     assert 'prompt "a photo of a digit1"' in page  # the CLI's title names the prompt
     assert [n.startswith("seed-0-") for n in os.listdir("runs/my-lora/scores")] == [True]  # attribute() saved them
@@ -159,3 +160,13 @@ def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_wri
     assert main(["featurize", "--pipeline", str(root / "my-sd-base"), "--lora", str(tmp_path / "nope"), "--run", run]
                 + data) == 2
     assert "save_lora_weights" in capsys.readouterr().err and not os.path.exists(run)
+    # an adapter with text-encoder layers: they would change the model, and are not loaded, so it is refused
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(root / "my-lora" / "pytorch_lora_weights.safetensors"))
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 16)
+    state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(16, 2)
+    save_file(state, str(tmp_path / "with-text.safetensors"))
+    with pytest.raises(CheckpointError, match="also has text_encoder layers, which diffusion-trak does not load"):
+        Attributor.from_pretrained(str(root / "my-sd-base"), None, run, lora=str(tmp_path / "with-text.safetensors"))
+    assert not os.path.exists(run)
