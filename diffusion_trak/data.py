@@ -924,7 +924,7 @@ def _hf_dataset(ds, args: DataArgs, where: str, image_column: Optional[str] = No
             ds = next(iter(ds.values()))
         else:
             raise DataError(f"{where} has splits {', '.join(ds)} but no {args.split!r}; "
-                            f"pass the training split alone (ds['...'])")
+                            "save the training split alone (ds['...'].save_to_disk), or pass it alone (ds['...'])")
     images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
     if image_column is not None and image_column not in images:
         what = "is not a datasets.Image column" if image_column in ds.column_names else "is not a column"

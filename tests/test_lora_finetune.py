@@ -147,6 +147,21 @@ def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_wri
     assert err.count("\n") == 1 and "LoRA adapter layers inside the UNet" in err and "save_lora_weights" in err
     with pytest.raises(CheckpointError, match="fuse_lora"):
         Attributor.from_pretrained(str(tmp_path / "loaded"), str(root / "my_images"), run)
+    # fused, as that message advises, it is an ordinary pipeline folder: the fine-tuned model, without an adapter
+    from diffusers import StableDiffusionPipeline
+
+    fused = StableDiffusionPipeline.from_pretrained(str(root / "my-sd-base"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    fused.load_lora_weights(str(root / "my-lora"))
+    fused.fuse_lora()
+    fused.unload_lora_weights()
+    fused.save_pretrained(str(tmp_path / "fused"))
+    a = Attributor.from_pretrained(str(tmp_path / "fused"), None, str(tmp_path / "fused-run"))
+    x, t, emb = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a.unet(x, t, encoder_hidden_states=emb).sample,
+                                   pipe.unet(x, t, encoder_hidden_states=emb).sample, rtol=1e-4, atol=1e-5)
+    assert not a.has_adapter and a.featurize_args.params == "all"
     # --params lora without an adapter: the CLI's advice, the same in Python, and no latents/ written
     assert main(["featurize", "--pipeline", str(root / "my-sd-base"), "--params", "lora", "--run", run] + data) == 2
     err = capsys.readouterr().err
