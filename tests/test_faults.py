@@ -133,3 +133,61 @@ def test_ctrl_c_at_random_points_one_line_then_the_same_command_resumes(tmp_path
                                            "and rerunning the same command resumes it"], (k, lines)
             assert not run_child(command(out))[0]
             assert snapshot(out) == snapshot(ref), f"{name}: Ctrl-C at event {k}"
+
+
+# ---- issue 27: a full disk or a read-only file system end in one line and change nothing ------------------------
+def _score_folder(tmp_path, unet, scheduler):
+    featurize, score, feats = _commands(tmp_path, unet, scheduler)
+    assert cli.main(featurize(feats)) == 0
+    out = str(tmp_path / "scores")
+    assert cli.main(score(out)) == 0
+    return score, out
+
+
+def test_disk_full_while_saving_scores_keeps_the_previous_result(tmp_path, tiny_unet, scheduler, monkeypatch, capsys):
+    import errno
+    import json
+
+    from diffusion_trak import store as store_module
+
+    score, out = _score_folder(tmp_path, tiny_unet, scheduler)
+    before = {k: v for k, v in snapshot(out).items() if not k.startswith("store/")}
+    real = store_module.staged
+
+    def full(path, write, mode="wb"):
+        if path.endswith("scores.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp1")
+        return real(path, write, mode)
+
+    monkeypatch.setattr(store_module, "staged", full)
+    capsys.readouterr()
+    rc = cli.main(score(out) + ["--overwrite", "--ridge", "50"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]
+    assert rc == 2 and len(err) == 1, err
+    assert "cannot save the scores in" in err[0] and "nothing there was changed" in err[0], err
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("store/")} == before, "the old result, whole"
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert json.load(open(os.path.join(out, "scores.json")))["meta"]["score"]["ridge"] != 50
+
+
+def test_a_healthy_store_on_a_read_only_file_system_is_not_called_damaged(tmp_path, tiny_unet, scheduler, monkeypatch,
+                                                                         capsys):
+    import errno
+
+    featurize, score, feats = _commands(tmp_path, tiny_unet, scheduler)
+    assert cli.main(featurize(feats)) == 0
+    before = snapshot(feats)
+    real = np.lib.format.open_memmap
+
+    def read_only(path, mode="r+", *a, **k):
+        if mode != "r":
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real(path, mode, *a, **k)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", read_only)
+    capsys.readouterr()
+    rc = cli.main(featurize(feats))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]
+    assert rc == 2 and len(err) == 1, err
+    assert "(Read-only file system); the store is intact" in err[0] and "--overwrite" not in err[0], err
+    assert snapshot(feats) == before

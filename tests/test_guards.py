@@ -530,3 +530,253 @@ def test_evaluation_files_cannot_run_code(tmp_path):
     with pytest.raises(Exception):
         train_encoder(torch.zeros(2, 1, 8, 8), path=str(path))
     assert not marker.exists(), "loading ran code"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 27: nothing of the user's is deleted, nothing corrupted is scored, every input is read as what it is.
+# The same table-driven check: exit status 2, one line, and the sha256 of every file (user files included)
+# unchanged.
+# ------------------------------------------------------------------------------------------------------------
+def _user_files(run, name, files):
+    d = os.path.join(os.path.dirname(run), name)
+    for rel, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(d, rel)), exist_ok=True)
+        open(os.path.join(d, rel), "w").write(text)
+
+
+def flip_bit(path, byte=21, bit=3):
+    """Flip one bit of the data of the ``.npy`` file ``path`` (``byte`` bytes after its header)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        offset = f.tell() + byte
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def _other_trajectory(run, copy_over=False):
+    path = os.path.join(os.path.dirname(run), "t1.safetensors")
+    assert cli.main(["generate", "--run", run, "--device", "cpu", "--steps", "4", "--num-record", "2", "--seed", "1",
+                     "--out", path]) == 0
+    if copy_over:
+        shutil.copy(path, os.path.join(run, "trajectories", "seed-0.safetensors"))
+
+
+def _features_kernel_k64(run):
+    assert cli.main(["featurize", "--run", run, "--device", "cpu", "-T", "2", "-k", "64", "--batch-size", "8",
+                     "--kernel", "features", "--out", os.path.join(os.path.dirname(run), "f64")]) == 0
+
+
+def _npz_01_with_one_negative(run, name="f01.npz"):
+    x = load_dataset(name="digits", limit=16).images.numpy() * 0.5 + 0.5  # [0, 1]
+    x[3, 0, 2, 2] = -0.01
+    np.savez(os.path.join(os.path.dirname(run), name), images=x)
+
+
+def _npz_objects(run):
+    np.savez(os.path.join(os.path.dirname(run), "obj.npz"), images=np.array([np.zeros((8, 8)), "x"], dtype=object))
+
+
+def _edit_json(path, change):
+    d = json.load(open(path))
+    change(d)
+    open(path, "w").write(json.dumps(d))
+
+
+BIG = "1000000000"
+ISSUE27_CASES = [
+    # the store owns only what it made
+    ("featurize_into_a_user_folder", lambda r: _user_files(r, "userdir", {"thesis.tmp.docx": "x", "backup.tmp": "y",
+                                                                          "notes.txt": "z"}),
+     ["featurize", "--run", R, *FEAT, "--out", f"{O}/userdir"],
+     r"userdir is not a diffusion-trak store \(it holds backup.tmp, notes.txt, thesis.tmp.docx\); nothing was changed"),
+    ("featurize_overwrite_a_web_app", lambda r: _user_files(r, "webapp", {"manifest.json": '{"name": "app"}',
+                                                                          "index.html": "<html>", "sub/data.csv": "1"}),
+     ["featurize", "--run", R, *FEAT, "--out", f"{O}/webapp", "--overwrite"],
+     r"webapp is not a diffusion-trak store \(it holds index.html, manifest.json, sub/\); nothing was changed: choose"),
+    ("featurize_over_a_web_app", lambda r: _user_files(r, "webapp", {"manifest.json": '{"name": "app"}',
+                                                                     "index.html": "<html>"}),
+     ["featurize", "--run", R, *FEAT, "--out", f"{O}/webapp"], r"webapp is not a diffusion-trak store"),
+    # nothing corrupted is scored
+    ("score_flipped_bit_in_features", lambda r: flip_bit(f"{r}/features/features_00.npy"), ["score", "--run", R],
+     r"features_00.npy rows \[0\] \(1 of 16\) do not match their checksums \(changed or damaged on disk\); rerun the "
+     r"command that wrote .*features to recompute them"),
+    ("score_flipped_bit_in_kernel", lambda r: flip_bit(f"{r}/features/kernel_00.npy", 4 * 16 * 16 + 40),
+     ["score", "--run", R], r"kernel_00.npy rows \[1\] \(1 of \d+\) do not match their checksums"),
+    ("score_flipped_bit_in_done_rows_checksums", lambda r: flip_bit(f"{r}/features/features_00.crc.npy", 8, 0),
+     ["score", "--run", R], r"features_00.npy rows \[2\] .*do not match their checksums"),
+    ("plot_flipped_bit_in_scores", lambda r: flip_bit(f"{r}/scores/seed-0/scores.npy"), ["plot", "--run", R],
+     r"seed-0/scores.npy does not match the checksum scores.json records .*--overwrite"),
+    ("plot_flipped_bit_in_destination", lambda r: flip_bit(f"{r}/scores/seed-0/destination.npy", 2),
+     ["plot", "--run", R], r"seed-0/destination.npy does not match the checksum scores.json records"),
+    ("plot_scores_of_an_older_version", lambda r: _edit_json(f"{r}/scores/seed-0/scores.json", lambda d: d.pop("checksums")),
+     ["plot", "--run", R], r"holds scores saved by an older diffusion-trak, without checksums; rerun .*--overwrite"),
+    ("score_store_of_an_older_version", lambda r: _edit_json(f"{r}/features/manifest.json",
+                                                             lambda d: d.update(format="diffusion-trak-store/1")),
+     ["score", "--run", R], r"was written by another version of diffusion-trak \(format 'diffusion-trak-store/1'.*--overwrite"),
+    ("plot_another_trajectory", _other_trajectory, ["plot", "--run", R, "--trajectory", f"{O}/t1.safetensors"],
+     r"the trajectory \(final images \w+\) is not the one the scores in .*seed-0 were computed on \(final images \w+\)"),
+    ("plot_trajectory_copied_over", lambda r: _other_trajectory(r, copy_over=True), ["plot", "--run", R],
+     r"the trajectory \(final images \w+\) is not the one the scores in .*seed-0 were computed on"),
+    # degenerate results refused
+    ("score_ridge_1e300", None, ["score", "--run", R, "-R", "1", "--ridge", "1e300", "--out", f"{O}/s"],
+     r"every score underflows to 0 with ridge 1e\+300 .*; use a smaller --ridge \(ScoreArgs\(ridge=...\)\)"),
+    ("score_ridge_1e-30_kernel_features_k_over_n", _features_kernel_k64,
+     ["score", "--run", R, "-R", "1", "--features", f"{O}/f64", "--ridge", "1e-30", "--out", f"{O}/s"],
+     r"not positive definite with ridge 1e-30 .*k = 64 features, more than the 16 training rows.*; raise --ridge"),
+    # inputs read as what they are
+    ("npz_floats_without_a_range", _npz_01_with_one_negative,
+     ["featurize", "--run", R, *FEAT, "--data", "npz", "--data-path", f"{O}/f01.npz", "--out", f"{O}/new"],
+     r"f01.npz are floats \(they span \[-0.01, 1\]\) and state no range; state it with --value-range LO HI"),
+    ("npz_values_outside_the_stated_range", _npz_01_with_one_negative,
+     ["featurize", "--run", R, *FEAT, "--data", "npz", "--data-path", f"{O}/f01.npz", "--value-range", "0", "1",
+      "--out", f"{O}/new"], r"have values in \[-0.01, 1\], outside the stated range \[0, 1\]"),
+    ("npz_object_arrays", _npz_objects,
+     ["featurize", "--run", R, *FEAT, "--data", "npz", "--data-path", f"{O}/obj.npz", "--out", f"{O}/new"],
+     r"cannot read the arrays of .*obj.npz \(ValueError: .*\); save plain numeric arrays"),
+    ("value_range_reversed", None, ["featurize", "--run", R, *FEAT, "--data", "digits", "--value-range", "1", "0"],
+     r"value_range must be two finite numbers with low < high"),
+    # sizes checked before anything is allocated or written
+    ("featurize_k_1e9", None, ["featurize", "--run", R, "-T", "2", "-k", BIG, "--out", f"{O}/new"],
+     r"featurize \(16 images, k = 1000000000, .*\) needs about [\d,.]+ GiB of (memory|disk).* is free; use a smaller -k"),
+    ("featurize_T_1e9", None, ["featurize", "--run", R, "-T", BIG, "-k", "16", "--out", f"{O}/new"],
+     r"featurize \(.*T = 1000000000.*\) needs about [\d,.]+ GiB of memory"),
+    ("featurize_kernel_draws_1e9", None, ["featurize", "--run", R, *FEAT, "--kernel-draws", BIG, "--out", f"{O}/new"],
+     r"1000000000 kernel draws.* needs about [\d,.]+ GiB of memory"),
+    ("score_R_1e9", None, ["score", "--run", R, "-R", BIG, "--out", f"{O}/s"],
+     r"score \(.*R = 1000000000.*\) needs about [\d,.]+ GiB of memory.*; use a smaller -R/--num-noises"),
+    ("score_destination_draws_1e9", None, ["score", "--run", R, "-R", "1", "--destination-draws", BIG, "--out", f"{O}/s"],
+     r"1000000000 destination draws.* needs about [\d,.]+ GiB of memory"),
+    ("generate_num_images_1e9", None, ["generate", "--run", R, "--steps", "4", "--num-images", BIG, "--out", f"{O}/t.safetensors"],
+     r"sampling 1000000000 images .* needs about [\d,.]+ GiB of memory.*; use a smaller --num-images"),
+]
+if not torch.cuda.is_available():
+    ISSUE27_CASES.append(("train_cuda_without_gpu", None, ["train", "--run", f"{O}/new-run", *TRAIN, "--device", "cuda"],
+                          r"--device cuda asks for a GPU, but CUDA is not available here; use --device cpu"))
+
+
+@pytest.mark.parametrize("name,prepare,argv,pattern", ISSUE27_CASES, ids=[c[0] for c in ISSUE27_CASES])
+def test_cli_issue27(run, capsys, name, prepare, argv, pattern):
+    test_cli_bad_input(run, capsys, name, prepare, argv, pattern)
+
+
+def test_overwrite_replaces_only_the_stores_own_files(run, template, capsys):
+    """--overwrite over a store folder that also holds a user's file: the store is replaced, the user's file kept."""
+    store = os.path.join(run, "features")
+    open(os.path.join(store, "notes.tmp"), "w").write("mine")
+    _edit_json(os.path.join(store, "manifest.json"), lambda d: d["settings"]["featurize"].update(num_timesteps=9))
+    rc, err = run_cli(["featurize", "--run", run, *FEAT, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert open(os.path.join(store, "notes.tmp")).read() == "mine"
+    files = snapshot(store)
+    del files["notes.tmp"]
+    assert files == snapshot(os.path.join(template, "run", "features"))
+
+
+def test_a_flipped_bit_in_a_score_store_is_recomputed_by_the_same_command(run, capsys):
+    out = os.path.join(run, "scores", "seed-0")
+    before = snapshot(out)
+    flip_bit(os.path.join(out, "store", "scores.npy"), 4 * 16 + 5)
+    rc, err = run_cli(["score", "--run", run, "-R", "1"], capsys)
+    assert rc == 0, err
+    assert snapshot(out) == before, "the damaged row is computed again, bit for bit"
+
+
+# ---- the Python API: the same rules, one-line exceptions, nothing written --------------------------------------
+@pytest.fixture(scope="module")
+def attr27(tmp_path_factory):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusion_trak import Attributor
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=None)
+    root = tmp_path_factory.mktemp("attr27")
+    data = load_dataset(name="digits", limit=16)
+    attr = Attributor([(unet, DDPMScheduler())], data, str(root / "run"), featurize_args=ARGS,
+                      score_args=ScoreArgs(num_noises=1, destination_draws=0), progress=False)
+    attr.featurize()
+    traj = attr.pipeline(seed=0, num_inference_steps=4, record_steps=[0, 3], show_progress=False)
+    other = attr.pipeline(seed=1, num_inference_steps=4, record_steps=[0, 3], show_progress=False)
+    scores = attr.attribute(traj)
+    return types.SimpleNamespace(attr=attr, data=data, root=root, traj=traj, other=other, scores=scores, unet=unet)
+
+
+def _with_score_args(a, **kw):
+    import dataclasses
+
+    old = a.attr.score_args
+    a.attr.score_args = dataclasses.replace(old, **kw)
+    try:
+        return a.attr.attribute(a.traj)
+    finally:
+        a.attr.score_args = old
+
+
+def _features_kernel_attr(a, ridge):
+    from diffusion_trak import Attributor
+
+    other = Attributor([(a.unet, a.attr.checkpoints[0][1])], a.data, str(a.root / "k64"),
+                       featurize_args=FeaturizeArgs(num_timesteps=2, proj_dim=64, batch_size=8, kernel="features"),
+                       score_args=ScoreArgs(num_noises=1, destination_draws=0, ridge=ridge), progress=False)
+    other.featurize()
+    return other
+
+
+X = lambda a: a.data.images[:2]  # noqa: E731
+API_CASES = [  # (name, call(a), exception, pattern)
+    ("floats_in_0_1", lambda a: a.attr.attribute((X(a) + 1) / 2), UserError,
+     r"floats without a negative value \(in \[0, 1\]\).*value_range=\(0, 1\)"),
+    ("floats_outside_the_range", lambda a: a.attr.attribute(X(a) * 2), UserError,
+     r"have values in \[-2, [\d.]+\], outside the range floats are read as \[-1, 1\]"),
+    ("16x16_for_an_8x8_model", lambda a: a.attr.attribute(torch.zeros(2, 1, 16, 16)), UserError,
+     r"the model takes 8×8 images but these are 16×16; resize them to 8×8"),
+    ("three_channels", lambda a: a.attr.attribute(X(a).expand(-1, 3, -1, -1)), UserError,
+     r"the model takes 1-channel images but these have 3"),
+    ("a_5d_tensor", lambda a: a.attr.attribute(X(a)[None]), UserError,
+     r"images must be a non-empty \(B, C, H, W\) batch or one \(C, H, W\) image, got shape \(1, 2, 1, 8, 8\)"),
+    ("a_list", lambda a: a.attr.attribute([X(a)[0]]), UserError,
+     r"attribute\(\) takes a trajectory .* or images as a \(B, C, H, W\) tensor or array, got a list"),
+    ("an_empty_batch", lambda a: a.attr.attribute(X(a)[:0]), UserError, r"non-empty .* got shape \(0, 1, 8, 8\)"),
+    ("a_string", lambda a: a.attr.attribute("image.png"), UserError, r"got a str"),
+    ("nan", lambda a: a.attr.attribute(X(a) * float("nan")), UserError, r"contain NaN or Inf"),
+    ("prompts_for_an_unconditional_model", lambda a: a.attr.attribute(X(a), prompts=["a", "b"]), UserError,
+     r"this model takes no text; drop prompts="),
+    ("class_labels_for_an_unconditional_model", lambda a: a.attr.attribute(X(a), class_labels=[1, 2]),
+     UserError, r"this model is not class-conditional; drop class_labels="),
+    ("report_target_past_the_batch", lambda a: a.attr.report(a.scores, a.traj, target=9), UserError,
+     r"target must be between 0 and 0 \(the scores are of 1 images\), got 9"),
+    ("report_another_trajectory", lambda a: a.attr.report(a.scores, a.other), UserError,
+     r"the trajectory \(final images \w+\) is not the one these scores were computed on"),
+    ("ridge_1e300", lambda a: _with_score_args(a, ridge=1e300), UserError, r"every score underflows to 0 with ridge 1e\+300"),
+    ("ridge_1e-30_features_kernel", lambda a: _features_kernel_attr(a, 1e-30).attribute(a.traj), UserError,
+     r"not positive definite with ridge 1e-30"),
+    ("batch_of_1e9_images", lambda a: a.attr.pipeline(batch_size=10**9, num_inference_steps=4, show_progress=False),
+     UserError, r"sampling 1000000000 images .* needs about [\d,.]+ GiB of memory"),
+]
+
+
+@pytest.mark.parametrize("name,call,error,pattern", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_issue27(attr27, name, call, error, pattern):
+    if name == "ridge_1e-30_features_kernel":
+        _features_kernel_attr(attr27, 1e-30)  # its features first: they are not what is checked
+    before = snapshot(str(attr27.root))
+    with pytest.raises(error, match=pattern) as info:
+        call(attr27)
+    assert "\n" not in str(info.value), "errors are one line"
+    assert snapshot(str(attr27.root)) == before, "nothing written or changed"
+
+
+def test_api_uint8_images_are_read_as_0_255(attr27):
+    x = X(attr27)
+    as_uint8 = torch.round((x + 1) * 127.5).to(torch.uint8)
+    a = attr27.attr.attribute(as_uint8)
+    b = attr27.attr.attribute(as_uint8.float() / 127.5 - 1)
+    assert np.array_equal(a.values, b.values)
+    c = attr27.attr.attribute((x + 1) / 2, value_range=(0, 1))  # a stated range
+    assert np.allclose(c.values, attr27.attr.attribute(x).values, atol=1e-5)
