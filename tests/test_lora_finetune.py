@@ -128,6 +128,11 @@ def test_readme_lora_example_from_python_and_the_cli(workdir, monkeypatch, capsy
     assert main(argv + ["--out", str(root / "scores-other")]) == 2
     assert "this LoRA adapter (fingerprint" in capsys.readouterr().err
     assert not os.path.exists(root / "scores-other")
+    # and featurize again over the same features with it refuses: the adapter's fingerprint is in the settings
+    argv = [a if a != "my-lora/" else "other-lora/" for a in commands[0]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "made with other settings" in err and "lora" in err and "--overwrite" in err
 
 
 def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_written(workdir, tmp_path, capsys):
