@@ -388,6 +388,8 @@ _SCRIPT = r"""
       var dp = $("dest-pro"), dn = $("dest-opp");
       dp.replaceChildren(); dn.replaceChildren();
       $("dest-fig").replaceChildren(img(T.final, "big", "final image"), el("figcaption", null, "final image"));
+      $("dest-meaning").replaceChildren(el("div", null, T.dest.meaning.sign),
+                                        el("div", T.dest.meaning.flat ? "flat" : null, T.dest.meaning.spread));
       ranked("dest-pro", T.dest.pro, true);
       ranked("dest-opp", T.dest.opp, false);
     }
@@ -442,7 +444,7 @@ def write_page(out_html, data: dict) -> str:
         '<section id="destination" hidden><h2>Destination <span class="muted">(the final image, its target '
         'averaged over the whole range of timesteps)</span></h2><div class="row">'
         '<figure id="dest-fig"></figure>'
-        '<div><h3 id="dest-pro-head"></h3><div id="dest-pro" class="cells"></div>'
+        '<div><div id="dest-meaning" class="meaning"></div><h3 id="dest-pro-head"></h3><div id="dest-pro" class="cells"></div>'
         '<h3 id="dest-opp-head"></h3><div id="dest-opp" class="cells"></div></div></div></section>',
         '<h2>How the attribution moves</h2><div id="charts" class="charts"></div>',
         '<section id="evidence" hidden></section>',

@@ -159,7 +159,8 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
             # the destination: the final image attributed with its target over the whole range of timesteps
             "dest": None if dest is None else {
                 "pro": [[int(i), float(v), format_score(v)] for i, v in zip(dest[0][b], dest[1][b])],
-                "opp": [[int(i), float(v), format_score(v)] for i, v in zip(dest[2][b], dest[3][b])]},
+                "opp": [[int(i), float(v), format_score(v)] for i, v in zip(dest[2][b], dest[3][b])],
+                "meaning": score_meaning(scores.destination[b], k)},
             "overlap": stats.topk_overlap(pro).tolist(),
             "share": stats.label_shares(pro, label_of, len(names)).tolist(),
             "nearest": [{"index": int(i), "entry": e} for i, e in zip(nearest[b], stats.first_entry_steps(pro, nearest[b]))],

@@ -62,6 +62,7 @@ def shown(browser):
                              cap: p ? p.textContent : null}; })};
       });
       out.meaning = document.getElementById("meaning").textContent;
+      out.destMeaning = document.getElementById("dest-meaning").textContent;
       return out; })()""")
 
 
@@ -76,7 +77,7 @@ def walk(browser, html, dataset, sj):
             browser.js(f"(function(){{var e=document.getElementById('step'); e.value={s}; "
                        "e.dispatchEvent(new Event('input'));})()")
             page = shown(browser)
-            assert page["meaning"]
+            assert page["meaning"] and page["destMeaning"]
             named = {e["index"]: e for e in sj["top"][s][b]["proponents"] + sj["top"][s][b]["lowest"]}
             for sec in SECTIONS:
                 head, cells = page[sec]["head"], page[sec]["cells"]
