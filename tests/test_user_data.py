@@ -143,3 +143,19 @@ def test_attribute_saves_its_scores_under_the_run_folder(tmp_path, folders):
     a = attr.attribute(px, prompts=["a photo of a digit0"])
     b = attr.attribute(px, prompts=["a photo of a digit1"])
     assert len(os.listdir(tmp_path / "run" / "scores")) == 3 and not np.array_equal(a.values, b.values)
+
+
+def test_images_of_a_text_model_without_prompts_refused_alike(tmp_path, folders, capsys):
+    run = str(tmp_path / "run")
+    data = ["--data", "folder", "--data-path", folders["imgs"]]
+    assert main(["featurize", "--pipeline", folders["sd"], "--run", run, "-T", "2", "-k", "16", "--kernel-draws", "2"]
+                + data) == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(["score", "--pipeline", folders["sd"], "--run", run, "--images", folders["imgs"]]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    attr = Attributor.from_pretrained(folders["sd"], folders["imgs"], run, featurize_args=FARGS)
+    with pytest.raises(InputError) as e:
+        attr.attribute(attr.dataset.images[:2])
+    assert line == [f"diffusion-trak score: error: {e.value}"] and "--prompt" in str(e.value)
+    assert snapshot(tmp_path) == before
