@@ -43,10 +43,14 @@ class TargetCache:
         if h in self.memory:
             return self.memory[h]
         path = os.path.join(self.folder, f"{h}.npz") if self.folder else None
+        arrays = None
         if path and os.path.exists(path):
-            with np.load(path) as z:
-                arrays = {name: z[name] for name in z.files}
-        else:
+            try:  # a zip member whose CRC-32 does not match (a flipped bit) raises: the entry is computed again
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {name: z[name] for name in z.files}
+            except Exception:  # noqa: BLE001 - any damage of the cache's own file
+                arrays = None
+        if arrays is None:
             arrays = compute()
             if path:
                 from .store import make_dirs, write_json_atomic

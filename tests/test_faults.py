@@ -191,3 +191,21 @@ def test_a_healthy_store_on_a_read_only_file_system_is_not_called_damaged(tmp_pa
     assert rc == 2 and len(err) == 1, err
     assert "(Read-only file system); the store is intact" in err[0] and "--overwrite" not in err[0], err
     assert snapshot(feats) == before
+
+
+def test_a_damaged_target_cache_entry_is_computed_again(tmp_path):
+    from diffusion_trak.target_cache import TargetCache
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"steps": np.arange(1000, dtype=np.float32)}
+
+    TargetCache(str(tmp_path)).get({"k": 1}, compute)
+    path = next(str(p) for p in tmp_path.iterdir() if p.suffix == ".npz")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 8  # one bit of the array (the zip member's CRC-32 no longer matches)
+    open(path, "wb").write(data)
+    got = TargetCache(str(tmp_path)).get({"k": 1}, compute)
+    assert len(calls) == 2 and np.array_equal(got["steps"], np.arange(1000, dtype=np.float32))
