@@ -129,6 +129,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     model, class-conditional on the dataset's labels when its unet has a class embedding.
     ``rows`` restricts the work to some dataset positions (a shard); the store stays shared."""
     ckpts = as_checkpoints(checkpoints, device)
+    check_params(ckpts, args)
     if len(dataset) == 0:
         raise InputError("dataset is empty; check --classes/--limit")
     conditioning = conditioning or Conditioning()
@@ -214,6 +215,19 @@ def _check_featurize_size(args: FeaturizeArgs, dataset, num_ckpts: int, out: str
                     + (f", {args.kernel_draws} kernel draws" if ggn else "") + f", batch size {args.batch_size})",
                     "use a smaller -k/--proj-dim, -T/--num-timesteps, --kernel-draws or --batch-size "
                     "(FeaturizeArgs), or free space", memory, disk, out, device)
+
+
+NO_ADAPTER = ("--params lora (FeaturizeArgs(params='lora')) needs a LoRA adapter and this model has none; pass "
+              "--lora PATH (lora= in Python): the folder or pytorch_lora_weights.safetensors that diffusers' LoRA "
+              "training writes, or use --params all")
+
+
+def check_params(ckpts, args: FeaturizeArgs) -> None:
+    """Refuse (one line, the CLI's advice) ``params="lora"`` for checkpoints without an active LoRA adapter."""
+    from .featurize.gradients import lora_parameter_names
+
+    if args.params == "lora" and not all(lora_parameter_names(u) for u, _ in ckpts):
+        raise InputError(NO_ADAPTER)
 
 
 def kernel_args(args: FeaturizeArgs) -> FeaturizeArgs:

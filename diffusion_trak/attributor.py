@@ -42,9 +42,6 @@ __all__ = ["Attributor"]
 #: samplers whose ``step`` returns ``pred_original_sample`` (what the per-step targets re-noise)
 _RECORDING_SAMPLERS = ("DDPMScheduler", "DDIMScheduler")
 
-NO_ADAPTER = ("--params lora (FeaturizeArgs(params='lora')) needs a LoRA adapter and this model has none; pass "
-              "--lora PATH (lora= in Python): the folder or pytorch_lora_weights.safetensors that diffusers' LoRA "
-              "training writes, or use --params all")
 
 
 class Attributor:
@@ -216,8 +213,7 @@ class Attributor:
         """TRAK features of every training image for every checkpoint (:func:`diffusion_trak.api.featurize`);
         a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
         computes its share."""
-        if self.featurize_args.params == "lora" and not self.has_adapter:  # before latents/ is written
-            raise InputError(NO_ADAPTER)
+        api.check_params(self.checkpoints, self.featurize_args)  # before latents/ is written
         fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
         self._features = fs

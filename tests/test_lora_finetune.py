@@ -137,7 +137,7 @@ def test_readme_lora_example_from_python_and_the_cli(workdir, monkeypatch, capsy
 
 def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_written(workdir, tmp_path, capsys):
     from diffusion_trak import Attributor
-    from diffusion_trak.attributor import NO_ADAPTER
+    from diffusion_trak.api import NO_ADAPTER, featurize
     from diffusion_trak.config import FeaturizeArgs
     from diffusion_trak.errors import CheckpointError, InputError
 
@@ -174,6 +174,10 @@ def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_wri
     with pytest.raises(InputError) as e:
         Attributor.from_pretrained(str(root / "my-sd-base"), str(root / "my_images"), run,
                                    featurize_args=FeaturizeArgs(params="lora")).featurize()
+    assert str(e.value) == NO_ADAPTER
+    with pytest.raises(InputError) as e:  # and api.featurize, the same
+        featurize([(pipe.unet.__class__.from_pretrained(str(root / "my-sd-base" / "unet")), pipe.scheduler)], None,
+                  FeaturizeArgs(params="lora"), out=run)
     assert str(e.value) == NO_ADAPTER
     assert not os.path.exists(run)
     # an adapter path that is not one
