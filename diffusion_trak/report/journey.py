@@ -91,7 +91,7 @@ def _named(dataset, p: int) -> dict:
     return {"name": str(d["source"]), "caption": None if d["caption"] is None else str(d["caption"])}
 
 
-def score_meaning(values, k: int) -> dict:
+def score_meaning(values, k: int, what: str = "this step's prediction") -> dict:
     """What the scores of one target at one step say, as text the page shows: their sign (how many training
     images pull toward the step's prediction, how many push away) and how flat the ranking is: the gap between the
     mean of the top-k and the median, in standard deviations of all scores (``flat`` below 1)."""
@@ -102,9 +102,9 @@ def score_meaning(values, k: int) -> dict:
     sd, med = float(v.std()), float(np.median(v))
     gap = (float(top.mean()) - med) / sd if sd > 0 else 0.0
     kind = "nearly flat" if gap < 1 else "moderately peaked" if gap < 3 else "peaked"
-    sign = (f"all {n} scores are positive: every training image pulls toward this step's prediction, none opposes it"
-            if neg == 0 else f"{neg} of {n} scores are negative (opponents: they push away from this step's "
-            f"prediction), {n - neg} positive (proponents pull toward it)")
+    sign = (f"all {n} scores are positive: every training image pulls toward {what}, none opposes it"
+            if neg == 0 else f"{neg} of {n} scores are negative (opponents: they push away from {what}), "
+            f"{n - neg} positive (proponents pull toward it)")
     spread = (f"scores from {format_score(v.min())} to {format_score(v.max())}, median {format_score(med)}, standard "
               f"deviation {sd:.1e}; the top-{k} stand {gap:.1f} standard deviations above the median: a {kind} ranking")
     return {"sign": sign, "spread": spread, "negative": neg, "gap": round(gap, 3), "flat": bool(gap < 1)}
@@ -160,7 +160,7 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
             "dest": None if dest is None else {
                 "pro": [[int(i), float(v), format_score(v)] for i, v in zip(dest[0][b], dest[1][b])],
                 "opp": [[int(i), float(v), format_score(v)] for i, v in zip(dest[2][b], dest[3][b])],
-                "meaning": score_meaning(scores.destination[b], k)},
+                "meaning": score_meaning(scores.destination[b], k, "the final image")},
             "overlap": stats.topk_overlap(pro).tolist(),
             "share": stats.label_shares(pro, label_of, len(names)).tolist(),
             "nearest": [{"index": int(i), "entry": e} for i, e in zip(nearest[b], stats.first_entry_steps(pro, nearest[b]))],
