@@ -78,9 +78,12 @@ class Attributor:
                                                           and isinstance(checkpoints[0], torch.nn.Module)):
             checkpoints = [checkpoints]
         self.device, self.out, self.overwrite, self.progress = device, os.fspath(out), overwrite, progress
-        self.checkpoints = as_checkpoints(checkpoints, device)
+        # the modules live on the device (moved in place, as the text encoder is); data and results on the CPU
+        self.checkpoints = [(unet.to(device), sched) for unet, sched in as_checkpoints(checkpoints, device)]
         self.components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
         self.conditioning = conditioning or conditioning_of(self.components, captions, caption_mode, device)
+        if self.conditioning.vae is not None:  # encodes the training images, decodes what pipeline() samples
+            self.conditioning.vae.to(device)
         self.sampler = sampler if sampler is not None else self.checkpoints[-1][1]
         # an adapter given (lora=, or one loaded into the unet): features over its parameters by default
         self.featurize_args = featurize_args or FeaturizeArgs(params="lora" if self.has_adapter else "all")

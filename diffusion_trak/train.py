@@ -218,7 +218,7 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
         shutil.rmtree(run_dir)
     check_run_meta(run_dir, run_meta(dataset, args))
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=(device == "cpu"))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=(str(device) == "cpu"))
     torch.manual_seed(args.initial_seed())
     num_classes = None
     if args.class_conditional:
