@@ -217,8 +217,10 @@ class LatentTrajectoryPipeline(TrajectoryPipeline):
                              max_length=max_length or self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
         cfg = getattr(self.text_encoder, "config", None)
-        mask = enc.attention_mask.to(device) if getattr(cfg, "use_attention_mask", False) else None
-        emb = self.text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
+        weight = next(self.text_encoder.parameters(), None)  # the ids go where the text encoder is
+        tdev = device if weight is None else weight.device
+        mask = enc.attention_mask.to(tdev) if getattr(cfg, "use_attention_mask", False) else None
+        emb = self.text_encoder(enc.input_ids.to(tdev), attention_mask=mask)[0]
         return emb.to(dtype=self.text_encoder.dtype, device=device)
 
     def _uses_guidance(self, guidance_scale: float) -> bool:
