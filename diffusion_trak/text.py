@@ -310,8 +310,12 @@ class TextConditioner:
         if todo:
             enc = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt")
-            mask = enc.attention_mask.to(self.device) if self.use_attention_mask else None
-            out = self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
+            # the ids go where the encoder is now: "cuda" may name another GPU by now (accelerate launch sets
+            # each process's), and an encoder shared with another conditioner or Attributor may have moved
+            weight = next(self.text_encoder.parameters(), None)
+            dev = self.device if weight is None else weight.device
+            mask = enc.attention_mask.to(dev) if self.use_attention_mask else None
+            out = self.text_encoder(enc.input_ids.to(dev), attention_mask=mask)[0]
             for p, e in zip(todo, out.float().cpu()):
                 self._cache[p] = e
         return torch.stack([self._cache[p] for p in prompts])
