@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -40,7 +39,7 @@ from .data import ImageDataset
 from .errors import InputError, LatentError
 from .featurize.featurizer import model_fingerprint, seed_for
 from .models import load_checkpoint, unet_conditioning
-from .store import Store, StoreError, write_json_atomic
+from .store import Store, StoreError, clear_own, write_json_atomic
 from .text import CaptionSet, TextConditioner
 
 __all__ = ["VAEArgs", "LatentTrainArgs", "LatentDataset", "LatentError", "build_vae", "train_vae", "load_vae",
@@ -190,9 +189,9 @@ def train_vae(dataset, args: VAEArgs = VAEArgs(), out_dir: str = "vae", progress
                               "use --overwrite or another --out")
         if old == meta and os.path.exists(done) and not overwrite:
             return load_vae(out_dir, device)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
+    clear_own(out_dir, r"vae_args\.json(\.tmp\d+)?|done|config\.json|diffusion_pytorch_model\.(safetensors|bin)",
+              "VAE training")
+    os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(meta_path, meta)
 
     torch.manual_seed(args.seed)
@@ -421,7 +420,7 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
     a new one. Rerunning with the same ``run_dir`` resumes from the last finished checkpoint."""
     from accelerate import Accelerator
 
-    from .train import build_scheduler, checkpoint_epochs, fit, list_checkpoints, make_optimizer, resume
+    from .train import TRAINED_FILES, build_scheduler, checkpoint_epochs, fit, list_checkpoints, make_optimizer, resume
 
     if len(latents) == 0:
         raise InputError("cannot train on an empty dataset; check --classes/--limit")
@@ -431,8 +430,8 @@ def train_latent_unet(latents: LatentDataset, args: LatentTrainArgs, run_dir: st
                           "dataset with captions=")
     if kind == "class" and latents.labels is None:
         raise LatentError("class conditioning needs a dataset with labels")
-    if overwrite and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
+    if overwrite:
+        clear_own(run_dir, TRAINED_FILES, "training")
     os.makedirs(run_dir, exist_ok=True)
     meta = {"train": asdict(args), "latents": latents.fingerprint(), "num_examples": len(latents),
             "conditioning": kind, "text": text.fingerprint() if kind == "text" else None,

@@ -123,7 +123,10 @@ def check_resources(what: str, fix: str, memory: int = 0, disk: int = 0, folder:
         probe = os.path.abspath(folder)
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
-        have = shutil.disk_usage(probe).free
+        usage = shutil.disk_usage(probe)
+        if usage.total == 0:  # a pseudo file system (/proc): creating the folder will fail, with its own message
+            return
+        have = usage.free
         if os.path.isdir(folder):
             have += sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
                         if _STORE_NAME.fullmatch(n) and os.path.isfile(os.path.join(folder, n)))
@@ -418,6 +421,25 @@ def _clear(root: str, manifest: Optional[dict]) -> None:
         own = _is_own(name, _own_files(manifest)) if manifest is not None else _STORE_NAME.fullmatch(name)
         if own and os.path.isfile(os.path.join(root, name)):
             os.remove(os.path.join(root, name))
+
+
+def clear_own(root: str, own: str, what: str, delete: bool = True) -> None:
+    """Delete what a command wrote in the folder ``root``: every entry, all of whose names fully match the regular
+    expression ``own``; if ``root`` holds anything else, refuse in one line naming it, deleting nothing
+    (``delete=False``: only that check)."""
+    if not os.path.isdir(root):
+        return
+    names = os.listdir(root)
+    foreign = [n for n in names if not re.fullmatch(own, n)]
+    if foreign:
+        raise StoreError(f"{root} holds files that {what} did not write ({_describe(root, foreign)}); nothing was "
+                         "deleted: move them away, or choose another folder")
+    for name in names if delete else ():
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _remove_leftovers(root: str, manifest: dict) -> None:

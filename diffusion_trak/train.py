@@ -191,6 +191,11 @@ def check_run_meta(run_dir: str, meta: dict, fix: str = "use --overwrite or anot
         write_json_atomic(os.path.join(run_dir, "train_args.json"), meta)
 
 
+#: what training writes in its folder (``ckpt-XXXX/``, ``train_args.json`` and its temporary names): all that
+#: ``--overwrite`` deletes there
+TRAINED_FILES = r"ckpt-\d+|train_args\.json(\.tmp\d+)?"
+
+
 def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = False,
                    fix: str = "use --overwrite or another --out") -> None:
     """Every check of :func:`train_ddpm`, writing nothing: call it before writing anything of a run."""
@@ -202,6 +207,10 @@ def check_training(dataset, args: TrainArgs, run_dir: str, overwrite: bool = Fal
         raise InputError(f"{run_dir} is a file, not a folder; choose another --run")
     if not overwrite:
         check_run_meta(run_dir, run_meta(dataset, args), fix, write=False)
+    else:  # --overwrite deletes what training wrote there, and nothing else
+        from .store import clear_own
+
+        clear_own(run_dir, TRAINED_FILES, "training", delete=False)
 
 
 def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, device=None,
@@ -213,9 +222,10 @@ def train_ddpm(dataset, args: TrainArgs, run_dir: str, progress: bool = True, de
     from accelerate import Accelerator
 
     check_training(dataset, args, run_dir, overwrite)
-    if overwrite and os.path.isdir(run_dir):
-        import shutil
-        shutil.rmtree(run_dir)
+    if overwrite:
+        from .store import clear_own
+
+        clear_own(run_dir, TRAINED_FILES, "training")
     check_run_meta(run_dir, run_meta(dataset, args))
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=(str(device) == "cpu"))
