@@ -128,6 +128,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     (``dataset`` is encoded to latents unless it already is), a text model and captions; by default a pixel
     model, class-conditional on the dataset's labels when its unet has a class embedding.
     ``rows`` restricts the work to some dataset positions (a shard); the store stays shared."""
+    distributed.state()  # under accelerate launch: this process's GPU is "cuda" before any module is placed
     ckpts = as_checkpoints(checkpoints, device)
     check_params(ckpts, args)
     if len(dataset) == 0:

@@ -168,8 +168,10 @@ def _device(ns):
     """``--device``, checked (a device type torch knows, and a CUDA device that exists), else cuda if available."""
     import torch
 
+    from . import distributed
     from .errors import UserError
 
+    distributed.state()  # under accelerate launch: from here on "cuda" names this process's GPU (accelerate sets it)
     if not ns.device:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
