@@ -14,7 +14,7 @@ flag is unset; rows are deterministic functions of their index, so the result is
 uninterrupted run. Files are fully allocated on creation, so a full disk fails at once with a
 clear message instead of in the middle of a write.
 
-Three rules keep what is stored safe:
+These rules keep what is stored safe:
 
 - **Reads never write.** :meth:`Store.open_existing` (and every store after :meth:`Store.close`) opens
   files read-only; a missing or damaged file is an error naming ``--overwrite``, never recreated.
