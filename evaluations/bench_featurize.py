@@ -2,7 +2,7 @@
 
     python -m diffusion_trak.evaluations.bench_featurize                      # ~1.1M UNet, 16×16, k=2048, T=10 and T=1
     python -m diffusion_trak.evaluations.bench_featurize --cifar              # + DDPM CIFAR-10 UNet (36M, 32×32), ratio only
-    python -m diffusion_trak.evaluations.bench_featurize --ops --cifar        # + torch ops per call at B and 4B examples
+    python -m diffusion_trak.evaluations.bench_featurize --ops --cifar        # only: torch ops per call at B and 4B examples
     python -m diffusion_trak.evaluations.bench_featurize --fidelity           # + Spearman vs exact-gradient TRAK scores
     python -m diffusion_trak.evaluations.bench_featurize --only-fidelity --checkpoint runs/x/ckpt-0003
     python -m diffusion_trak.evaluations.bench_featurize --lds runs/eval-digits   # LDS: exact vs dense JL vs fast, 3 seeds
@@ -728,7 +728,8 @@ def main(argv=None):
                     help="CPU: rows of the p×k matrix to time the projection on (extrapolated to p)")
     ap.add_argument("--skip-small", action="store_true", help="skip the ~1M UNet throughput benchmark")
     ap.add_argument("--ops", action="store_true",
-                    help="count the torch ops per default featurize call at B and 4B examples (the ~1M UNet, and CIFAR with --cifar)")
+                    help="only count the torch ops per default featurize call at B and 4B examples (the ~1M UNet unless "
+                         "--skip-small, and CIFAR with --cifar); no timing")
     ap.add_argument("--fidelity", action="store_true", help="also the fidelity check (trains a small UNet unless --checkpoint)")
     ap.add_argument("--only-fidelity", action="store_true")
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder for the fidelity check")
@@ -758,6 +759,7 @@ def main(argv=None):
             r = bench_ops(make(), shape, a.device)
             print_ops(title, r)
             results[f"{name}_ops"] = r
+        only = True
     if not (only or a.skip_small):
         for T in a.timesteps:
             r = bench_throughput(small_unet(), (1, 16, 16), a.batch, T, a.k, a.device, a.repeats, a.cache_limit_gb)
