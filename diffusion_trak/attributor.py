@@ -317,6 +317,9 @@ class Attributor:
 
         target = getattr(target, "trajectory", target)
         images = None if hasattr(target, "x0_pred") else self._target_images(target, value_range, prompts, class_labels)
+        if images is None and (prompts is not None or class_labels is not None or value_range is not None):
+            raise InputError("a trajectory carries its generation's own images, prompt and labels; drop "
+                             "prompts=/class_labels=/value_range= (they are for images)")
         if out is None and save:
             if hasattr(target, "x0_pred"):
                 name = f"seed-{target.seed}-{digest(torch.as_tensor(target.final).float())[:8]}"

@@ -752,6 +752,8 @@ API_CASES = [  # (name, call(a), exception, pattern)
      r"this model takes no text; drop prompts="),
     ("class_labels_for_an_unconditional_model", lambda a: a.attr.attribute(X(a), class_labels=[1, 2]),
      UserError, r"this model is not class-conditional; drop class_labels="),
+    ("prompts_with_a_trajectory", lambda a: a.attr.attribute(a.traj, prompts=["a"]), UserError,
+     r"a trajectory carries its generation's own images, prompt and labels; drop prompts="),
     ("report_target_past_the_batch", lambda a: a.attr.report(a.scores, a.traj, target=9), UserError,
      r"target must be between 0 and 0 \(the scores are of 1 images\), got 9"),
     ("report_another_trajectory", lambda a: a.attr.report(a.scores, a.other), UserError,
