@@ -502,6 +502,14 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
             cond = Conditioning.of_trajectory(trajectory)
         targets = TargetSet.from_trajectory(trajectory, steps)
     elif images is not None:
+        cfg = ckpts[0][0].config  # images in the unet's space (pixels, or a latent model's latents)
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        shape = tuple(getattr(images, "shape", ()))
+        if not isinstance(images, torch.Tensor) or len(shape) != 4 or not shape[0] or shape[1] != cfg.in_channels \
+                or (size and shape[2:] != (size, size)):
+            raise InputError(f"images must be a non-empty (B, {cfg.in_channels}, {size}, {size}) tensor, what the unet "
+                             f"takes, got {type(images).__name__} {list(shape)}; Attributor.attribute() converts "
+                             "and checks images of any source")
         check_finite(images, "target images")
         n_t = int(fset["num_train_timesteps"][0])
         bad = [int(t) for t in image_timesteps if not 0 <= int(t) < n_t]

@@ -785,3 +785,14 @@ def test_api_uint8_images_are_read_as_0_255(attr27):
     assert np.array_equal(a.values, b.values)
     c = attr27.attr.attribute((x + 1) / 2, value_range=(0, 1))  # a stated range
     assert np.allclose(c.values, attr27.attr.attribute(x).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("images", [torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 16, 16), torch.zeros(1, 2, 1, 8, 8),
+                                    torch.zeros(0, 1, 8, 8), [torch.zeros(1, 8, 8)]],
+                         ids=["channels", "size", "5d", "empty", "list"])
+def test_api_score_checks_images_against_the_unet(setup, images):
+    before = snapshot(str(setup.tmp))
+    with pytest.raises(UserError, match=r"images must be a non-empty \(B, 1, 8, 8\) tensor, what the unet takes, got "):
+        api.score(setup.fs, [(setup.unet, setup.scheduler)], setup.data.indices.numpy(), ScoreArgs(num_noises=1),
+                  images=images, progress=False)
+    assert snapshot(str(setup.tmp)) == before
