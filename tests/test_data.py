@@ -264,3 +264,27 @@ def test_fmnist_debian():
     assert small.image_shape == (1, 16, 16) and len(small) == 40
     assert set(small.labels.tolist()) <= {0, 9}
     assert torch.equal(small.labels, test.labels[small.indices])
+
+
+def test_one_rule_for_image_values_of_8_and_16_bit_files_and_float_files(tmp_path):
+    """8-bit files are 0..255, 16-bit ones 0..65535, float ones state their range (issue 27); nothing is guessed."""
+    from diffusion_trak.data import DataError
+
+    a16 = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    (tmp_path / "w").mkdir()
+    Image.fromarray(a16).save(tmp_path / "w" / "a.png")
+    ds = load_dataset(DataArgs(name="folder", path=str(tmp_path / "w")))
+    assert torch.allclose(ds.images[0, 0], torch.from_numpy(a16 / 65535.0 * 2 - 1).float(), atol=1e-6)
+    a8 = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    (tmp_path / "e").mkdir()
+    Image.fromarray(a8).save(tmp_path / "e" / "a.png")
+    ds = load_dataset(DataArgs(name="folder", path=str(tmp_path / "e")))
+    assert torch.allclose(ds.images[0, 0], torch.from_numpy(a8 / 127.5 - 1).float(), atol=1e-6)
+    with pytest.raises(DataError, match=r"have values in \[0, 252\], outside the stated range \[0, 1\]"):
+        load_dataset(DataArgs(name="folder", path=str(tmp_path / "e"), value_range=(0, 1))).images
+    from diffusion_trak.data import _decode  # float images (PIL mode F, e.g. from a datasets column) state their range
+
+    f = Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
+    with pytest.raises(DataError, match=r"are floats \(they span \[0, 1\]\) and state no range"):
+        _decode(f, "L", None)
+    assert torch.allclose(_decode(f, "L", None, (0, 1))[0], torch.linspace(-1, 1, 64).reshape(8, 8), atol=1e-6)
