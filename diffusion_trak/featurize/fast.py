@@ -24,11 +24,12 @@ This path never forms the ``p``-dimensional gradient:
      unfolded patches and a batched matmul, whichever :func:`conv_kernel` picks for the shapes and device;
    - ``GroupNorm`` / ``LayerNorm``: weight ``Σ g · x̂`` with ``x̂`` the normalised input, bias ``Σ g``;
    - ``Embedding``: the output gradient scattered onto the looked-up rows (sketched sparsely).
-3. The layer's ``B × p_layer`` block is sketched at once into the ``B × k`` features by a sparse JL
-   projection (:class:`~diffusion_trak.featurize.sketch.CountSketchProjector`) over the coordinates the
-   layer occupies in the flattened parameter vector (``model.named_parameters()`` order, as in the
-   reference), and freed. Extra memory: one layer's ``B × p_layer`` block at a time, plus the sketch
-   tables (17 bytes per parameter); no ``B × p`` buffer and no ``p × k`` matrix.
+3. The layer's ``B × p_layer`` block is sketched at once, by one ``index_add_`` into a ``B × 2k`` signed
+   accumulator that the pass turns into the ``B × k`` features at its end, by a sparse JL projection
+   (:class:`~diffusion_trak.featurize.sketch.CountSketchProjector`) over the coordinates the layer occupies in
+   the flattened parameter vector (``model.named_parameters()`` order, as in the reference), and freed. Extra
+   memory: one layer's ``B × p_layer`` block at a time, plus the sketch tables (13 bytes per parameter); no
+   ``B × p`` buffer and no ``p × k`` matrix.
 
 So the features are ``S · g_i`` with ``g_i`` exactly the reference gradient and ``S`` a CountSketch:
 an unbiased JL projection with the same inner-product variance as the dense Rademacher one (see
@@ -185,7 +186,7 @@ class FastGradientSketch:
         return self._slices[key]
 
     def _add(self, lo, n, values):
-        self.projector.add_(self._out, lo, values, self._cache(lo, n))
+        self.projector.add_(self._acc, lo, values, self._cache(lo, n))
 
     def _forward_hook(self, layer: _Layer, module, inputs, kwargs, output):
         if not inputs:
@@ -234,7 +235,7 @@ class FastGradientSketch:
             if mod.padding_idx is not None:
                 gv = gv * (idx != mod.padding_idx).unsqueeze(-1)
             coords = lo + idx.unsqueeze(-1) * D + torch.arange(D, device=idx.device)
-            self.projector.add_scattered_(self._out, coords, gv)
+            self.projector.add_scattered_(self._acc, coords, gv)
         return None
 
     def _group_norm(self, layer: _Layer, x, g, B, T):
@@ -363,7 +364,7 @@ class FastGradientSketch:
         B, T = timesteps.shape
         xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self._out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
+        self._acc = self.projector.accumulator(B, dev)  # the hooks add every layer's signed values into it
         self._BT = (B, T)
         handles = [l.module.register_forward_hook(functools.partial(self._forward_hook, l), with_kwargs=True)
                    for l in self.layers]
@@ -390,8 +391,8 @@ class FastGradientSketch:
                 h.remove()
             for p in params:
                 p.requires_grad_(True)
-        out, self._out = self._out, None
-        return out
+        acc, self._acc = self._acc, None
+        return self.projector.finish(acc)
 
     def _self_check(self, sketches, x0, timesteps, noises, cond, output, cond_per_timestep):
         """Once, on probe rows: Σ_i S g_i (``sketches`` of those rows) must equal S (Σ_i g_i), the latter from one

@@ -102,17 +102,17 @@ def test_countsketch_slices_scatter_and_matrix_agree():
     for nnz in (1, 3):
         P = CountSketchProjector(p, k, 2, nnz=nnz)
         full = P(x)
-        out = torch.zeros(5, k)
+        acc = P.accumulator(5)
         for lo, hi in ((0, 1000), (1000, 1001), (1001, p)):
-            P.add_(out, lo, x[:, lo:hi])
-        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+            P.add_(acc, lo, x[:, lo:hi])
+        torch.testing.assert_close(P.finish(acc), full, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close((x.double() @ P.matrix()).float(), full, rtol=1e-5, atol=1e-5)
         # per-row coordinate lists (sparse gradients)
         coords = torch.tensor([[3, 7, 2999], [0, 0, 5]])
         vals = torch.tensor([[1.0, -2.0, 0.5], [1.0, 1.0, 3.0]])
         dense = torch.zeros(2, p)
         dense.scatter_add_(1, coords, vals)
-        got = P.add_scattered_(torch.zeros(2, k), coords, vals)
+        got = P.finish(P.add_scattered_(P.accumulator(2), coords, vals))
         torch.testing.assert_close(got, P(dense), rtol=1e-5, atol=1e-5)
 
 
