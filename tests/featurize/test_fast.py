@@ -335,3 +335,18 @@ def test_ops_per_call_do_not_grow_with_the_examples(scheduler):
     for T, small, large in ((2, 2, 8), (1, 4, 16)):
         counts = [count_ops(lambda B=B: fz.features(x0[:B], ts[:B, :T], ns[:B, :T])) for B in (small, large)]
         assert counts[1] <= 1.25 * counts[0], (T, counts)
+
+
+def test_rows_per_pass_rule(monkeypatch):
+    """On CPU: the CPU budget's rows, but at least CPU_MIN_ROWS while they fit the machine's share; a set
+    ACTIVATION_BUDGET overrides both. A function of the hardware and the row size only."""
+    from diffusion_trak.featurize import fast as fast_mod
+
+    monkeypatch.setattr(fast_mod, "_total_memory", lambda: 16 * 2 ** 30)  # 1 GiB share
+    MiB = 2 ** 20
+    assert fast_mod.rows_per_pass("cpu", 1 * MiB) == 256  # small rows: the 256 MiB budget
+    assert fast_mod.rows_per_pass("cpu", 45 * MiB) == 16  # large rows: at least 16 within the share
+    assert fast_mod.rows_per_pass("cpu", 200 * MiB) == 5  # larger still: what the share holds
+    assert fast_mod.rows_per_pass("cpu", 2000 * MiB) == 1
+    monkeypatch.setattr(fast_mod, "ACTIVATION_BUDGET", 90 * MiB)
+    assert fast_mod.rows_per_pass("cpu", 45 * MiB) == 2
