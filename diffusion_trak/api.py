@@ -17,7 +17,7 @@ import torch
 from . import distributed
 from .config import FeaturizeArgs, ScoreArgs, asdict, from_dict
 from .errors import InputError, NonFiniteError
-from .featurize.featurizer import Featurizer, kernel_slots, model_fingerprint, slot_rows
+from .featurize.featurizer import Featurizer, held_slots, kernel_args, kernel_slots, model_fingerprint
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
 from .models import Conditioning, adapter_of, as_checkpoints, check_compatible, unet_conditioning
 from .score import TRAKScorer, top_k
@@ -180,13 +180,8 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
         if knames:  # the GGN kernel: the same projection, draws of their own; slots shared out like rows
             kargs = kernel_args(args)
             kcond_fn, kper = conditioning.training(ckpts[0][0], dataset, kargs.num_timesteps, args.seed)
-            if rows is None:
-                my_slots = distributed.shard_rows(n_slots, 1)
-            else:  # a shard of rows: the slots all of whose rows it holds
-                held = np.zeros(len(dataset), dtype=bool)
-                held[mine] = True
-                my_slots = np.array([s for s, (lo, hi) in enumerate(slot_rows(len(dataset), args.batch_size, n_slots))
-                                     if held[lo:hi].all()], dtype=int)
+            my_slots = distributed.shard_rows(n_slots, 1) if rows is None else held_slots(len(dataset), args.batch_size,
+                                                                                          n_slots, mine)
         for c, (f, arr) in enumerate(zip(featurizers, arrays)):
             f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
                                 desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep)
@@ -229,12 +224,6 @@ def check_params(ckpts, args: FeaturizeArgs) -> None:
 
     if args.params == "lora" and not all(lora_parameter_names(u) for u, _ in ckpts):
         raise InputError(NO_ADAPTER)
-
-
-def kernel_args(args: FeaturizeArgs) -> FeaturizeArgs:
-    """The settings of the GGN kernel's probe features: ``kernel_draws`` draws of the ``probe`` output, with the
-    features' seed (so the same projection) and timestep strategy and range."""
-    return replace(args, output="probe", num_timesteps=args.kernel_draws)
 
 
 def _method_fix(out: str, args: FeaturizeArgs) -> str:

@@ -22,6 +22,7 @@ import sys
 from typing import List, Optional
 
 from .config import KERNELS, PARAM_SELECTIONS, PRESETS, SEED_MAX, FeaturizeArgs, ScoreArgs, TrainArgs, preset
+from .run_folder import check_run_json, read_run_json, write_run_json
 
 DEFAULT_RUN = "runs/digits"
 
@@ -129,26 +130,11 @@ def _load_run_data(ns):
     if ns.data is None and os.path.exists(path):
         given = {"path": ns.data_path, "image_size": ns.image_size, "classes": ns.classes, "limit": ns.limit,
                  "channels": ns.channels, "value_range": ns.value_range}
-        args = DataArgs.from_dict({**_read_run_json(path), **{k: v for k, v in given.items() if v is not None}})
+        args = DataArgs.from_dict({**read_run_json(path), **{k: v for k, v in given.items() if v is not None}})
     else:
         ns.data = ns.data or "digits"
         args = _data_args(ns)
     return load_dataset(args), args
-
-
-def _read_run_json(path: str) -> dict:
-    """The ``data`` entry of a run's ``run.json``; one line naming the fix if it is damaged."""
-    from .errors import UserError
-
-    try:
-        with open(path) as f:
-            data = json.load(f)["data"]
-        if not isinstance(data, dict):
-            raise TypeError("data is not an object")
-        return data
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is corrupted ({type(e).__name__}); pass --data (and its options) to use another "
-                        "dataset, or rerun `diffusion-trak train` with --overwrite") from None
 
 
 def _checkpoints(ns) -> List[str]:
@@ -197,37 +183,6 @@ def _say(msg):
 
 
 # ---------------------------------------------------------------- commands
-def check_run_json(run: str, dargs, overwrite: bool) -> None:
-    """Refuse (one line) a run folder whose ``run.json`` names another dataset, unless ``overwrite``."""
-    from .errors import UserError
-
-    path = os.path.join(run, "run.json")
-    if overwrite or not os.path.exists(path):
-        return
-    old = _read_run_json(path)
-    if old != dargs.to_dict():
-        from .store import _diff
-        changes = "; ".join(_diff(old, dargs.to_dict())[:4])
-        raise UserError(f"{run} was set up for another dataset ({changes}); rerun with --overwrite to replace "
-                        "the run, or choose another --run")
-
-
-def write_run_json(run: str, dargs) -> None:
-    """Write ``run/run.json`` (after every check has passed), unless it already says the same."""
-    from .errors import UserError
-    from .store import make_dirs, write_json_atomic
-
-    path = os.path.join(run, "run.json")
-    if os.path.exists(path):
-        try:
-            if _read_run_json(path) == dargs.to_dict():
-                return
-        except UserError:  # damaged: replaced (the command was run with --overwrite)
-            pass
-    make_dirs(run, "--run")
-    write_json_atomic(path, {"data": dargs.to_dict()})
-
-
 def _remember_data(ns, dargs) -> None:
     """After a command on a run folder without ``run.json`` succeeded: record its data settings there, so that
     later commands on the run (score, plot) need no --data/--data-path again."""

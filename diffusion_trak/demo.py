@@ -142,7 +142,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
 def _pixel_model(cfg: DemoSettings, out, device, overwrite, say):
     """A pixel DDPM trained on the digits, and the sampling arguments."""
     from .attributor import Attributor
-    from .cli import check_run_json, write_run_json
+    from .run_folder import check_run_json, write_run_json
     from .data import DataArgs, load_dataset
     from .train import check_training, train_ddpm
 

@@ -314,7 +314,7 @@ def bench_throughput(model, shape, B, T, k, device, repeats, cache_limit_gb, pat
         fns["fast"] = lambda: fast.features(x0, ts, ns)
         mems["fast_setup"] = mem.peak()
         if fast.args.kernel == "ggn":  # the default's second part: the GGN kernel of the same B examples
-            from diffusion_trak.api import kernel_args
+            from diffusion_trak.featurize.featurizer import kernel_args
 
             kf = fast.with_args(kernel_args(fast.args))
             Tk = kf.args.num_timesteps

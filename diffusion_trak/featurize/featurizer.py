@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -95,7 +96,7 @@ class Featurizer:
 
     def with_args(self, args: FeaturizeArgs) -> "Featurizer":
         """This featurizer (the same model copy, projector and hooks: the same projection) with other draws and
-        output, e.g. the GGN kernel's probe features (:func:`diffusion_trak.api.kernel_args`)."""
+        output, e.g. the GGN kernel's probe features (:func:`kernel_args`)."""
         if (args.proj_dim, args.seed, args.method, args.projector, args.params) != (
                 self.args.proj_dim, self.args.seed, self.args.method, self.args.projector, self.args.params):
             raise ValueError("with_args changes draws and output only, not the projection or the parameters")
@@ -218,3 +219,16 @@ def kernel_slots(n: int, batch_size: int, k: int) -> int:
     of the data set size, batch size and k only, not of the number of processes)."""
     return max(1, min(KERNEL_SLOTS, KERNEL_SLOT_BYTES // (4 * k * k), -(-n // batch_size)))
 
+
+def kernel_args(args: FeaturizeArgs) -> FeaturizeArgs:
+    """The settings of the GGN kernel's probe features: ``kernel_draws`` draws of the ``probe`` output, with the
+    features' seed (so the same projection) and timestep strategy and range."""
+    return replace(args, output="probe", num_timesteps=args.kernel_draws)
+
+
+def held_slots(n: int, batch_size: int, num_slots: int, rows) -> np.ndarray:
+    """The kernel slots all of whose rows are among ``rows`` (a process's share of the dataset rows): the slots that
+    share computes."""
+    held = np.zeros(n, dtype=bool)
+    held[np.asarray(rows, dtype=int)] = True
+    return np.array([s for s, (lo, hi) in enumerate(slot_rows(n, batch_size, num_slots)) if held[lo:hi].all()], dtype=int)
