@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from diffusion_trak.cli import main
+from helpers import step_by_step
 
 
 @pytest.mark.parametrize("cmd", ["train", "featurize", "generate", "score", "plot", "demo", "evaluate"])
@@ -45,15 +46,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 def test_step_by_step_commands(tmp_path, capsys):
     run = str(tmp_path / "run")
     common = ["--run", run, "--device", "cpu"]
-    assert main(["train", *common, "--data", "digits", "--limit", "40", "--epochs", "2", "--batch-size", "20",
-                 "--channels-per-level", "8", "16", "--num-checkpoints", "1"]) == 0
-    assert main(["featurize", *common, "-T", "2", "-k", "32"]) == 0
-    assert main(["generate", *common, "--steps", "6", "--num-record", "3", "--scheduler", "ddim"]) == 0
-    assert main(["score", *common, "-R", "2"]) == 0
-    assert main(["plot", *common]) == 0
+    scores = step_by_step(run, "cpu")
     out = capsys.readouterr().out
     assert "per-step plot:" in out
-    scores = np.load(os.path.join(run, "scores", "seed-0", "scores.npy"))
     assert scores.shape == (3, 1, 40)
     assert os.path.getsize(os.path.join(run, "report", "seed-0.png")) > 1000
     # changed settings over the existing store refuse with exit code 2

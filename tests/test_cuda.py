@@ -18,6 +18,7 @@ from diffusion_trak.cli import main
 from diffusion_trak.config import FeaturizeArgs, ScoreArgs
 from diffusion_trak.data import load_dataset
 
+from helpers import step_by_step
 from tiny_models import save_ddpm_pipeline, save_image_folder, save_sd_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -209,15 +210,8 @@ def test_attributor_lora(tmp_path, folders, lora_dir):
 # ---------------------------------------------------------------------------------------------- the commands
 def test_commands_pixel(tmp_path, capsys):
     run = str(tmp_path / "run")
-    common = ["--run", run, "--device", DEVICE]
-    assert main(["train", *common, "--data", "digits", "--limit", "40", "--epochs", "2", "--batch-size", "20",
-                 "--channels-per-level", "8", "16", "--num-checkpoints", "1"]) == 0
-    assert main(["featurize", *common, "-T", "2", "-k", "32"]) == 0
-    assert main(["generate", *common, "--steps", "6", "--num-record", "3", "--scheduler", "ddim"]) == 0
-    assert main(["score", *common, "-R", "2"]) == 0
-    assert main(["plot", *common]) == 0
+    scores = step_by_step(run, DEVICE)
     assert "per-step plot:" in capsys.readouterr().out
-    scores = np.load(os.path.join(run, "scores", "seed-0", "scores.npy"))
     assert scores.shape == (3, 1, 40) and np.isfinite(scores).all()
 
 
