@@ -199,8 +199,14 @@ def bench_demo(checkpoint_paths=None, limit=None, repeats=3, workdir=None, progr
     if baseline_code:
         sets["old"] = (runs["old"][0], stores["old"], runs["old"][2])
     calls = {}
-    for name, (mod, path, sargs) in sets.items():
-        fs = mod.FeatureSet.open(path)
+    for name, (mod, path, sargs) in list(sets.items()):
+        try:
+            fs = mod.FeatureSet.open(path)
+        except mod.StoreError as e:  # this code on a store of the previous code's format: not comparable, skipped
+            res[f"{name}_trajectory_skipped"] = str(e)
+            print(f"   trajectory path {name!r} skipped: {e}", flush=True)
+            del sets[name]
+            continue
         calls[name] = (lambda mod=mod, fs=fs, sargs=sargs: mod.score(fs, ckpts, indices, sargs, trajectory=traj,
                                                                      steps=traj_steps, progress=False))
     for name, fn in calls.items():  # first call: builds featurizers, kernels and factorisations
