@@ -66,6 +66,7 @@ from diffusion_trak.featurize.featurizer import Featurizer, example_draws
 from diffusion_trak.featurize.gradients import num_parameters
 from diffusion_trak.featurize.projectors import ProjectorError, TorchProjector, make_projector
 from diffusion_trak.outputs import output_value
+from diffusion_trak.store import free_memory
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -186,27 +187,12 @@ def reference_featurizer(model, scheduler, k, device, cache_limit_gb):
             return fz
         except ProjectorError:
             pass
-    limit = int(min(cache_limit_gb * 2 ** 30, 0.8 * _available_bytes(device)))
+    limit = int(min(cache_limit_gb * 2 ** 30, 0.8 * (free_memory(device) or 0)))
     try:
         fz.projector = TorchProjector(fz.num_params, k, 0, device=device, cache_bytes=limit)
     except MatrixTooLargeError:
         fz.projector = None
     return fz
-
-
-def _available_bytes(device):
-    if torch.device(device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return free
-    return _meminfo("MemAvailable")
-
-
-def _meminfo(key):
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -246,6 +232,7 @@ def bench_ops(model, shape, device, cases=((2, 8, 2), (4, 16, 1)), k=2048) -> di
     from diffusers import DDPMScheduler
 
     fz = Featurizer(model, DDPMScheduler(num_train_timesteps=1000), FeaturizeArgs(proj_dim=k), device)
+    assert fz.fast is not None, "the library's default must be the fast path"
     big = max(c[1] for c in cases)
     x0, ts, ns = rows_for(big, max(c[2] for c in cases), shape)
     x0, ts, ns = x0.to(device), ts.to(device), ns.to(device)

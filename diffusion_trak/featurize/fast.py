@@ -11,8 +11,8 @@ This path never forms the ``p``-dimensional gradient:
    at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds the rows per pass
    (``max_rows``, by default :func:`rows_per_pass`: a share of the device's memory over the bytes of
    activations one row saves, measured on the first call), the rows go through in passes of whole
-   examples, or of chunks of one example's timesteps, each scaled by the full ``1/T``; the sketch is linear, so the passes add up to the same
-   features and memory stays bounded whatever B and T are.
+   examples, or of chunks of one example's timesteps, each scaled by the full ``1/T``; the sketch is
+   linear, so the passes add up to the same features and memory stays bounded whatever B and T are.
 2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
    the output gradient during the backward. From the two it forms that layer's exact per-example
    gradient, summed over the T rows of each example (so the result is the gradient of the mean over T,
@@ -87,9 +87,9 @@ UNFOLD_BUDGET_SHARE = 0.25
 #: examples × 10 rows: 19 against 56); for single rows (T = 1: the GGN kernel's), ``unfold`` wins
 #: on small maps with large weights (64 × 64 channels at 4×4, 512 single rows: 92 against 48; 256 × 256 at 8×8,
 #: 16 rows: 55 against 35), ``grouped`` everywhere else (64 × 64 at 8×8, 512 rows: 107 against 127; 128 × 128 at
-#: 32×32: 55 against 115; 32 × 32 at 16×16: 56 against 167). So on CPU: ``unfold`` for single rows and a weight of more than
-#: UNFOLD_MIN_WEIGHT in-channels per group × out-channels on maps of at most UNFOLD_MAX_POSITIONS positions, or
-#: of at least UNFOLD_LARGE_WEIGHT on maps of at most UNFOLD_LARGE_WEIGHT_MAX_POSITIONS. On CUDA, ``grouped``
+#: 32×32: 55 against 115; 32 × 32 at 16×16: 56 against 167). So on CPU: ``unfold`` for single rows and a weight
+#: of more than UNFOLD_MIN_WEIGHT in-channels per group × out-channels on maps of at most UNFOLD_MAX_POSITIONS
+#: positions, or of at least UNFOLD_LARGE_WEIGHT on maps of at most UNFOLD_LARGE_WEIGHT_MAX_POSITIONS. On CUDA, ``grouped``
 #: for fewer than CUDA_GROUPED_MAX_EXAMPLES examples per pass and ``unfold`` above (the rule of torch's own
 #: per-sample convolution gradients, ``torch.nn.utils._expanded_weights``). (A loop of one call per example,
 #: the old choice on CPU, is up to 1.4× faster there on large layers, but its ops grow with the examples:
@@ -261,7 +261,7 @@ class FastGradientSketch:
             else:
                 padding = (0, 0) if mod.padding == "valid" else tuple(mod.padding)
             x = x.to(g.dtype)
-            w = mod.weight.detach()
+            shape = mod.weight.shape
             if conv_kernel(mod, g.shape[-1] * g.shape[-2], B, T, g.device) == "unfold":
                 gw = _unfold_weight_grads(mod, x, g, B, T, padding, self._unfold_rows())
             else:
@@ -272,9 +272,9 @@ class FastGradientSketch:
                 gg = g.reshape(B, T, *g.shape[1:]).transpose(0, 1).reshape(T, B * O, *g.shape[2:])
                 # the kernel reads the weight's shape only (no input gradient is asked for): an uninitialised
                 # B-fold weight, not a copy (the copy took a third of the call's time on CPU)
-                wb = torch.empty(B * w.shape[0], *w.shape[1:], device=g.device, dtype=g.dtype)
+                wb = torch.empty(B * shape[0], *shape[1:], device=g.device, dtype=g.dtype)
                 gw = torch.ops.aten.convolution_backward(gg, xg, wb, None, *conv_args, mod.groups * B,
-                                                         [False, True, False])[1].reshape(B, *w.shape)
+                                                         [False, True, False])[1].reshape(B, *shape)
             self._add(*layer.slots["weight"], gw)
         if "bias" in layer.slots:
             self._add(*layer.slots["bias"], g.reshape(B * T, O, -1).sum(-1, dtype=torch.float32).reshape(B, T, O).sum(1))
@@ -472,7 +472,7 @@ def _total_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 0  # unknown: the low end of CPU_BUDGET_RANGE
+        return 0  # unknown: CPU_BUDGET alone
 
 
 def _even(n: int, most: int) -> int:

@@ -320,21 +320,17 @@ def test_conv_kernel_rule():
     assert conv_kernel(small, 1024, 4, 10, "cuda") == "grouped" and conv_kernel(small, 1024, 512, 1, "cuda") == "unfold"
 
 
-def test_ops_per_call_do_not_grow_with_the_examples(scheduler):
+def test_ops_per_call_do_not_grow_with_the_examples():
     """The hot path dispatches a fixed number of torch ops per layer and pass, whatever the number of examples: on
     the DDPM CIFAR-10 UNet (35.7M parameters, maps up to 32×32) the ops of a default featurize call grow by at most
     1.25× when its examples grow 4×, for multi-timestep examples (B = 2 → 8 at T = 2) and single-draw rows (B = 4 →
     16 at T = 1). Before, one conv call per example and passes of 5 rows made them grow 4.0×, and on a GPU the
     launches, not the arithmetic, set the pace."""
-    from diffusion_trak.evaluations.bench_featurize import cifar_unet, count_ops, rows_for
+    from diffusion_trak.evaluations.bench_featurize import bench_ops, cifar_unet
 
-    fz = Featurizer(cifar_unet(), scheduler, FeaturizeArgs(proj_dim=64))
-    assert fz.fast is not None  # the default method
-    x0, ts, ns = rows_for(16, 2, (3, 32, 32))
-    fz.features(x0[:1], ts[:1, :1], ns[:1, :1])  # the first call's probe row and self-check
-    for T, small, large in ((2, 2, 8), (1, 4, 16)):
-        counts = [count_ops(lambda B=B: fz.features(x0[:B], ts[:B, :T], ns[:B, :T])) for B in (small, large)]
-        assert counts[1] <= 1.25 * counts[0], (T, counts)
+    r = bench_ops(cifar_unet(), (3, 32, 32), "cpu", cases=((2, 8, 2), (4, 16, 1)), k=64)
+    for case in r["cases"]:
+        assert case["ops"][1] <= 1.25 * case["ops"][0], case
 
 
 def test_rows_per_pass_rule(monkeypatch):
