@@ -364,13 +364,11 @@ class Scores:
         """Save into ``out`` as one unit: every file is written whole under a temporary name first, then the arrays
         are renamed into place and ``scores.json``, which records their checksums, last; a failure before that
         (a full disk) leaves the previous result there unchanged. Only the files of :attr:`FILES` are written."""
-        import re
-
-        from .store import staged
+        from .store import is_staged, staged
 
         make_dirs(out)
         for name in os.listdir(out):  # left by an interrupted save: exactly our temporary names
-            if re.fullmatch(r"(scores\.npy|destination\.npy|scores\.json)\.tmp\d+", name):
+            if is_staged(name, self.FILES):
                 os.remove(os.path.join(out, name))
         arrays = {"scores.npy": np.ascontiguousarray(self.values, dtype=np.float32)}
         if self.destination is not None:

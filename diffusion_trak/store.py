@@ -74,6 +74,12 @@ def staged(path: str, write, mode: str = "wb") -> str:
     return tmp
 
 
+def is_staged(name: str, of) -> bool:
+    """Whether ``name`` is the temporary name that :func:`staged` gives one of the file names ``of``
+    (``NAME.tmpPID``): what an interrupted write leaves, and the only such names a writer may remove."""
+    return any(re.fullmatch(re.escape(f) + r"\.tmp\d+", name) for f in of)
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     os.replace(staged(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True), "w"), path)
@@ -390,7 +396,7 @@ def _own_files(manifest: Optional[dict]) -> set:
 
 def _is_own(name: str, own: set) -> bool:
     """Whether ``name`` is one of ``own`` or the temporary name of one of them (``X.tmp``, ``manifest.json.tmpPID``)."""
-    return name in own or (name.endswith(".tmp") and name[:-4] in own) or re.fullmatch(r"manifest\.json\.tmp\d+", name) is not None
+    return name in own or (name.endswith(".tmp") and name[:-4] in own) or is_staged(name, (MANIFEST,))
 
 
 def _describe(root: str, names) -> str:
