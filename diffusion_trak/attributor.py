@@ -300,9 +300,10 @@ class Attributor:
                         memory=batch * int(cfg.in_channels) * int(size or 1) ** 2 * 4 * (2 * recorded + 8), device=self.device)
 
     # ------------------------------------------------------------------ attribute
-    def attribute(self, target, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
+    def attribute(self, target=None, steps: Optional[Sequence[int]] = None, *, image_timesteps: Sequence[int] = (10,),
                   prompts: Optional[Sequence[str]] = None, class_labels=None, out: Optional[str] = None,
-                  save: bool = True, value_range: Optional[Sequence[float]] = None) -> api.Scores:
+                  save: bool = True, value_range: Optional[Sequence[float]] = None, latents=None,
+                  timesteps: Optional[Sequence[int]] = None) -> api.Scores:
         """Scores of every training image (:func:`diffusion_trak.api.score`).
 
         ``target``: a trajectory (or the output of :meth:`pipeline`): a row per recorded step (``steps``: some of
@@ -312,9 +313,23 @@ class Attributor:
         saved there (``scores.npy``, ``scores.json``; resumable; other settings refuse unless ``overwrite``), as
         ``diffusion-trak score`` saves them: ``out/scores/<name>``, named by the target (``seed-<seed>-<digest of the
         final images>[-steps-...]`` for a trajectory, ``images-<digest of images, timesteps and conditioning>``),
-        or ``out`` (e.g. ``attr.scores_dir("mine")``); ``save=False`` keeps them in memory only."""
+        or ``out`` (e.g. ``attr.scores_dir("mine")``); ``save=False`` keeps them in memory only.
+
+        ``latents=`` (instead of ``target``): a latent model's latents ``(B, C, h, w)`` as its UNet takes them (already
+        encoded and scaled, e.g. x̂0_t from your own diffusers sampling loop), scored at ``timesteps`` (default
+        ``image_timesteps``) with ``prompts`` / ``class_labels``; saved as ``out/scores/latents-<digest>``. The same
+        scores as :func:`diffusion_trak.api.score` with ``images=latents``."""
         from .targets import digest
 
+        if latents is not None:
+            return self._attribute_latents(latents, target, steps, timesteps, image_timesteps, prompts, class_labels,
+                                           out, save, value_range)
+        if timesteps is not None:
+            raise InputError("timesteps= goes with latents=; for images pass image_timesteps=, a trajectory carries "
+                             "its own")
+        if target is None:
+            raise InputError("attribute() needs a target: a trajectory (or the output of pipeline()), images, or "
+                             "latents=")
         target = getattr(target, "trajectory", target)
         images = None if hasattr(target, "x0_pred") else self._target_images(target, value_range, prompts, class_labels)
         if images is None and (prompts is not None or class_labels is not None or value_range is not None):
@@ -341,6 +356,53 @@ class Attributor:
                            images=self.conditioning.encode_images(images), image_timesteps=image_timesteps, cond=cond, **kw)
         self._last = ("images", images)
         return scores
+
+    def _attribute_latents(self, latents, target, steps, timesteps, image_timesteps, prompts, class_labels, out, save,
+                           value_range) -> api.Scores:
+        """:meth:`attribute` of latents (one line for each thing that does not fit)."""
+        from .targets import digest
+
+        if target is not None or steps is not None or value_range is not None:
+            raise InputError("latents= is the target: drop the positional target, steps= and value_range= (latents are "
+                             "taken as the UNet takes them)")
+        if self.conditioning.vae is None:
+            raise InputError("this model has no VAE, so it has no latents; pass the images as the target")
+        if not isinstance(latents, (torch.Tensor, np.ndarray)):
+            raise InputError(f"latents= takes a (B, C, h, w) tensor or array, got a {type(latents).__name__}")
+        z = latents.detach().cpu().float() if isinstance(latents, torch.Tensor) else torch.from_numpy(
+            np.asarray(latents, dtype=np.float32))
+        z = z[None] if z.ndim == 3 else z
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        if z.ndim != 4 or z.shape[0] == 0 or z.shape[1] != cfg.in_channels or (size and tuple(z.shape[2:]) != (size, size)):
+            raise InputError(f"latents must be a non-empty (B, {cfg.in_channels}, {size}, {size}) batch, what the UNet "
+                             f"takes, got shape {tuple(latents.shape)}")
+        kind = unet_conditioning(self.unet)
+        if prompts is not None and kind != "text":
+            raise InputError("this model takes no text; drop prompts=")
+        if class_labels is not None and kind != "class":
+            raise InputError("this model is not class-conditional; drop class_labels=")
+        ts = [int(t) for t in (image_timesteps if timesteps is None else
+                               ([timesteps] if np.ndim(timesteps) == 0 else timesteps))]
+        if out is None and save:
+            out = self.scores_dir("latents-" + digest(z, ts, None if prompts is None else list(prompts),
+                                                      None if class_labels is None else
+                                                      torch.as_tensor(class_labels).tolist())[:12])
+        cond = self.conditioning.prompts(self.unet, prompts, class_labels)
+        scores = api.score(self.features, self.checkpoints, self.inputs.indices.numpy(), self.score_args, images=z,
+                           image_timesteps=ts, cond=cond, out=out, overwrite=self.overwrite, device=self.device,
+                           progress=self.progress, dataset=self.inputs)
+        self._last = ("latents", z)
+        return scores
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the UNet takes them, decoded to pixels in [-1, 1] by the model's VAE (for the report)."""
+        vae = self.conditioning.vae
+        cfg = vae.config
+        z = latents / float(getattr(cfg, "scaling_factor", 1.0) or 1.0) + float(getattr(cfg, "shift_factor", 0.0) or 0.0)
+        dev = next(vae.parameters()).device
+        with torch.no_grad():
+            return vae.decode(z.to(dev)).sample.float().clamp(-1, 1).cpu()
 
     def _target_images(self, target, value_range, prompts, class_labels) -> torch.Tensor:
         """Images given to :meth:`attribute` as float32 ``(B, C, H, W)`` in [-1, 1], checked against the model as the
@@ -402,6 +464,7 @@ class Attributor:
             if kind == "trajectory":
                 trajectory = last
             else:
+                last = self._decode(last) if kind == "latents" else last
                 query = last[target].expand(len(scores.steps), *last.shape[1:])
         if trajectory is None and query is None:
             raise InputError("give the trajectory the scores are of: report(scores, trajectory)")

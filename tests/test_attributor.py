@@ -262,3 +262,42 @@ def test_sd_folder_with_metadata_captions(tmp_path, folders):
     assert other.fingerprint() != explicit.fingerprint()  # the class names would have been another conditioning
     np.testing.assert_array_equal(np.asarray(attr.features.arrays[0]), np.asarray(ref.features.arrays[0]))
     assert scores.values.shape == (1, 1, len(data)) and np.isfinite(scores.destination).all()
+
+
+def test_latents_as_targets_equal_the_api(tmp_path, folders):
+    """attribute(latents=..., timesteps=..., prompts=...) scores latents as the UNet takes them (e.g. x̂0_t of a
+    user's own sampling loop): the same scores as api.score(images=latents, cond=the prompts' conditioning)."""
+    attr = Attributor.from_pretrained(folders["sd"], folders["imgs"], str(tmp_path / "run"), **KW)
+    fs = attr.featurize()
+    traj = attr.pipeline(PROMPT, seed=0, num_inference_steps=5, record_steps=[0, 4], guidance_scale=2.0).trajectory
+    z = torch.as_tensor(traj.x0_pred[-1]).float()  # the last recorded x̂0 (latents), 1 image
+    z = torch.cat([z, z.flip(-1)])
+    prompts = [PROMPT, "a photo of a digit7"]
+    got = attr.attribute(latents=z, timesteps=[10, 500], prompts=prompts)
+    ref = api.score(fs, attr.checkpoints, attr.inputs.indices.numpy(), SARGS, images=z, image_timesteps=[10, 500],
+                    cond=attr.conditioning.prompts(attr.unet, prompts), progress=False)
+    assert got.values.shape == (2, 2, 12) and np.abs(got.values).sum() > 0
+    np.testing.assert_array_equal(got.values, ref.values)
+    np.testing.assert_array_equal(got.destination, ref.destination)
+    assert any(n.startswith("latents-") for n in os.listdir(os.path.join(attr.out, "scores")))
+    # the prompt is part of the target: other prompts, other scores
+    other = attr.attribute(latents=z, timesteps=[10, 500], prompts=[prompts[1], prompts[0]], save=False)
+    assert not np.allclose(other.values, got.values)
+    png, _ = attr.report(got, name="latents")  # decoded by the VAE for the page
+    assert os.path.getsize(png) > 0
+    # one line each for what does not fit
+    for kw, msg in [(dict(latents=z[:, :2], prompts=prompts), r"latents must be a non-empty \(B, 4"),
+                    (dict(latents=z, prompts=prompts, value_range=(0, 1)), "drop the positional target"),
+                    (dict(latents=[1, 2], prompts=prompts), "tensor or array"),
+                    (dict(latents=z, class_labels=[0, 1]), "not class-conditional")]:
+        with pytest.raises(InputError, match=msg) as e:
+            attr.attribute(**kw, save=False)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="timesteps= goes with latents="):
+        attr.attribute(traj, timesteps=[10])
+
+
+def test_latents_need_a_latent_model(tmp_path, folders):
+    attr = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "run"), **KW)
+    with pytest.raises(InputError, match="no VAE"):
+        attr.attribute(latents=torch.zeros(1, 3, 8, 8))
