@@ -36,8 +36,9 @@ Supported sources (``DataArgs.name``):
     (captions) when present. Needs ``pip install datasets``.
 ``npz``
     A NumPy ``.npz`` archive with an ``images`` array and optional ``labels``,
-    ``class_names``, ``indices`` and ``value_range`` arrays (see
-    :func:`save_npz`).
+    ``class_names``, ``indices``, ``value_range`` and ``captions`` arrays (see
+    :func:`save_npz`). ``captions``: strings, ``(N,)`` (one caption per image)
+    or ``(N, K)`` (up to K per image; empty strings pad).
 """
 from __future__ import annotations
 
@@ -982,6 +983,7 @@ def _load_npz(args: DataArgs) -> ImageDataset:
             class_names = [str(s) for s in np.asarray(z["class_names"]).reshape(-1)] if "class_names" in z.files else None
             src_idx = np.asarray(z["indices"]).astype(np.int64).reshape(-1) if "indices" in z.files else None
             value_range = np.asarray(z["value_range"], dtype=np.float64).reshape(-1) if "value_range" in z.files else None
+            caption_array = np.asarray(z["captions"]) if "captions" in z.files else None
         except Exception as e:  # noqa: BLE001
             why = " ".join(str(e).split())[:100]
             raise DataError(f"cannot read the arrays of {path} ({type(e).__name__}: {why}); save plain numeric arrays "
@@ -1006,11 +1008,35 @@ def _load_npz(args: DataArgs) -> ImageDataset:
     if value_range is not None and args.value_range is not None and tuple(value_range) != tuple(args.value_range):
         raise DataError(f"{path} states value_range {value_range.tolist()} but --value-range is "
                         f"{list(args.value_range)}; drop --value-range or fix the file's value_range")
+    by_index = None if caption_array is None else _npz_captions(caption_array, n, path)
     keep = _select(labels, n, args, f"npz {path}")
     indices = src_idx[keep] if src_idx is not None else keep
-    return _finish(images[keep], labels[keep] if labels is not None else None, indices, class_names,
-                   args, value_range=value_range if value_range is not None else args.value_range,
-                   what=f"the images of {path}")
+    ds = _finish(images[keep], labels[keep] if labels is not None else None, indices, class_names,
+                 args, value_range=value_range if value_range is not None else args.value_range,
+                 what=f"the images of {path}")
+    if by_index is not None:  # captions by position in the file, re-keyed by the kept examples' stable indices
+        ds.captions = _captions({int(i): by_index[int(p)] for p, i in zip(keep, indices)}, indices)
+    return ds
+
+
+def _npz_captions(a: np.ndarray, n: int, path) -> Dict[int, List[str]]:
+    """An ``.npz``'s ``captions`` array as ``{position: [captions]}``: strings ``(N,)`` or ``(N, K)`` (empty strings
+    pad a row); one line for anything else."""
+    if a.dtype.kind not in "US":
+        raise DataError(f"{path}: captions must be an array of strings, got dtype {a.dtype}; save them with "
+                        "np.array(list_of_str)")
+    if a.ndim not in (1, 2) or a.shape[0] != n:
+        raise DataError(f"{path}: captions must be (N,) or (N, K) strings for the {n} images, got shape {a.shape}; "
+                        "give one caption (or a row of captions) per image")
+    rows = a.reshape(n, -1)
+    out = {}
+    for p in range(n):
+        caps = [str(c.decode() if isinstance(c, bytes) else c) for c in rows[p]]
+        caps = [c for c in caps if c.strip()]
+        if not caps:
+            raise DataError(f"{path}: image {p} has no caption (empty string); give every image a caption")
+        out[p] = caps
+    return out
 
 
 _LOADERS = {
@@ -1043,7 +1069,7 @@ def save_npz(dataset: ImageDataset, path: Union[str, os.PathLike], dtype: str = 
     """Export ``dataset`` to a ``.npz`` readable by ``DataArgs(name="npz", path=...)``.
 
     Keys: ``images`` (N,C,H,W), ``indices`` (stable ids), ``labels`` and
-    ``class_names`` when present, and ``value_range``.  ``dtype="float32"``
+    ``class_names`` and ``captions`` when present, and ``value_range``.  ``dtype="float32"``
     stores the exact [-1, 1] values (``value_range=[-1, 1]``); ``dtype="uint8"``
     stores 0..255 (smaller, quantised; ``value_range=[0, 255]``).
     Returns the path written.
@@ -1070,5 +1096,9 @@ def save_npz(dataset: ImageDataset, path: Union[str, os.PathLike], dtype: str = 
         arrays["labels"] = dataset.labels.cpu().numpy().astype(np.int64)
     if dataset.class_names is not None:
         arrays["class_names"] = np.array([str(c) for c in dataset.class_names])
+    if dataset.captions is not None:
+        rows = [dataset.captions.of(int(i)) for i in dataset.indices.tolist()]
+        k = max(len(r) for r in rows)
+        arrays["captions"] = np.array([list(r) + [""] * (k - len(r)) for r in rows], dtype=str)
     np.savez_compressed(path, **arrays)
     return path

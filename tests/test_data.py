@@ -288,3 +288,30 @@ def test_one_rule_for_image_values_of_8_and_16_bit_files_and_float_files(tmp_pat
     with pytest.raises(DataError, match=r"are floats \(they span \[0, 1\]\) and state no range"):
         _decode(f, "L", None)
     assert torch.allclose(_decode(f, "L", None, (0, 1))[0], torch.linspace(-1, 1, 64).reshape(8, 8), atol=1e-6)
+
+
+def test_npz_captions(tmp_path):
+    """An .npz's captions array ((N,) or (N, K) strings, empty strings pad) is the training set's CaptionSet, keyed by
+    the kept examples' stable indices; save_npz writes it back; a wrong array is one line."""
+    from diffusion_trak.text import CaptionSet
+
+    x = np.random.RandomState(0).rand(5, 8, 8).astype(np.float32)
+    caps = np.array([["a red circle", ""], ["a blue square", "blue, square"], ["a cat", ""], ["a dog", ""],
+                     ["a sun", "the sun"]])
+    np.savez(tmp_path / "c.npz", images=x, value_range=np.array([0.0, 1.0]), captions=caps,
+             indices=np.array([10, 11, 12, 13, 14]), labels=np.array([0, 1, 0, 1, 0]))
+    ds = load_dataset(DataArgs(name="npz", path=str(tmp_path / "c.npz"), classes=[1]))
+    assert ds.indices.tolist() == [11, 13]
+    assert isinstance(ds.captions, CaptionSet)
+    assert ds.captions.of(11) == ["a blue square", "blue, square"] and ds.captions.of(13) == ["a dog"]
+    again = load_dataset(DataArgs(name="npz", path=save_npz(ds, tmp_path / "again.npz")))
+    assert again.captions.of(11) == ["a blue square", "blue, square"] and again.captions.of(13) == ["a dog"]
+    one = np.array(["one", "two", "three", "four", "five"])
+    np.savez(tmp_path / "one.npz", images=x, value_range=np.array([0.0, 1.0]), captions=one)
+    assert load_dataset(DataArgs(name="npz", path=str(tmp_path / "one.npz"))).captions.of(2) == ["three"]
+    for bad, msg in [(one[:4], r"\(N,\) or \(N, K\) strings for the 5 images"), (np.arange(5), "array of strings"),
+                     (np.array(["a", "b", " ", "d", "e"]), "image 2 has no caption")]:
+        np.savez(tmp_path / "bad.npz", images=x, value_range=np.array([0.0, 1.0]), captions=bad)
+        with pytest.raises(DataError, match=msg) as e:
+            load_dataset(DataArgs(name="npz", path=str(tmp_path / "bad.npz")))
+        assert "\n" not in str(e.value)
