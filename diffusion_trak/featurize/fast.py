@@ -176,17 +176,10 @@ class FastGradientSketch:
         self.max_rows = max_rows
         self.row_bytes: Optional[float] = None  # activation bytes one row saves, measured on the first call
         self._checked = not self_check
-        self._slices = {}
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _cache(self, lo, n):
-        key = (lo, n)
-        if key not in self._slices:
-            self._slices[key] = self.projector.slice(lo, n)
-        return self._slices[key]
-
     def _add(self, lo, n, values):
-        self.projector.add_(self._acc, lo, values, self._cache(lo, n))
+        self.projector.add_(self._acc, lo, values)
 
     def _forward_hook(self, layer: _Layer, module, inputs, kwargs, output):
         if not inputs:

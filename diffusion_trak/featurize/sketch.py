@@ -19,14 +19,18 @@ in their tails, not in their mean or variance. For ``s > 1`` the variance is at 
 So ``|<Sx,Sy> - <x,y>| ≤ c · sqrt((|x|²|y|² + <x,y>²)/k)`` with probability ≥ ``1 - 1/c²`` (Chebyshev);
 ``tests/featurize/test_projectors.py`` checks the mean, the variance and this bound.
 
-Memory: ``5·s`` bytes per coordinate (int32 bucket, int8 sign), e.g. 180 MB for a 36M-parameter UNet,
-against ``4·k`` bytes per coordinate for a cached dense matrix (295 GB at k = 2048). The fast featurizer
-also keeps each layer's slice ready to use (int64 signed buckets: 8 more bytes per coordinate).
+Memory: none that grows with ``p``. A block's buckets and signs are drawn again from its seed whenever they are
+needed (about 7 ns per coordinate on one CPU thread) and kept in a cache of at most :data:`CACHE_BYTES` (shared by
+every projector: 16 blocks of signed int64 buckets), so a model of up to 16M coordinates draws them once, and a
+larger one draws each block about once per pass; the slice a layer needs is formed for that layer and freed. The
+map is the one the earlier stored tables held, coordinate for coordinate (the blocks and their seeds are
+unchanged), so features are equal to theirs.
 """
 from __future__ import annotations
 
 import math
-import weakref
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -41,12 +45,33 @@ def _block_seed(seed: int, block: int, rep: int) -> int:
     return int(ss.generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-class _Tables:
-    def __init__(self, buckets: torch.Tensor, signs: torch.Tensor):
-        self.buckets, self.signs = buckets, signs
+#: the most bytes of drawn blocks kept (all projectors together): a constant, whatever the number of parameters
+CACHE_BYTES = 128 * 2 ** 20
+_CACHE: "OrderedDict" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
-_TABLES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+def _cached_block(key, draw):
+    """The block ``key`` from the shared bounded cache, drawn by ``draw()`` when missing (least recently used out)."""
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    block = draw()
+    with _CACHE_LOCK:
+        _CACHE[key] = block
+        total = sum(t.numel() * t.element_size() for t in _CACHE.values())
+        while total > CACHE_BYTES and len(_CACHE) > 1:
+            _, old = _CACHE.popitem(last=False)
+            total -= old.numel() * old.element_size()
+    return block
+
+
+def clear_cache() -> None:
+    """Drop every cached block (tests, and memory measurements)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 class CountSketchProjector(Projector):
@@ -67,25 +92,35 @@ class CountSketchProjector(Projector):
             raise ValueError("k must be below 2**31")
         self.device, self.nnz = torch.device(device), int(nnz)
         self.scale = 1.0 / math.sqrt(self.nnz)
-        key = (self.p, self.k, self.seed, self.nnz, str(self.device))
-        tables = _TABLES.get(key)  # shared with equal projectors (e.g. the featurizers of several checkpoints)
-        if tables is None:
-            tables = _TABLES[key] = _Tables(*self._draw())
-        self._tables = tables
-        self.buckets, self.signs = tables.buckets, tables.signs
 
-    def _draw(self):
-        """Buckets (int32) and signs (int8), ``(nnz, p)`` each, on ``device``."""
-        buckets = torch.empty(self.nnz, self.p, dtype=torch.int32)
-        signs = torch.empty(self.nnz, self.p, dtype=torch.int8)
-        for r in range(self.nnz):
-            for j, lo in enumerate(range(0, self.p, BLOCK)):
-                n = min(BLOCK, self.p - lo)
-                g = torch.Generator().manual_seed(_block_seed(self.seed, j, r))
-                # whole blocks are drawn, so coordinate j's bucket and sign do not depend on p
-                buckets[r, lo:lo + n] = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)[:n]
-                signs[r, lo:lo + n] = (torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8) * 2 - 1)[:n]
-        return buckets.to(self.device), signs.to(self.device)
+    def _block(self, j: int, r: int) -> torch.Tensor:
+        """Signed buckets (int64 ``(BLOCK,)`` on ``device``: bucket, plus k where the sign is negative) of block ``j``
+        of repetition ``r``, drawn from ``(seed, j, r)``: whole blocks, so a coordinate's bucket and sign do not
+        depend on p."""
+        def draw():
+            g = torch.Generator().manual_seed(_block_seed(self.seed, j, r))
+            buckets = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)
+            signs = torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8) * 2 - 1
+            return self._signed(buckets, signs).to(self.device)
+        return _cached_block((self.seed, self.k, j, r, str(self.device)), draw)
+
+    def _signed_slice(self, r: int, lo: int, n: int) -> torch.Tensor:
+        """Repetition ``r``'s signed buckets of coordinates ``lo … lo+n`` (int64 ``(n,)``), from the blocks they span."""
+        parts = []
+        for j in range(lo // BLOCK, -(-(lo + n) // BLOCK)):
+            a, b = max(lo, j * BLOCK) - j * BLOCK, min(lo + n, (j + 1) * BLOCK) - j * BLOCK
+            parts.append(self._block(j, r)[a:b])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @property
+    def buckets(self) -> torch.Tensor:
+        """All buckets, int64 ``(nnz, p)`` (tests and small ``p`` only: p × 8 bytes per repetition)."""
+        return torch.stack([self._signed_slice(r, 0, self.p) % self.k for r in range(self.nnz)])
+
+    @property
+    def signs(self) -> torch.Tensor:
+        """All signs, ±1 int8 ``(nnz, p)`` (tests and small ``p`` only)."""
+        return torch.stack([1 - 2 * (self._signed_slice(r, 0, self.p) >= self.k).to(torch.int8) for r in range(self.nnz)])
 
     # Sketching adds each value into its bucket of a *signed accumulator* of 2k columns, the positive-sign buckets
     # then the negative-sign ones, and :meth:`finish` takes their difference (times 1/sqrt(nnz)) once at the end:
@@ -105,19 +140,19 @@ class CountSketchProjector(Projector):
         ``lo … lo+n``."""
         if lo < 0 or lo + n > self.p:
             raise ValueError(f"coordinates {lo}..{lo + n} outside 0..{self.p}")
-        return self._signed(self.buckets[:, lo:lo + n], self.signs[:, lo:lo + n])
+        return torch.stack([self._signed_slice(r, lo, n) for r in range(self.nnz)])
 
     def _signed(self, buckets, signs):
         return buckets.long() + self.k * (signs < 0).long()
 
-    def add_(self, acc: torch.Tensor, lo: int, values: torch.Tensor, cache=None) -> torch.Tensor:
+    def add_(self, acc: torch.Tensor, lo: int, values: torch.Tensor) -> torch.Tensor:
         """``acc += `` the signed contributions of coordinates ``lo … lo+n`` of ``values`` (B, n), into a signed
-        accumulator (:meth:`accumulator`); returns ``acc``. ``cache``: :meth:`slice` of the same ``(lo, n)``."""
-        values = values.reshape(values.shape[0], -1)
-        b = cache if cache is not None else self.slice(lo, values.shape[1])
-        values = values.to(acc.dtype)
+        accumulator (:meth:`accumulator`); returns ``acc``. The slice's signed buckets are formed here and freed."""
+        values = values.reshape(values.shape[0], -1).to(acc.dtype)
+        if lo < 0 or lo + values.shape[1] > self.p:
+            raise ValueError(f"coordinates {lo}..{lo + values.shape[1]} outside 0..{self.p}")
         for r in range(self.nnz):
-            acc.index_add_(1, b[r], values)
+            acc.index_add_(1, self._signed_slice(r, lo, values.shape[1]), values)
         return acc
 
     def add_scattered_(self, acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -125,8 +160,12 @@ class CountSketchProjector(Projector):
         coordinate lists (sparse gradients, e.g. embedding rows), into a signed accumulator; (B, m) each."""
         coords = coords.reshape(coords.shape[0], -1)
         values = values.reshape(values.shape[0], -1).to(acc.dtype)
-        for r in range(self.nnz):
-            acc.scatter_add_(1, self._signed(self.buckets[r][coords], self.signs[r][coords]), values)
+        if coords.numel() == 0:
+            return acc
+        lo = int(coords.min())
+        n = int(coords.max()) + 1 - lo
+        for r in range(self.nnz):  # the signed buckets of the span the coordinates cover (one layer's), then theirs
+            acc.scatter_add_(1, self._signed_slice(r, lo, n)[coords - lo], values)
         return acc
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
@@ -140,6 +179,7 @@ class CountSketchProjector(Projector):
         """The dense ``p × k`` matrix (tests and small ``p`` only)."""
         M = torch.zeros(self.p, self.k, dtype=torch.float64)
         rows = torch.arange(self.p)
+        buckets, signs = self.buckets.cpu(), self.signs.cpu()
         for r in range(self.nnz):
-            M.index_put_((rows, self.buckets[r].long().cpu()), self.signs[r].double().cpu() * self.scale, accumulate=True)
+            M.index_put_((rows, buckets[r]), signs[r].double() * self.scale, accumulate=True)
         return M

@@ -144,9 +144,24 @@ def test_countsketch_same_on_cuda():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_countsketch_tables_are_drawn_once_for_equal_projectors():
+def test_countsketch_state_is_a_bounded_cache_and_the_map_is_pinned():
+    """No table of p entries is held: blocks are drawn from the seed into a cache of at most CACHE_BYTES shared by all
+    projectors; the map is the one the stored tables of earlier versions held (values pinned from that code)."""
+    from diffusion_trak.featurize import sketch
+
+    sketch.clear_cache()
     a, b = CountSketchProjector(3000, 50, 4), CountSketchProjector(3000, 50, 4)
-    assert a.buckets is b.buckets and a.signs is b.signs
+    assert not sketch._CACHE  # construction draws nothing
+    assert torch.equal(a.buckets, b.buckets) and torch.equal(a.signs, b.signs)
+    assert len(sketch._CACHE) == 1  # one block, drawn once for both
+    big = CountSketchProjector(40 * sketch.BLOCK, 2048, 0)
+    acc = big.accumulator(1)
+    for lo in range(0, big.p, sketch.BLOCK):
+        big.add_(acc, lo, torch.ones(1, sketch.BLOCK))
+    held = sum(t.numel() * t.element_size() for t in sketch._CACHE.values())
+    assert held <= sketch.CACHE_BYTES < big.p * 8
+    assert big.slice(0, 6)[0].tolist() == [1077 + 2048, 993 + 2048, 1102 + 2048, 1687 + 2048, 869, 1344]
+    assert big.slice(sketch.BLOCK, 3)[0].tolist() == [886, 1786 + 2048, 131]
     c = CountSketchProjector(3000, 50, 5)
     assert not torch.equal(a.buckets, c.buckets)
     x = torch.randn(3, 3000)
