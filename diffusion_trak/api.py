@@ -131,6 +131,7 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
     distributed.state()  # under accelerate launch: this process's GPU is "cuda" before any module is placed
     ckpts = as_checkpoints(checkpoints, device)
     check_params(ckpts, args)
+    args = resolve_params(ckpts, args)  # "auto" saved as what it means for these checkpoints
     if len(dataset) == 0:
         raise InputError("dataset is empty; check --classes/--limit")
     conditioning = conditioning or Conditioning()
@@ -226,16 +227,57 @@ def check_params(ckpts, args: FeaturizeArgs) -> None:
         raise InputError(NO_ADAPTER)
 
 
+def resolve_params(ckpts, args: FeaturizeArgs) -> FeaturizeArgs:
+    """``args`` with ``params="auto"`` resolved for these checkpoints: ``lora`` when every one carries an active
+    LoRA adapter, else ``all`` (what feature stores record; stores made before ``auto`` said ``all`` or ``lora``)."""
+    from .featurize.gradients import lora_parameter_names
+
+    if args.params != "auto":
+        return args
+    lora = all(lora_parameter_names(u) for u, _ in as_checkpoints(ckpts))
+    return replace(args, params="lora" if lora else "all")
+
+
+def attributed_parameters(ckpts, args: FeaturizeArgs) -> Tuple[str, int, int]:
+    """``(params, count, total)``: the selection ``args.params`` resolves to for the last checkpoint, how many
+    parameters it covers and how many the UNet has (what the start-of-run line and the journey page state)."""
+    from .featurize.gradients import lora_parameter_names
+
+    unet = as_checkpoints(ckpts)[-1][0]
+    params = resolve_params(ckpts, args).params
+    named = dict(unet.named_parameters())
+    total = sum(p.numel() for p in named.values())
+    if params == "lora":
+        return params, sum(named[n].numel() for n in lora_parameter_names(unet)), total
+    if params == "trainable":
+        return params, sum(p.numel() for p in named.values() if p.requires_grad), total
+    return params, total, total
+
+
+def describe_parameters(params: str, count: int, total: int) -> str:
+    """Which parameters are attributed, in words: "the LoRA adapter's 5,504 parameters (of 208,708)"."""
+    if params == "lora":
+        return f"the LoRA adapter's {count:,} parameters (of {total:,} in the UNet with it)"
+    if params == "trainable":
+        return f"the UNet's {count:,} trainable parameters (of {total:,})"
+    return f"all {count:,} UNet parameters"
+
+
 def _method_fix(out: str, args: FeaturizeArgs) -> str:
-    """The way back to a store's featurization method when it differs from ``args.method`` (e.g. a store made
-    with ``vmap`` when that was the default), as a clause to append to a one-line error; "" otherwise."""
+    """The way back to a store's featurization method or parameters when they differ from ``args`` (e.g. a store
+    made with ``vmap`` when that was the default), as a clause to append to a one-line error; "" otherwise."""
     try:
-        old = Store.open_existing(out).settings.get("featurize", {}).get("method")
-    except (StoreError, OSError, ValueError):
+        saved = Store.open_existing(out).settings.get("featurize", {})
+    except (StoreError, OSError, ValueError, AttributeError):
         return ""
-    if old is None or old == args.method:
-        return ""
-    return f"; or pass --method {old} (FeaturizeArgs(method={old!r})) to resume it with the method it was made with"
+    old, fix = saved.get("method"), ""
+    if old is not None and old != args.method:
+        fix = f"; or pass --method {old} (FeaturizeArgs(method={old!r})) to resume it with the method it was made with"
+    params = saved.get("params", "all")  # stores made when "all" was the default leave it out
+    if params != args.params:  # e.g. made over every parameter before an adapter became the default with --lora
+        fix += (f"; or pass --params {params} (FeaturizeArgs(params={params!r})) to resume it with the parameters it "
+                "was made with")
+    return fix
 
 
 def _check_adapters(stored, given) -> None:

@@ -85,8 +85,9 @@ class Attributor:
         if self.conditioning.vae is not None:  # encodes the training images, decodes what pipeline() samples
             self.conditioning.vae.to(device)
         self.sampler = sampler if sampler is not None else self.checkpoints[-1][1]
-        # an adapter given (lora=, or one loaded into the unet): features over its parameters by default
-        self.featurize_args = featurize_args or FeaturizeArgs(params="lora" if self.has_adapter else "all")
+        # params="auto" (the default, whatever else featurize_args sets): the adapter's parameters when one is
+        # loaded (lora=, or into the unet given), else all; params="all" only when asked for
+        self.featurize_args = api.resolve_params(self.checkpoints, featurize_args or FeaturizeArgs())
         self.score_args = score_args or ScoreArgs()
         self.features_dir = os.fspath(features_dir) if features_dir else os.path.join(self.out, "features")
         self.latents_dir = os.fspath(latents_dir) if latents_dir else os.path.join(self.out, "latents")
@@ -106,9 +107,9 @@ class Attributor:
 
         ``lora``: a LoRA adapter as diffusers' LoRA training scripts save it (the folder, or its
         ``pytorch_lora_weights.safetensors``), loaded onto every checkpoint (:func:`~diffusion_trak.models.load_lora`);
-        the features then cover the adapter's parameters only (``FeaturizeArgs(params="lora")``) unless
-        ``featurize_args`` says otherwise, and the feature store records the base model's and the adapter's
-        fingerprints."""
+        the features then cover the adapter's parameters only (``FeaturizeArgs.params="auto"``, the default, whatever
+        other settings ``featurize_args`` changes) unless it says ``params="all"``, and the feature store records the
+        base model's and the adapter's fingerprints."""
         from .train import list_checkpoints
 
         paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
@@ -217,6 +218,15 @@ class Attributor:
         a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
         computes its share."""
         api.check_params(self.checkpoints, self.featurize_args)  # before latents/ is written
+        self.featurize_args = api.resolve_params(self.checkpoints, self.featurize_args)
+        if self.progress:
+            from . import distributed
+
+            if distributed.state().is_main_process:  # the start-of-run line: what is attributed, and to how many images
+                what = api.describe_parameters(*api.attributed_parameters(self.checkpoints, self.featurize_args))
+                print(f"featurizing {len(self.dataset)} training images with {len(self.checkpoints)} checkpoint(s): "
+                      f"attributing {what}" + ("; --params all (FeaturizeArgs(params='all')) attributes every one"
+                                               if self.featurize_args.params == "lora" else ""), flush=True)
         fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
         self._features = fs

@@ -218,9 +218,7 @@ def _given(ns, **fields) -> dict:
 
 def _featurize_args(ns) -> FeaturizeArgs:
     """The preset's settings, with every flag given on the command line in place of the preset's value."""
-    base, _ = preset(ns.preset)
-    if ns.params is None and getattr(ns, "lora", None):  # an adapter given: features over its parameters
-        base = dataclasses.replace(base, params="lora")
+    base, _ = preset(ns.preset)  # params "auto": the adapter's with --lora, else all (resolved by the Attributor)
     return dataclasses.replace(base, proj_dim=ns.proj_dim, projector=ns.projector, seed=ns.seed, batch_size=ns.batch_size,
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
@@ -441,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vmap: per-sample gradients + dense JL (reference); fast: per-layer hooks + CountSketch, "
                          "never forms a whole per-sample gradient (about 2.6× faster on CPU)")
     sp.add_argument("--params", default=None, choices=list(PARAM_SELECTIONS),
-                    help="parameters the gradients cover: all (default without --lora), lora (the LoRA adapter only: "
-                         "the default with --lora) or trainable (those with requires_grad)")
+                    help="parameters the gradients cover: auto (default: the LoRA adapter's with --lora, else all), "
+                         "all (every UNet parameter, also with --lora), lora (the adapter only) or trainable (those "
+                         "with requires_grad)")
     sp.add_argument("--kernel", default=None, choices=list(KERNELS),
                     help="the matrix TRAK inverts: ggn (default: the Gauss-Newton matrix of the loss, from single-draw "
                          "probe gradients) or features (the paper's ΦᵀΦ of the training features)")

@@ -18,8 +18,9 @@ from .errors import InputError
 TIMESTEP_STRATEGIES = ("uniform", "evenly_spaced", "stratified")
 SEED_MAX = 2**32 - 1  #: seeds are mixed as 32-bit words (``featurizer.seed_for``), so larger ones would alias
 FEATURIZE_METHODS = ("vmap", "fast", "fast_tf32", "fast_bf16")
-#: which UNet parameters the gradients cover (``FeaturizeArgs.params``)
-PARAM_SELECTIONS = ("all", "lora", "trainable")
+#: which UNet parameters the gradients cover (``FeaturizeArgs.params``); ``auto`` is resolved to ``lora`` or ``all``
+#: before anything is saved (:func:`diffusion_trak.api.resolve_params`)
+PARAM_SELECTIONS = ("auto", "all", "lora", "trainable")
 KERNELS = ("ggn", "features")
 
 
@@ -65,6 +66,8 @@ def asdict(obj) -> dict:
         if f.metadata.get("omit_when_default") and getattr(obj, f.name) == f.default:
             d.pop(f.name, None)
         elif "omit_when" in f.metadata and getattr(obj, f.name) == f.metadata["omit_when"]:
+            d.pop(f.name, None)
+        elif getattr(obj, f.name) in f.metadata.get("omit_also", ()):
             d.pop(f.name, None)
     return d
 
@@ -190,7 +193,9 @@ class FeaturizeArgs:
             ``fast``, or ``vmap`` when a dense ``projector`` (``torch``, ``fast_jl``) is named; the resolved
             method is what ``settings.json`` records. The fast methods need ``projector`` ``auto`` or
             ``countsketch``; ``countsketch`` with ``vmap`` gives the same features as ``fast`` up to float rounding.
-        params: which parameters θ the gradients cover: ``all`` (every UNet parameter), ``lora`` (only the
+        params: which parameters θ the gradients cover: ``auto`` (the default: the LoRA adapter's when the model
+            carries one, else every parameter; resolved to ``lora`` or ``all`` before featurizing, and saved so),
+            ``all`` (every UNet parameter, also with an adapter loaded), ``lora`` (only the
             active ``peft`` LoRA adapter's parameters, as D-TRAK attributes Stable Diffusion LoRA fine-tunes)
             or ``trainable`` (the parameters with ``requires_grad``, e.g. what a ``peft`` model leaves
             unfrozen). See :func:`diffusion_trak.featurize.gradients.select_parameters`.
@@ -217,7 +222,10 @@ class FeaturizeArgs:
     batch_size: int = 16
     method: str = "auto"
     timestep_range: Optional[Tuple[int, int]] = field(default=None, metadata=ADDED_LATER)
-    params: str = field(default="all", metadata=ADDED_LATER)
+    #: settings saved before ``auto`` existed meant ``all`` (then the default, left out when saving): ``all`` is still
+    #: left out, so that they resume; ``auto`` is resolved before saving, and left out of the dicts of settings that
+    #: are never featurized as they are (the evaluations' configs), where it means ``all``
+    params: str = field(default="auto", metadata={"absent": "all", "omit_when": "all", "omit_also": ("auto",)})
     #: settings saved before it existed meant ``features``: that value is left out when saving, so they resume
     kernel: str = field(default="ggn", metadata={"absent": "features", "omit_when": "features"})
     kernel_draws: int = field(default=32, metadata=ADDED_LATER)

@@ -194,3 +194,47 @@ def test_what_cannot_be_attributed_is_refused_in_one_line_before_anything_is_wri
     with pytest.raises(CheckpointError, match="also has text_encoder layers, which diffusion-trak does not load"):
         Attributor.from_pretrained(str(root / "my-sd-base"), None, run, lora=str(tmp_path / "with-text.safetensors"))
     assert not os.path.exists(run)
+
+
+def test_settings_never_change_which_parameters_are_attributed(workdir, tmp_path, capsys):
+    """``featurize_args`` that set only the timesteps keep the adapter-only default (params="auto"), in Python and
+    the CLI alike; params="all" is honoured only when asked for; the start-of-run line says which and how many;
+    a store made over every parameter (before "auto") resumes with --params all and refuses otherwise, naming it."""
+    from diffusion_trak import Attributor
+    from diffusion_trak.config import FeaturizeArgs
+
+    root, pipe = workdir
+    adapter = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)  # what the fine-tune trained
+    every = sum(p.numel() for p in pipe.unet.parameters())
+    capsys.readouterr()
+    args = FeaturizeArgs(num_timesteps=2, kernel_draws=2, proj_dim=16)
+    attr = Attributor.from_pretrained(str(root / "my-sd-base"), train_data=str(root / "my_images"),
+                                      lora=str(root / "my-lora"), out=str(tmp_path / "py"), featurize_args=args)
+    assert attr.featurize_args.params == "lora"
+    fs = attr.featurize().store.settings
+    assert fs["featurize"]["params"] == "lora" and fs["num_params"] == adapter < every
+    with open(tmp_path / "py" / "features" / "manifest.json") as f:  # the manifest on disk says the same
+        assert json.load(f)["settings"]["num_params"] == adapter
+    out = capsys.readouterr().out
+    assert f"featurizing 12 training images with 1 checkpoint(s): attributing the LoRA adapter's {adapter:,} " \
+           f"parameters (of {every:,}" in out and "--params all" in out
+    data = ["--data", "folder", "--data-path", str(root / "my_images")]
+    cli = ["featurize", "--pipeline", str(root / "my-sd-base"), "--lora", str(root / "my-lora"), "-T", "2",
+           "--kernel-draws", "2", "-k", "16"] + data
+    assert main(cli + ["--run", str(tmp_path / "cli")]) == 0
+    cs = api.FeatureSet.open(str(tmp_path / "cli" / "features")).store.settings
+    assert cs["featurize"] == fs["featurize"] and cs["num_params"] == adapter
+    # every parameter only when asked for, in Python and the CLI; the store then leaves "all" out, as old ones did
+    attr = Attributor.from_pretrained(str(root / "my-sd-base"), train_data=str(root / "my_images"),
+                                      lora=str(root / "my-lora"), out=str(tmp_path / "all"),
+                                      featurize_args=FeaturizeArgs(num_timesteps=2, kernel_draws=2, proj_dim=16,
+                                                                   params="all"))
+    fa = attr.featurize().store.settings
+    assert fa["num_params"] == every and "params" not in fa["featurize"]
+    assert f"attributing all {every:,} UNet parameters" in capsys.readouterr().out
+    # that store (as one made before "auto" existed) resumes with --params all, and refuses without it, naming it
+    assert main(cli + ["--run", str(tmp_path / "all"), "--params", "all"]) == 0
+    capsys.readouterr()
+    assert main(cli + ["--run", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the loaders' progress bars)
+    assert "made with other settings" in err and "--params all (FeaturizeArgs(params='all')) to resume it" in err

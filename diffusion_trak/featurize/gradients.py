@@ -49,11 +49,14 @@ def lora_parameter_names(model: torch.nn.Module) -> List[str]:
 
 def select_parameters(model: torch.nn.Module, params: str = "all") -> List[str]:
     """Make ``params`` the parameters that gradients cover, by setting ``requires_grad`` on ``model`` (the
-    featurizer's private copy): ``all`` every parameter, ``lora`` only the active peft adapter's, ``trainable``
+    featurizer's private copy): ``auto`` the active peft adapter's when there is one, else every parameter;
+    ``all`` every parameter, ``lora`` only the active peft adapter's, ``trainable``
     those that already have ``requires_grad``. Both featurization paths differentiate exactly the parameters
     with ``requires_grad`` (:func:`trainable_parameters`, :class:`~diffusion_trak.featurize.fast.FastGradientSketch`).
     Returns the selected names in ``named_parameters`` order."""
     named = list(model.named_parameters())
+    if params == "auto":  # the adapter when there is one, else every parameter (FeaturizeArgs' default)
+        params = "lora" if lora_parameter_names(model) else "all"
     if params == "all":
         chosen = {n for n, _ in named}
     elif params == "trainable":
@@ -64,7 +67,7 @@ def select_parameters(model: torch.nn.Module, params: str = "all") -> List[str]:
             raise InputError("the model has no active peft LoRA adapter (e.g. unet.add_adapter(LoraConfig(...)) or "
                              "pipe.load_lora_weights(...)); load the adapter or use --params all")
     else:
-        raise InputError(f"params must be one of all, lora, trainable, got {params!r}")
+        raise InputError(f"params must be one of auto, all, lora, trainable, got {params!r}")
     if not chosen:
         raise InputError("the model has no parameter with requires_grad; use --params all")
     for n, p in named:

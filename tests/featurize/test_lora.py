@@ -100,7 +100,7 @@ def test_base_parameters_are_not_included(lora_unet, scheduler):
 def test_lora_without_adapter_refuses(scheduler):
     with pytest.raises(InputError, match="no active peft LoRA adapter.*--params all"):
         Featurizer(tiny_text_unet(), scheduler, FeaturizeArgs(params="lora", proj_dim=8))
-    with pytest.raises(InputError, match="params must be one of all, lora, trainable"):
+    with pytest.raises(InputError, match="params must be one of auto, all, lora, trainable"):
         FeaturizeArgs(params="adapter")
 
 
@@ -199,6 +199,9 @@ def test_cli_params_flag():
 
     parser = cli.build_parser()
     assert cli._featurize_args(parser.parse_args(["featurize", "--params", "lora"])).params == "lora"
-    assert cli._featurize_args(parser.parse_args(["featurize"])).params == "all"
+    # the default, with or without --lora: "auto" (resolved by the Attributor against the loaded model)
+    assert cli._featurize_args(parser.parse_args(["featurize"])).params == "auto"
+    assert cli._featurize_args(parser.parse_args(["featurize", "--lora", "x", "-T", "2"])).params == "auto"
+    assert cli._featurize_args(parser.parse_args(["featurize", "--lora", "x", "--params", "all"])).params == "all"
     with pytest.raises(SystemExit):
         parser.parse_args(["featurize", "--params", "adapter"])
