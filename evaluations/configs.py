@@ -25,7 +25,9 @@ class ConfigError(UserError, ValueError):
     """A benchmark config that cannot run as given (one line, names the fix)."""
 
 
-METHODS = ("random", "pixel_neg_l2", "pixel_cosine", "embedding", "grad_dot", "grad_cosine", "trak")
+METHODS = ("random", "pixel_neg_l2", "pixel_cosine", "embedding", "grad_dot", "grad_cosine", "trak", "ekfac")
+#: what a config compares unless it says otherwise (``ekfac`` needs the optional kronfluence: ``--set methods=[...]``)
+DEFAULT_METHODS = METHODS[:-1]
 
 
 @dataclass
@@ -98,7 +100,7 @@ class EvalConfig:
     gt_final_draws: int = 32
     gt_seed: int = 5
     gt_destination_draws: int = 0
-    methods: Tuple[str, ...] = METHODS
+    methods: Tuple[str, ...] = DEFAULT_METHODS
     encoder_epochs: int = 30
     audit_targets: int = 8
     audit_steps: Tuple[int, ...] = (50,)
@@ -272,6 +274,8 @@ def _power(name: str, description: str, data: DataArgs, heldout: DataArgs) -> Ev
         score=ScoreArgs(num_noises=20, ridge=1.0, target_output="loss", seed=1, destination_draws=100),
         num_models=64, alpha=0.5, seed_mode="distinct", lds_mode="retrain", num_replicates=16,
         train_method="stacked", stack_size=32,
+        # EK-FAC influence (kronfluence's defaults, on the attributed model) beside TRAK: pip install ".[ekfac]"
+        methods=DEFAULT_METHODS + ("ekfac",),
         num_generated=64, num_inference_steps=100, lds_steps=(10, 30, 50, 70, 90), num_heldout=64,
         gt_outputs=("xhat0_loss",), gt_noises=16, gt_final_draws=32, gt_destination_draws=200,
         audit_targets=8, audit_steps=(50,), audit_ks=(0.1,), audit_modes=("masked",), audit_random_draws=8,

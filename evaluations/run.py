@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ METHOD_LABELS = {
     "grad_dot": "gradient dot (TracIn-like)",
     "grad_cosine": "gradient cosine",
     "trak": "TRAK (paper target)",
+    "ekfac": "EK-FAC influence (kronfluence)",
 }
 SET_LABELS = {"generated": "generated targets", "heldout": "held-out real images"}
 GT_LABELS = {"xhat0_loss": "loss of x̂0_t at t (paper)", "final_loss_le_t": "loss of the final image at timesteps ≤ t",
@@ -101,6 +102,8 @@ def _check_config(out: str, cfg: EvalConfig, overwrite: bool) -> None:
         # a setting added to EvalConfig after the run was made reads as its default
         old = {**{k: defaults[k] for k in d if k not in old}, **old}
         keys = sorted(k for k in set(old) | set(d) if old.get(k) != d.get(k))
+        if "methods" in keys and set(old["methods"]) <= set(d["methods"]):  # more methods: computed, the rest kept
+            keys.remove("methods")
         if keys and not set(keys) <= set(EXTENDABLE):
             if not overwrite:
                 raise ConfigMismatch(f"{out} holds a run of another config (differs in {', '.join(keys)}); "
@@ -215,7 +218,7 @@ def _baseline_scores(cfg, train, queries, tfeats, features, encoder, seed_base: 
     train_feats = features.arrays
     res = {}
     for m in cfg.methods:
-        if m == "trak":
+        if m in ("trak", "ekfac"):  # scored on their own
             continue
         per_step = []
         for si, q in enumerate(queries):
@@ -241,18 +244,21 @@ def _destination_baselines(cfg, folder, train, heldout, traj, features, tfeats, 
     output of :func:`_target_features`, asked for only when something is computed)."""
     return _cached_by_set(folder.baselines("destination.npz"), lambda: {
         "generated": _baseline_scores(cfg, train, [traj.final.float()], tfeats()[1]["generated"], features, encoder, 7),
-        "heldout": _baseline_scores(cfg, train, [heldout.images], tfeats()[1]["heldout"], features, encoder, 8)})
+        "heldout": _baseline_scores(cfg, train, [heldout.images], tfeats()[1]["heldout"], features, encoder, 8)},
+        _own_methods(cfg))
 
 
-def _cached_by_set(path: str, compute) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{set: {method: array}}`` read from the ``.npz`` at ``path``, or ``compute()``-d and saved there."""
+def _cached_by_set(path: str, compute, need: Sequence[str] = ()) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{set: {method: array}}`` read from the ``.npz`` at ``path``, or ``compute()``-d and saved there (also when
+    the file lacks one of the methods in ``need``: a config that gained methods)."""
     if os.path.exists(path):
         z = np.load(path)
         res = {}
         for key in z.files:
             s, m = key.split("__")
             res.setdefault(s, {})[m] = z[key]
-        return res
+        if all(m in d for d in res.values() for m in need):
+            return res
     res = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **{f"{s}__{m}": v for s, d in res.items() for m, v in d.items()})
@@ -266,7 +272,31 @@ def _baselines(cfg, folder, train, heldout, traj, steps, features, tfeats, encod
                "heldout": [heldout.images for _ in steps]}
     return _cached_by_set(folder.baselines("scores.npz"), lambda: {
         sname: _baseline_scores(cfg, train, qs, tfeats()[0][sname], features, encoder, 0 if sname == "generated" else 1)
-        for sname, qs in queries.items()})
+        for sname, qs in queries.items()}, _own_methods(cfg))
+
+
+def _own_methods(cfg) -> List[str]:
+    """The methods :func:`_baseline_scores` computes (TRAK and EK-FAC are scored on their own)."""
+    return [m for m in cfg.methods if m not in ("trak", "ekfac")]
+
+
+def _ekfac(cfg, folder, ckpt, train, heldout, traj, steps, device, progress):
+    """``({set: (S, B, N)}, {set: (1, B, N)})``: EK-FAC influence (:mod:`evaluations.ekfac`) on the attributed model
+    ``ckpt`` (its final checkpoint), with TRAK's draws; computed once and kept in ``baselines/ekfac*.npz``."""
+    from . import ekfac
+
+    dest = bool(cfg.gt_destination_draws)
+
+    def compute():
+        res = ekfac.harness_scores(ckpt[0], ckpt[1], train, cfg.featurize, _score_args(cfg),
+                                   _target_sets(traj, heldout, steps),
+                                   {"generated": traj.final.float(), "heldout": heldout.images} if dest else None,
+                                   folder.baselines("ekfac"), device=device, progress=progress)
+        return {sname: {"steps": v, **({"destination": res["destination"][sname]} if dest else {})}
+                for sname, v in res["steps"].items()}
+
+    got = _cached_by_set(folder.baselines("ekfac.npz"), compute)
+    return ({s: d["steps"] for s, d in got.items()}, {s: d["destination"] for s, d in got.items()} if dest else None)
 
 
 def _subset_seeds(cfg: EvalConfig):
@@ -579,8 +609,16 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
         lds_idx = [pos[s] for s in cfg.lds_steps]
         base = _baselines(cfg, folder, train, heldout, traj, steps, features, tfeats, encoder)
         dest_scores = None
+        if "ekfac" in cfg.methods:
+            with timer.stage("EK-FAC influence"):
+                ek, ek_dest = _ekfac(cfg, folder, ckpts[ckpt_dirs.index(final)], train, heldout, traj, steps, device,
+                                     progress)
+            for sname in SETS:
+                base[sname]["ekfac"] = ek[sname]
         if cfg.gt_destination_draws:
             dbase = _destination_baselines(cfg, folder, train, heldout, traj, features, tfeats, encoder)
+            for sname in SETS if "ekfac" in cfg.methods else ():
+                dbase[sname]["ekfac"] = ek_dest[sname]
             dest_scores = {sname: {m: (trak_dest[sname][None] if m == "trak" else dbase[sname][m]) for m in cfg.methods}
                            for sname in SETS}
     scores = {}

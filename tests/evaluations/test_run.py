@@ -202,3 +202,23 @@ def test_a_masked_run_is_read_back_through_one_layout(tmp_path, monkeypatch):
                 want = tables[sname][kind]["methods"]["trak"][j]["values"]
                 np.testing.assert_array_equal(lds(scores[si], inp["masks"], y[:, j, :]), want)
     assert evaluation_run(out)["scores"] == os.path.join(out, "scores", "generated")
+
+
+def test_ekfac_method_added_to_a_finished_run(tmp_path):
+    """methods may grow on a finished run: EK-FAC (kronfluence) is computed, everything else is kept; its rows sit
+    beside TRAK's per step and at the destination."""
+    pytest.importorskip("kronfluence")
+    from diffusion_trak.evaluations.configs import DEFAULT_METHODS
+
+    out = str(tmp_path / "run")
+    kw = dict(gt_destination_draws=2, score=ScoreArgs(num_noises=2, destination_draws=2))
+    first = run(tiny_config(**kw), out, progress=False, audit=False)
+    second = run(tiny_config(methods=DEFAULT_METHODS + ("ekfac",), **kw), out, progress=False, audit=False)
+    for sname in ("generated", "heldout"):
+        for kind in ("xhat0_loss", "destination"):
+            a, b = first["tables"][sname][kind]["methods"], second["tables"][sname][kind]["methods"]
+            assert a["trak"] == b["trak"] and a["pixel_neg_l2"] == b["pixel_neg_l2"]
+            assert "ekfac" not in a and len(b["ekfac"]) == len(b["trak"])
+    assert "| EK-FAC influence (kronfluence) |" in open(os.path.join(out, "report.md")).read()
+    with pytest.raises(ConfigMismatch):  # fewer methods is another config
+        run(tiny_config(methods=("trak", "random"), **kw), out, progress=False, audit=False)
