@@ -57,3 +57,25 @@ def shard_rows(n: int, block: int, rank: int = None, world: int = None) -> np.nd
     world = s.num_processes if world is None else world
     rows = np.arange(n)
     return rows[(rows // block) % world == rank]
+
+
+def cpu_contention(threads: int = None, cores: int = None, load: float = None):
+    """One line when torch's CPU threads meet a busy machine, else ``None``.
+
+    torch runs ``threads`` threads per op, each waiting for the slowest; when other processes already keep the
+    cores busy (1-minute load average ``load`` at or above half the ``cores`` this process may use), every op waits
+    on the scheduler and a step can take many times longer than on one thread."""
+    import torch
+
+    threads = torch.get_num_threads() if threads is None else threads
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this system: nothing to say
+            return None
+    if threads <= 1 or load < cores / 2:
+        return None
+    return (f"warning: this CPU is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads per op; "
+            "if steps are slow, set OMP_NUM_THREADS=1 (or torch.set_num_threads(1)) or give this job the cores")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import os
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -140,6 +141,12 @@ def fit(accelerator, unet, scheduler, opt, lr_sched, images: torch.Tensor, args,
     with gradient clipping at 1 and a :func:`save_checkpoint` after each epoch in ``saves``."""
     steps_per_epoch = math.ceil(len(images) / args.batch_size)
     dev = accelerator.device
+    if dev.type == "cpu" and progress and accelerator.is_main_process:
+        from .distributed import cpu_contention
+
+        busy = cpu_contention()
+        if busy:
+            print(busy, file=sys.stderr, flush=True)
     bar = tqdm(total=steps_per_epoch * args.epochs, initial=start_epoch * steps_per_epoch, desc=desc,
                disable=not progress)
     for epoch in range(start_epoch, args.epochs):

@@ -149,3 +149,12 @@ def test_two_process_scoring_equals_one(tmp_path, ckpt):
     b = np.load(tmp_path / "two" / "scores.npy")
     assert a.shape == (2, 6, n) and np.abs(a).sum() > 0
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_contention_is_one_line_only_when_busy():
+    from diffusion_trak.distributed import cpu_contention
+
+    line = cpu_contention(threads=2, cores=2, load=1.9)
+    assert line and "\n" not in line and "OMP_NUM_THREADS=1" in line and "load 1.9 on 2 cores" in line
+    assert cpu_contention(threads=2, cores=2, load=0.3) is None  # a quiet machine
+    assert cpu_contention(threads=1, cores=2, load=3.0) is None  # one thread waits on nobody
