@@ -389,20 +389,36 @@ class FastGradientSketch:
 
     def _self_check(self, sketches, x0, timesteps, noises, cond, output, cond_per_timestep):
         """Once, on probe rows: Σ_i S g_i (``sketches`` of those rows) must equal S (Σ_i g_i), the latter from one
-        plain batched backward."""
+        plain batched backward whose parameter gradients are sketched one at a time as autograd finishes each
+        (``register_post_accumulate_grad_hook``) and freed at once: extra memory is the largest parameter's gradient,
+        not a gradient of every parameter. Gradients the caller's parameters already hold are set aside and put back."""
         T = timesteps.shape[1]
         got = sketches.sum(0)
         if not torch.isfinite(got).all():
             raise NonFiniteError(NON_FINITE)
         xs, ts, ns, c = self._pairs(x0, timesteps, noises, cond, cond_per_timestep)
-        self.model.zero_grad(set_to_none=True)
-        with torch.enable_grad(), self._precision():
-            total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
-        total.backward()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(1, -1).float()
-                          for p in self.model.parameters() if p.requires_grad], 1)
-        self.model.zero_grad(set_to_none=True)
-        want = self.projector(flat)[0]
+        slots = {id(getattr(l.module, n)): lo for l in self.layers for n, (lo, _) in l.slots.items()}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.grad for p in params]
+        acc = self.projector.accumulator(1, self.device)
+
+        def sketch_grad(p):
+            self.projector.add_(acc, slots[id(p)], p.grad.reshape(1, -1).float())
+            p.grad = None
+
+        handles = [p.register_post_accumulate_grad_hook(sketch_grad) for p in params]
+        try:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad(), self._precision():
+                total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T
+            total.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in zip(params, kept):
+                p.grad = g
+        want = self.projector.finish(acc)[0]
         err = float((got - want).norm() / want.norm().clamp_min(1e-30))
         tol = 5e-2 if self.precision == "bf16" else 1e-3
         if err > tol:

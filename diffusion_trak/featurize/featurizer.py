@@ -1,6 +1,7 @@
 """Timestep-aware TRAK features: projected per-example gradients of an output function."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from dataclasses import replace
@@ -53,6 +54,15 @@ def example_draws(index: int, args: FeaturizeArgs, num_train_timesteps: int, sha
     return t, noise
 
 
+def _on(have: torch.device, want: torch.device) -> bool:
+    """Whether a tensor on ``have`` is already on ``want`` (a bare ``cuda`` means the current GPU)."""
+    if have.type != want.type:
+        return False
+    if want.type == "cuda" and want.index is None:
+        return have.index == torch.cuda.current_device()
+    return want.index is None or have.index == want.index
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -71,28 +81,62 @@ class Featurizer:
 
     def __init__(self, model: torch.nn.Module, scheduler, args: FeaturizeArgs = FeaturizeArgs(), device="cpu"):
         self.device = torch.device(device)
-        # a private copy: switching attention processors (and hooks of the fast path) must not change
-        # the caller's model, which may still be used for sampling
-        self.model = copy.deepcopy(model).to(self.device).eval()
-        #: the parameters θ the gradients cover (``args.params``), in the order of the flattened gradient
-        self.param_names = select_parameters(self.model, args.params)
-        if not args.method.startswith("fast"):  # the fast path runs plain batched passes: SDPA is fine there
-            use_vmap_friendly_attention(self.model)
+        fast = args.method.startswith("fast")
+        #: whether ``model`` is the caller's own module (the fast methods on the model's device: no copy, which for a
+        #: Stable-Diffusion UNet is 3.4 GB), used in eval mode with this featurizer's ``requires_grad`` selection only
+        #: during its own calls (:meth:`_in_use`), the caller's mode and flags put back after each. Otherwise a
+        #: private copy: the vmap path switches attention processors for good, and a model on another device must
+        #: be copied there anyway
+        self.shared = fast and all(_on(t.device, self.device) for t in list(model.parameters()) + list(model.buffers()))
+        self.model = model if self.shared else copy.deepcopy(model).to(self.device).eval()
         self.scheduler, self.args = scheduler, args
-        self.num_params = num_parameters(self.model)
-        self.fast = None
-        if args.method.startswith("fast"):  # per-layer hooks + CountSketch, see featurize/fast.py
-            from .fast import FastGradientSketch
-            if args.projector not in ("auto", "countsketch"):
-                raise ProjectorError(f"method={args.method} uses its own sparse JL projector; use projector auto or countsketch")
-            precision = {"fast": "fp32", "fast_tf32": "tf32", "fast_bf16": "bf16"}[args.method]
-            self.fast = FastGradientSketch(self.model, scheduler, args.proj_dim, args.seed, self.device, precision)
-            self.projector = self.fast.projector
-        elif args.projector == "countsketch":
+        with self._in_use(select=False):
+            #: the parameters θ the gradients cover (``args.params``), in the order of the flattened gradient
+            self.param_names = select_parameters(self.model, args.params)
+            if not fast:  # the fast path runs plain batched passes: SDPA is fine there
+                use_vmap_friendly_attention(self.model)
+            self.num_params = num_parameters(self.model)
+            self.fast = None
+            if fast:  # per-layer hooks + CountSketch, see featurize/fast.py
+                from .fast import FastGradientSketch
+                if args.projector not in ("auto", "countsketch"):
+                    raise ProjectorError(f"method={args.method} uses its own sparse JL projector; use projector auto or countsketch")
+                precision = {"fast": "fp32", "fast_tf32": "tf32", "fast_bf16": "bf16"}[args.method]
+                self.fast = FastGradientSketch(self.model, scheduler, args.proj_dim, args.seed, self.device, precision)
+                self.projector = self.fast.projector
+        if self.fast is not None:
+            return
+        if args.projector == "countsketch":
             from .sketch import CountSketchProjector
             self.projector = CountSketchProjector(self.num_params, args.proj_dim, args.seed, self.device)
         else:
             self.projector = make_projector(args.projector, self.num_params, args.proj_dim, args.seed, self.device)
+
+    @contextlib.contextmanager
+    def _in_use(self, select: bool = True):
+        """The model as this featurizer uses it: eval mode, ``requires_grad`` on the selected parameters only and, on
+        a shared model, its attention processors; the caller's mode, flags and processors put back afterwards (a
+        private copy keeps them)."""
+        if not self.shared:
+            yield
+            return
+        named = list(self.model.named_parameters())
+        flags, training = [p.requires_grad for _, p in named], self.model.training
+        procs = {m: m.processor for m in self.model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
+        try:
+            self.model.eval()
+            if select:
+                chosen = set(self.param_names)
+                for n, p in named:
+                    p.requires_grad_(n in chosen)
+            yield
+        finally:
+            for (_, p), f in zip(named, flags):
+                p.requires_grad_(f)
+            for m, proc in procs.items():
+                if m.processor is not proc:
+                    m.set_processor(proc)
+            self.model.train(training)
 
     def with_args(self, args: FeaturizeArgs) -> "Featurizer":
         """This featurizer (the same model copy, projector and hooks: the same projection) with other draws and
@@ -110,17 +154,19 @@ class Featurizer:
 
     def gradients(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False):
         """Flattened per-example gradients (B, p) by ``vmap``, whatever the method."""
-        if self.fast is not None:
-            use_vmap_friendly_attention(self.model)  # SDPA falls back to a slow path under vmap
-        return per_sample_gradients(self.model, self.scheduler, x0.to(self.device), timesteps.to(self.device),
-                                    noises.to(self.device), output or self.args.output,
-                                    {k: v.to(self.device) for k, v in (cond or {}).items()}, cond_per_timestep)
+        with self._in_use():
+            if self.fast is not None:
+                use_vmap_friendly_attention(self.model)  # SDPA falls back to a slow path under vmap
+            return per_sample_gradients(self.model, self.scheduler, x0.to(self.device), timesteps.to(self.device),
+                                        noises.to(self.device), output or self.args.output,
+                                        {k: v.to(self.device) for k, v in (cond or {}).items()}, cond_per_timestep)
 
     def features(self, x0, timesteps, noises, cond=None, output: Optional[str] = None, cond_per_timestep=False) -> torch.Tensor:
         """(B, k) features on the CPU. The fast methods take all B × T rows at once (they bound memory by
         rows themselves); ``vmap`` works in batches of ``batch_size`` examples."""
         if self.fast is not None:
-            return self.fast.features(x0, timesteps, noises, output or self.args.output, cond, cond_per_timestep).cpu()
+            with self._in_use():
+                return self.fast.features(x0, timesteps, noises, output or self.args.output, cond, cond_per_timestep).cpu()
         out = []
         bs = self.args.batch_size
         for i in range(0, x0.shape[0], bs):

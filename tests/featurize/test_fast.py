@@ -346,3 +346,25 @@ def test_rows_per_pass_rule(monkeypatch):
     assert fast_mod.rows_per_pass("cpu", 2000 * MiB) == 1
     monkeypatch.setattr(fast_mod, "ACTIVATION_BUDGET", 90 * MiB)
     assert fast_mod.rows_per_pass("cpu", 45 * MiB) == 2
+
+
+def test_fast_featurizer_shares_the_callers_model_and_puts_it_back(tiny_unet, scheduler):
+    """No copy of the caller's model on its own device (a Stable-Diffusion UNet is 3.4 GB): the featurizer uses it in
+    eval mode with its own requires_grad selection during its calls only; mode, flags and gradients come back as they
+    were, and the features equal those of a featurizer over a private copy (the vmap path's rule)."""
+    import copy
+
+    model = copy.deepcopy(tiny_unet).train()
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    first.grad = torch.ones_like(first)
+    f = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, params="all"))
+    assert f.shared and f.model is model
+    x0, ts, ns = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3, 2)), torch.randn(3, 2, 1, 8, 8)
+    got = f.features(x0, ts, ns)
+    assert model.training and not first.requires_grad and torch.equal(first.grad, torch.ones_like(first))
+    assert all(p.requires_grad for p in list(model.parameters())[1:])
+    other = Featurizer(copy.deepcopy(model).eval(), scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, params="all"))
+    torch.testing.assert_close(got, other.features(x0, ts, ns), rtol=1e-5, atol=1e-6)
+    vm = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=32, method="vmap", projector="countsketch"))
+    assert not vm.shared and vm.model is not model

@@ -74,7 +74,8 @@ def test_features_cover_exactly_the_adapter(lora_unet, scheduler, method):
     assert f.projector.p == f.num_params  # the projection takes exactly these coordinates
     if method == "fast":
         assert f.fast.p == f.num_params
-    # the caller's model is untouched (the featurizer selects on its private copy)
+    # the caller's model is untouched (the featurizer selects on its private copy, or on the shared model during
+    # its own calls only)
     assert {n: p.requires_grad for n, p in lora_unet.named_parameters()} == before
 
 
@@ -86,8 +87,9 @@ def test_base_parameters_are_not_included(lora_unet, scheduler):
     assert set(every.param_names) == set(base) | set(lora.param_names)
     assert every.num_params == sum(p.numel() for p in lora_unet.parameters()) > lora.num_params
     # only the adapter's parameters get gradients: the fast path's probe and the vmap path both differentiate
-    # the parameters with requires_grad, and the private copy has it on the adapter only
-    assert [n for n, p in lora.model.named_parameters() if p.requires_grad] == lora.param_names
+    # the parameters with requires_grad, and the model has it on the adapter only while the featurizer uses it
+    with every._in_use(), lora._in_use():
+        assert [n for n, p in lora.model.named_parameters() if p.requires_grad] == lora.param_names
     # "trainable" follows requires_grad: add_adapter froze the base, so it is the adapter too
     trainable = Featurizer(lora_unet, scheduler, FeaturizeArgs(params="trainable", proj_dim=8, num_timesteps=2))
     assert trainable.param_names == lora.param_names
