@@ -62,8 +62,10 @@ def test_cache_is_reused_and_refused_when_the_vae_changes(tmp_path, pixels, monk
     cache = str(tmp_path / "cache")
     first = L.encode_dataset(pixels, tiny_vae(), cache, progress=False)
     calls = []
-    real = L.encode_images
-    monkeypatch.setattr(L, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from diffusion_trak import vae as V
+
+    real = V.encode_images
+    monkeypatch.setattr(V, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = L.encode_dataset(pixels, tiny_vae(), cache, progress=False)
     assert len(calls) == 1  # only the one-image shape probe; no row re-encoded
     assert torch.equal(first.images, again.images)
