@@ -183,19 +183,64 @@ def featurize(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArg
             kcond_fn, kper = conditioning.training(ckpts[0][0], dataset, kargs.num_timesteps, args.seed)
             my_slots = distributed.shard_rows(n_slots, 1) if rows is None else held_slots(len(dataset), args.batch_size,
                                                                                           n_slots, mine)
+        clock = _state_plan(featurizers, dataset, cond_fn, per_timestep, args, arrays, mine, karrays,
+                            my_slots if knames else [], n_slots, progress and dist.is_main_process)
         for c, (f, arr) in enumerate(zip(featurizers, arrays)):
             f.featurize_dataset(dataset, arr, cond_fn=cond_fn, progress=progress and dist.is_main_process, rows=mine,
-                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep)
+                                desc=f"featurize ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=per_timestep,
+                                clock=clock)
             if knames:
                 f.with_args(kargs).featurize_kernel(dataset, karrays[c], cond_fn=kcond_fn, slots=my_slots,
                                                     progress=progress and dist.is_main_process,
-                                                    desc=f"GGN kernel ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=kper)
+                                                    desc=f"GGN kernel ckpt {c + 1}/{len(featurizers)}", cond_per_timestep=kper,
+                                                    clock=clock)
         dist.wait_for_everyone()
         if rows is None:
             missing = [n for n, a in zip(names + knames, arrays + karrays) if not a.complete()]
             if missing:
                 raise StoreError(f"{out}: rows missing in {missing} after featurization; rerun the same command to finish them")
     return FeatureSet(store, names, knames)
+
+
+def _state_plan(featurizers, dataset, cond_fn, per_timestep, args, arrays, mine, karrays, my_slots, n_slots, say):
+    """Before anything is computed: the run's pairs, kernel rows, their cost and planned peak memory
+    (:class:`~diffusion_trak.featurize.featurizer.Estimate`), printed when ``say``; the :class:`RunClock` of the
+    progress bars' whole-run ETA."""
+    from .featurize.featurizer import RunClock, estimate_run, slot_rows
+
+    todo = sum(len(a.pending(mine)) for a in arrays)
+    ranges = slot_rows(len(dataset), args.batch_size, n_slots) if karrays else []
+    krows = sum(ranges[s][1] - ranges[s][0] for a in karrays for s in a.pending(my_slots))
+    pairs, kernel = todo * args.num_timesteps, krows * (args.kernel_draws if karrays else 0)
+    if say and featurizers[0].fast is not None and pairs + kernel:
+        est = estimate_run(featurizers, dataset, cond_fn, per_timestep, todo, pairs, kernel,
+                           args.kernel_draws if karrays else 0)
+        print(str(est), flush=True)
+    return RunClock(pairs + kernel)
+
+
+def estimate(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArgs(), device="cpu",
+             conditioning: Optional[Conditioning] = None):
+    """What :func:`featurize` of the whole ``dataset`` would compute and the memory it plans for (an
+    :class:`~diffusion_trak.featurize.featurizer.Estimate`), computing nothing but one forward of one example (its
+    activation bytes) and writing nothing. Fast methods only."""
+    from .featurize.featurizer import estimate_run
+
+    ckpts = as_checkpoints(checkpoints, device)
+    check_params(ckpts, args)
+    args = resolve_params(ckpts, args)
+    if len(dataset) == 0:
+        raise InputError("dataset is empty; check --classes/--limit")
+    if not args.method.startswith("fast"):
+        raise InputError(f"an estimate needs a fast method; method={args.method} is not one (use --method fast)")
+    conditioning = conditioning or Conditioning()
+    probe = conditioning.encode(dataset.subset([0]))  # one example, in memory
+    cond_fn, per_timestep = conditioning.training(ckpts[0][0], probe, args.num_timesteps, args.seed)
+    featurizers = [Featurizer(u, s, args, device) for u, s in ckpts]
+    n = len(dataset)
+    kernel = n * args.kernel_draws * len(ckpts) if args.kernel == "ggn" else 0
+    return estimate_run(featurizers, probe, cond_fn, per_timestep, n, n * args.num_timesteps * len(ckpts), kernel,
+                        args.kernel_draws if kernel else 0)
 
 
 def _check_featurize_size(args: FeaturizeArgs, dataset, num_ckpts: int, out: str, device) -> None:

@@ -232,6 +232,14 @@ class Attributor:
         self._features = fs
         return fs
 
+    def estimate(self):
+        """What :meth:`featurize` would compute and the memory it plans for, computing nothing but one forward of one
+        training example and writing nothing: an :class:`~diffusion_trak.featurize.featurizer.Estimate` (pairs,
+        kernel rows, cost in forward + backward passes of the model, planned peak memory; ``str()`` says it)."""
+        api.check_params(self.checkpoints, self.featurize_args)
+        args = api.resolve_params(self.checkpoints, self.featurize_args)
+        return api.estimate(self.checkpoints, self.dataset, args, device=self.device, conditioning=self.conditioning)
+
     @property
     def features(self) -> api.FeatureSet:
         """The features of :meth:`featurize` (or those already in ``out/features``)."""

@@ -50,6 +50,16 @@ def _int(lo: int, hi: Optional[int] = None):
     return parse
 
 
+def _memory_size(text):
+    """An argparse type: a memory size in bytes, or with a unit: 8G, 8GB, 8GiB, 500M, 500MiB (powers of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a memory size such as 8G, 500M or a number of bytes, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
 def _positive_float(text):
     """An argparse type: a finite number > 0."""
     import math
@@ -223,7 +233,7 @@ def _featurize_args(ns) -> FeaturizeArgs:
                                method=ns.method, timestep_range=tuple(ns.timestep_range) if ns.timestep_range else None,
                                **_given(ns, num_timesteps=ns.num_timesteps, timestep_strategy=ns.timestep_strategy,
                                         output=ns.output, params=ns.params, kernel=ns.kernel,
-                                        kernel_draws=ns.kernel_draws))
+                                        kernel_draws=ns.kernel_draws, max_memory=getattr(ns, "max_memory", None)))
 
 
 def _models(ns) -> List[str]:
@@ -245,6 +255,11 @@ def cmd_featurize(ns):
     _check_out(out, "--out")
     args = _featurize_args(ns)
     dataset, dargs = _load_run_data(ns)
+    if ns.dry_run:  # the plan only: nothing computed but one forward of one example, nothing written
+        est = _attributor(ns, dataset, featurize_args=args, features_dir=out,
+                          latents_dir=os.path.join(os.path.dirname(os.path.abspath(out)), "latents")).estimate()
+        print(str(est) + "; --dry-run: nothing computed or written", flush=True)
+        return est
     fs = _attributor(ns, dataset, featurize_args=args, features_dir=out,
                      latents_dir=os.path.join(os.path.dirname(os.path.abspath(out)), "latents")).featurize()
     _remember_data(ns, dargs)
@@ -451,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=f.seed)
     sp.add_argument("--out", default=None, help="feature store folder (default RUN/features; a latent model's "
                     "training latents are cached beside it, in latents/)")
+    sp.add_argument("--max-memory", type=_memory_size, default=None,
+                    help="memory the featurizer may hold at its peak, model included (e.g. 8G); rows per pass follow "
+                         "it (default: what is free when the run starts)")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the plan (pairs, kernel rows, cost, planned peak memory) and stop: nothing is computed "
+                         "but one forward of one example, nothing is written")
     sp.set_defaults(func=cmd_featurize)
 
     sp = sub.add_parser("generate", help="sample images, recording the trajectory (x_t, x̂0_t, noise)")

@@ -69,6 +69,8 @@ def asdict(obj) -> dict:
             d.pop(f.name, None)
         elif getattr(obj, f.name) in f.metadata.get("omit_also", ()):
             d.pop(f.name, None)
+        elif f.metadata.get("never_saved"):  # how a run is done, not what it computes (e.g. a memory budget)
+            d.pop(f.name, None)
     return d
 
 
@@ -229,8 +231,14 @@ class FeaturizeArgs:
     #: settings saved before it existed meant ``features``: that value is left out when saving, so they resume
     kernel: str = field(default="ggn", metadata={"absent": "features", "omit_when": "features"})
     kernel_draws: int = field(default=32, metadata=ADDED_LATER)
+    #: bytes a featurizer's passes may hold at their peak, the model included (``--max-memory``); None: what is free
+    #: when the run starts, measured, plus the model. Rows per pass follow it (results equal within float rounding);
+    #: never saved with the settings, so a store resumes under another budget
+    max_memory: Optional[int] = field(default=None, metadata={"never_saved": True})
 
     def __post_init__(self):
+        if self.max_memory is not None:
+            self.max_memory = check_int("max_memory", self.max_memory, 1)
         if self.kernel not in KERNELS:
             raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         self.kernel_draws = check_int("kernel_draws", self.kernel_draws, 1)

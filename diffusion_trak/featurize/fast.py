@@ -94,6 +94,9 @@ UNFOLD_BUDGET_SHARE = 0.25
 #: per-sample convolution gradients, ``torch.nn.utils._expanded_weights``). (A loop of one call per example,
 #: the old choice on CPU, is up to 1.4× faster there on large layers, but its ops grow with the examples:
 #: on a GPU the launches, not the arithmetic, then set the pace.)
+#: the share of a memory budget (``max_memory``) kept free of the plan: the backward's transient gradients of
+#: activations and the allocator's slack. Calibrated on CPU (``tests/featurize/test_memory.py``)
+MEMORY_MARGIN = 0.2
 UNFOLD_MIN_WEIGHT = 2048
 UNFOLD_MAX_POSITIONS = 16
 UNFOLD_LARGE_WEIGHT = 16384
@@ -127,12 +130,17 @@ class FastGradientSketch:
         precision: ``fp32``, ``tf32`` or ``bf16``.
         nnz: nonzeros per coordinate of the sparse JL (1 = CountSketch).
         self_check: on the first call, compare the sketches of a few rows against a plain batched gradient.
-        max_rows: (example, timestep) rows per forward/backward pass; default: as many as fit
-            :func:`rows_per_pass`, measured on the first call. Bounds memory; results do not depend on it.
+        max_rows: (example, timestep) rows per forward/backward pass; default: :func:`rows_per_pass` of the
+            activation bytes of one row (measured on the first call), but no more than fit ``max_memory``.
+            Bounds memory; results do not depend on it beyond float rounding.
+        max_memory: bytes this featurizer's passes may hold at their peak, the model included (``--max-memory``);
+            default: the memory free when it is built (:func:`diffusion_trak.store.free_memory`) plus the model's
+            own bytes (already resident). :meth:`plan` says how it is spent.
     """
 
     def __init__(self, model: nn.Module, scheduler, k: int, seed: int = 0, device="cpu", precision: str = "fp32",
-                 nnz: int = 1, self_check: bool = True, max_rows: Optional[int] = None):
+                 nnz: int = 1, self_check: bool = True, max_rows: Optional[int] = None,
+                 max_memory: Optional[int] = None):
         if precision not in PRECISIONS:
             raise FastPathError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         self.device = torch.device(device)
@@ -175,6 +183,24 @@ class FastGradientSketch:
             raise ValueError(f"max_rows must be positive, got {max_rows}")
         self.max_rows = max_rows
         self.row_bytes: Optional[float] = None  # activation bytes one row saves, measured on the first call
+        tensors = list(model.parameters()) + list(model.buffers())
+        #: bytes of the model (parameters and buffers), of the largest layer (one per-example gradient block of it is
+        #: formed at a time) and of the featurizer's own state (bounded: the sketch's block cache and one layer's slice)
+        self.model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.layer_params = max(sum(n for _, n in l.slots.values()) for l in self.layers)
+        from .sketch import CACHE_BYTES, BLOCK
+        self.state_bytes = min(CACHE_BYTES, -(-p // BLOCK) * BLOCK * 8 * nnz) + 8 * nnz * self.layer_params
+        if max_memory is None:
+            from ..store import free_memory
+            free = free_memory(self.device)
+            max_memory = None if free is None else free + self.model_bytes
+        elif max_memory < 1:
+            raise ValueError(f"max_memory must be positive, got {max_memory}")
+        self.max_memory = max_memory
+        if max_memory is not None and max_memory < self.model_bytes + self.state_bytes:
+            raise FastPathError(f"--max-memory {_gb(max_memory)} is less than the model ({_gb(self.model_bytes)}) and the "
+                                f"featurizer's state ({_gb(self.state_bytes)}); raise --max-memory (FeaturizeArgs.max_memory) "
+                                "or free memory")
         self._checked = not self_check
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -310,6 +336,17 @@ class FastGradientSketch:
 
     def features(self, x0, timesteps, noises, output: str = "loss", cond: Optional[dict] = None,
                  cond_per_timestep: bool = False) -> torch.Tensor:
+        """:meth:`_features`; running out of memory anyway (the plan is an estimate) is one line naming ``--max-memory``."""
+        try:
+            return self._features(x0, timesteps, noises, output, cond, cond_per_timestep)
+        except (torch.OutOfMemoryError, MemoryError):
+            self._acc = None
+            planned = "" if self.row_bytes is None else f" (planned peak {_gb(self.plan(*timesteps.shape)[2])})"
+            raise FastPathError(f"out of memory featurizing{planned}; lower --max-memory (FeaturizeArgs.max_memory, now "
+                                f"{_gb(self.max_memory) if self.max_memory else 'unset'}) or free memory") from None
+
+    def _features(self, x0, timesteps, noises, output: str = "loss", cond: Optional[dict] = None,
+                  cond_per_timestep: bool = False) -> torch.Tensor:
         """``S · (1/T) Σ_j ∇_θ f(θ; x0_i, t_ij, ε_ij)`` for each example: (B, k) float32 on ``device``.
 
         Same arguments as :func:`~diffusion_trak.featurize.gradients.per_sample_gradients`. The B × T
@@ -332,10 +369,8 @@ class FastGradientSketch:
             got = self._sketch(*probe, 1, measure=True)
             if not self._checked:
                 self._self_check(got, *probe)
-        rows = self.max_rows or rows_per_pass(self.device, self.row_bytes)
+        bc, tc, _ = self.plan(B, T)
         out = torch.zeros(B, self.k, device=dev, dtype=torch.float32)
-        tc = _even(T, min(T, rows))
-        bc = _even(B, max(1, rows // tc))
         for b0 in range(0, B, bc):
             bs = slice(b0, min(B, b0 + bc))
             for t0 in range(0, T, tc):
@@ -346,11 +381,53 @@ class FastGradientSketch:
             raise NonFiniteError(NON_FINITE)
         return out
 
+    def pass_bytes(self, rows: int, examples: int) -> float:
+        """Planned bytes of one pass of ``rows`` rows of ``examples`` examples on top of the model and the state: the
+        saved activations (:attr:`row_bytes` each), one per-example gradient block of the largest layer and the
+        signed accumulator per example, and :data:`MEMORY_MARGIN` of the whole for the backward's transients."""
+        body = rows * (self.row_bytes or 0.0) + examples * 4 * (self.layer_params + 2 * self.k)
+        return body / (1 - MEMORY_MARGIN)
+
+    def rows_that_fit(self) -> Optional[int]:
+        """The most rows per pass that fit ``max_memory`` (each row its own example: the worst case); None: no budget."""
+        if self.max_memory is None or self.row_bytes is None:
+            return None
+        free = self.max_memory - self.model_bytes - self.state_bytes
+        return int(free // self.pass_bytes(1, 1))
+
+    def plan(self, B: int, T: int):
+        """``(examples per pass, timesteps per pass, planned peak bytes)`` for B examples of T rows, once
+        :attr:`row_bytes` is known: passes of :func:`rows_per_pass` rows (or ``max_rows``), fewer when they do not
+        fit ``max_memory``; a budget that does not hold one row is one line naming ``--max-memory``."""
+        rows = self.max_rows or rows_per_pass(self.device, self.row_bytes)
+        fit = self.rows_that_fit()
+        if fit is not None:
+            if fit < 1:
+                need = self.model_bytes + self.state_bytes + self.pass_bytes(1, 1)
+                raise FastPathError(f"one row of this model needs about {_gb(need)} (model {_gb(self.model_bytes)}, state "
+                                    f"{_gb(self.state_bytes)}, activations {_gb(self.row_bytes)}), over --max-memory "
+                                    f"{_gb(self.max_memory)}; raise --max-memory (FeaturizeArgs.max_memory) or free memory")
+            rows = min(rows, fit)
+        tc = _even(T, min(T, rows))
+        bc = _even(B, max(1, rows // tc))
+        return bc, tc, self.model_bytes + self.state_bytes + self.pass_bytes(bc * tc, bc)
+
+    def measure(self, x0, timesteps, noises, output: str = "loss", cond: Optional[dict] = None,
+                cond_per_timestep: bool = False) -> float:
+        """:attr:`row_bytes` from one forward of the first row (no backward, nothing sketched): what a dry run needs."""
+        if self.row_bytes is None:
+            dev = self.device
+            cond = {key: v[:1, :1].to(dev) if cond_per_timestep else v[:1].to(dev) for key, v in (cond or {}).items()}
+            self._sketch(x0[:1].to(dev), timesteps[:1, :1].to(dev), noises[:1, :1].to(dev), cond, output,
+                         cond_per_timestep, 1, measure=True, backward=False)
+        return self.row_bytes
+
     @staticmethod
     def _cond_rows(cond, bs, ts, cond_per_timestep):
         return {key: v[bs, ts] if cond_per_timestep else v[bs] for key, v in cond.items()}
 
-    def _sketch(self, x0, timesteps, noises, cond, output, cond_per_timestep, T_total, measure=False) -> torch.Tensor:
+    def _sketch(self, x0, timesteps, noises, cond, output, cond_per_timestep, T_total, measure=False,
+                backward=True) -> Optional[torch.Tensor]:
         """One pass: ``S · (1/T_total) Σ_{j in this chunk} ∇_θ f`` per example, (B, k). With ``measure``, also
         sets :attr:`row_bytes`: the bytes of the tensors the forward saves for the backward, per row."""
         dev = self.device
@@ -376,6 +453,9 @@ class FastGradientSketch:
                 total = output_value(self.model, self.scheduler, xs, ts, ns, output, c).sum() / T_total
             if measure:
                 self.row_bytes = sum(saved.values()) / (B * T)
+            if not backward:
+                self._acc = None
+                return None
             if not torch.isfinite(total):
                 raise NonFiniteError(NON_FINITE)  # the same one line as for the gradients, whatever the method
             total.backward()
@@ -482,6 +562,10 @@ def _total_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0  # unknown: CPU_BUDGET alone
+
+
+def _gb(n) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
 
 
 def _even(n: int, most: int) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -102,7 +103,8 @@ class Featurizer:
                 if args.projector not in ("auto", "countsketch"):
                     raise ProjectorError(f"method={args.method} uses its own sparse JL projector; use projector auto or countsketch")
                 precision = {"fast": "fp32", "fast_tf32": "tf32", "fast_bf16": "bf16"}[args.method]
-                self.fast = FastGradientSketch(self.model, scheduler, args.proj_dim, args.seed, self.device, precision)
+                self.fast = FastGradientSketch(self.model, scheduler, args.proj_dim, args.seed, self.device, precision,
+                                               max_memory=getattr(args, "max_memory", None))
                 self.projector = self.fast.projector
         if self.fast is not None:
             return
@@ -179,7 +181,7 @@ class Featurizer:
         return torch.cat(out) if out else torch.zeros(0, self.args.proj_dim)
 
     def featurize_dataset(self, dataset, stored, cond_fn=None, progress: bool = True, rows=None, desc="featurize",
-                          cond_per_timestep: bool = False):
+                          cond_per_timestep: bool = False, clock: Optional["RunClock"] = None):
         """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (N, k)) row by row,
         skipping rows already done. Row ``r`` is dataset position ``r``; its draws use the example's
         stable index ``dataset.indices[r]``. ``cond_fn(rows)`` gives the unet's keyword arguments of those
@@ -196,6 +198,8 @@ class Featurizer:
             keep = np.isin(block_rows, todo)
             stored.write(block_rows[keep], feats[keep])
             bar.update(int(keep.sum()))
+            if clock is not None:  # the whole run's ETA, from the pairs computed so far
+                clock.done(len(block_rows) * self.args.num_timesteps, bar)
         bar.close()
         return stored
 
@@ -223,7 +227,7 @@ class Featurizer:
         return g.T @ g if out is None else out.addmm_(g.T, g)
 
     def featurize_kernel(self, dataset, stored, cond_fn=None, progress: bool = True, slots=None, desc="GGN kernel",
-                         cond_per_timestep: bool = False):
+                         cond_per_timestep: bool = False, clock: Optional["RunClock"] = None):
         """Fill ``stored`` (a :class:`~diffusion_trak.store.StoredArray` of shape (S, k, k), see :func:`kernel_slots`)
         with the GGN kernel of this featurizer's settings (``self.args``: output ``probe``, T = ``kernel_draws``):
         slot ``s`` is the sum of :meth:`kernel_block` over the dataset blocks of that slot (:func:`slot_rows`).
@@ -241,6 +245,8 @@ class Featurizer:
                 self.kernel_block(*self._block_inputs(dataset, np.arange(start, min(start + bs, hi)), cond_fn),
                                   cond_per_timestep=cond_per_timestep, out=K)
                 bar.update(1)
+                if clock is not None:
+                    clock.done((min(start + bs, hi) - start) * self.args.num_timesteps, bar)
             stored.write([s], K.numpy()[None])
         bar.close()
         return stored
@@ -278,3 +284,86 @@ def held_slots(n: int, batch_size: int, num_slots: int, rows) -> np.ndarray:
     held = np.zeros(n, dtype=bool)
     held[np.asarray(rows, dtype=int)] = True
     return np.array([s for s, (lo, hi) in enumerate(slot_rows(n, batch_size, num_slots)) if held[lo:hi].all()], dtype=int)
+
+
+# -- the cost of a run, before it starts ------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """What a featurize run computes and the memory it plans for (:func:`estimate_run`); ``str()`` is the statement
+    that ``featurize`` prints before it starts and ``--dry-run`` prints instead of running.
+
+    ``pairs``: (example, timestep) rows of the features; ``kernel_rows``: single-draw rows of the GGN kernel (both
+    summed over checkpoints). Each row is one forward + backward of the model over one input, so
+    ``pairs + kernel_rows`` is the run's cost in units of the model's own forward + backward of one input (the fast
+    path's per-example work on top measured on CPU at up to 2× for features and 2.5× for kernel rows: docs/speed.md).
+    ``peak_bytes``: the planned peak (model, featurizer state and the largest pass), within ``max_memory``."""
+
+    examples: int
+    checkpoints: int
+    pairs: int
+    kernel_rows: int
+    rows_per_pass: int
+    kernel_rows_per_pass: int
+    row_bytes: int
+    model_bytes: int
+    state_bytes: int
+    peak_bytes: int
+    max_memory: Optional[int]
+
+    @property
+    def units(self) -> int:
+        """Forward + backward passes of the model over one input: ``pairs + kernel_rows``."""
+        return self.pairs + self.kernel_rows
+
+    def __str__(self) -> str:
+        gib = lambda n: f"{n / 2 ** 30:.2f} GiB"  # noqa: E731
+        kern = f" + {self.kernel_rows:,} GGN kernel rows" if self.kernel_rows else ""
+        budget = gib(self.max_memory) if self.max_memory else "no limit"
+        return (f"featurize plan: {self.examples:,} examples × {self.checkpoints} checkpoint(s): {self.pairs:,} "
+                f"(example, timestep) pairs{kern} = {self.units:,} forward + backward passes of the model over one input; "
+                f"{self.rows_per_pass} rows per pass ({self.kernel_rows_per_pass} for kernel rows); planned peak memory "
+                f"{gib(self.peak_bytes)} (model {gib(self.model_bytes)}, state {gib(self.state_bytes)}, activations "
+                f"{self.row_bytes / 2 ** 20:.1f} MiB per row) of --max-memory {budget}")
+
+
+def estimate_run(featurizers, probe, cond_fn, cond_per_timestep: bool, examples: int, pairs: int, kernel_rows: int,
+                 kernel_draws: int = 0) -> Estimate:
+    """The :class:`Estimate` of featurizing ``examples`` examples (``pairs`` and ``kernel_rows`` rows in all) with
+    ``featurizers`` (one per checkpoint, fast methods). ``probe``: a dataset in the unet's space whose first example
+    measures the activation bytes of one row, by one forward without backward (nothing sketched or written)."""
+    f = featurizers[0]
+    if f.fast is None:
+        raise ValueError("estimate_run needs a fast method (method=fast, fast_tf32 or fast_bf16)")
+    x0, ts, ns, cond = f._block_inputs(probe, np.arange(1), cond_fn)
+    peak = 0
+    for fz in featurizers:
+        with fz._in_use():
+            fz.fast.measure(x0, ts, ns, fz.args.output, cond, cond_per_timestep)
+        bs, T = fz.args.batch_size, fz.args.num_timesteps
+        bc, tc, feat_peak = fz.fast.plan(bs, T)
+        kb, _, kern_peak = fz.fast.plan(bs * max(1, kernel_draws), 1) if kernel_rows else (0, 1, 0)
+        peak = max(peak, feat_peak, kern_peak)
+    fast = f.fast
+    return Estimate(examples=int(examples), checkpoints=len(featurizers), pairs=int(pairs), kernel_rows=int(kernel_rows),
+                    rows_per_pass=int(bc * tc), kernel_rows_per_pass=int(kb), row_bytes=int(fast.row_bytes),
+                    model_bytes=int(fast.model_bytes), state_bytes=int(fast.state_bytes), peak_bytes=int(peak),
+                    max_memory=fast.max_memory)
+
+
+class RunClock:
+    """The whole run's ETA on the progress bars, from the rows computed so far (after the first pass)."""
+
+    def __init__(self, total_rows: int):
+        self.total, self.rows, self.start = max(int(total_rows), 1), 0, time.perf_counter()
+
+    def done(self, rows: int, bar) -> None:
+        self.rows += int(rows)
+        spent = time.perf_counter() - self.start
+        left = spent * max(self.total - self.rows, 0) / max(self.rows, 1)
+        bar.set_postfix_str(f"run ETA {_clock(left)} ({self.rows:,}/{self.total:,} rows)", refresh=False)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
