@@ -219,6 +219,7 @@ class Attributor:
         computes its share."""
         api.check_params(self.checkpoints, self.featurize_args)  # before latents/ is written
         self.featurize_args = api.resolve_params(self.checkpoints, self.featurize_args)
+        inputs = self.inputs  # checks the data against the model (captions, sizes) before the line below
         if self.progress:
             from . import distributed
 
@@ -227,7 +228,7 @@ class Attributor:
                 print(f"featurizing {len(self.dataset)} training images with {len(self.checkpoints)} checkpoint(s): "
                       f"attributing {what}" + ("; --params all (FeaturizeArgs(params='all')) attributes every one"
                                                if self.featurize_args.params == "lora" else ""), flush=True)
-        fs = api.featurize(self.checkpoints, self.inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
+        fs = api.featurize(self.checkpoints, inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
         self._features = fs
         return fs

@@ -18,6 +18,7 @@ become what the unet denoises (pixels, or VAE latents) and which keyword argumen
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -105,10 +106,38 @@ def _component_class(library: str, name: str):
         return getattr(importlib.import_module("diffusers"), name, None)
     if library == "transformers" and name.startswith("CLIP") and name.endswith(
             ("TextModel", "TextModelWithProjection", "Tokenizer", "TokenizerFast")):
-        return getattr(importlib.import_module("transformers"), name, None)
+        try:
+            module = importlib.import_module("transformers")
+        except ImportError:
+            raise CheckpointError(f"this pipeline's text encoder and tokenizer are transformers' ({name}), which is not "
+                                  'installed; install it with pip install "diffusion-trak[text]"') from None
+        return getattr(module, name, None)
     if library in ("diffusion_trak.text", "text") and name in _TEXT_CLASSES:
         return getattr(importlib.import_module("diffusion_trak.text"), name)
     return None
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """diffusers' and transformers' loading progress bars off for a while (as they were after)."""
+    import diffusers.utils.logging as dlog
+
+    libs = [dlog]
+    try:
+        import transformers.utils.logging as tlog
+
+        libs.append(tlog)
+    except ImportError:
+        pass
+    was = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in zip(libs, was):
+            if on:
+                lib.enable_progress_bar()
 
 
 def load_pipeline(path: str, device="cpu") -> Dict[str, object]:
@@ -145,7 +174,8 @@ def load_pipeline(path: str, device="cpu") -> Dict[str, object]:
             if role == "tokenizer" and cls.__module__.startswith("diffusion_trak"):
                 obj = cls.from_pretrained(sub)
             else:
-                obj = cls.from_pretrained(sub, local_files_only=True)
+                with _no_progress_bars():  # a few seconds each; a refusal after loading stays one line
+                    obj = cls.from_pretrained(sub, local_files_only=True)
         except (OSError, ValueError) as e:
             msg = " ".join(str(e).split())[:200]
             raise CheckpointError(f"cannot load {sub} ({msg}); save the pipeline again with save_pretrained") from None
@@ -194,21 +224,46 @@ def check_unet_weights(unet_dir: str) -> None:
                                   f"pipeline saved with save_pretrained), which cannot be loaded; {_ADAPTER_IN_UNET_FIX}")
 
 
-def _lora_file(path: str) -> str:
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # what peft's save_pretrained writes
+
+
+def _checkpoint_step(name: str) -> int:
+    return int(name.split("-", 1)[1]) if name.startswith("checkpoint-") and name[11:].isdigit() else -1
+
+
+def _lora_file(path) -> Tuple[str, str]:
+    """``(file, layout)`` of ``--lora PATH``: ``peft`` (``adapter_model.safetensors`` beside ``adapter_config.json``,
+    as peft's ``save_pretrained`` writes them, also in a ``unet/`` subfolder) or ``diffusers`` (one ``.safetensors``
+    file: ``save_lora_weights``, ``unet.save_lora_adapter``, the LoRA training scripts' output folder and its
+    ``checkpoint-N/`` folders, kohya-style files). Anything else is refused in one line naming what to pass."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        for d in (path, os.path.join(path, "unet")):
+            if os.path.isfile(os.path.join(d, PEFT_CONFIG)):
+                if os.path.isfile(os.path.join(d, PEFT_WEIGHTS)):
+                    return os.path.join(d, PEFT_WEIGHTS), "peft"
+                raise CheckpointError(f"--lora {d} is a peft adapter folder ({PEFT_CONFIG}) without {PEFT_WEIGHTS}; "
+                                      "save it with save_pretrained(DIR, safe_serialization=True)")
         found = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
         if LORA_WEIGHTS in found:
-            return os.path.join(path, LORA_WEIGHTS)
+            return os.path.join(path, LORA_WEIGHTS), "diffusers"
         if len(found) == 1:
-            return os.path.join(path, found[0])
+            return os.path.join(path, found[0]), "diffusers"
+        steps = sorted((_checkpoint_step(d), d) for d in os.listdir(path) if _checkpoint_step(d) >= 0
+                       and os.path.isfile(os.path.join(path, d, LORA_WEIGHTS)))
+        if not found and steps:  # a training run's output folder before its final save
+            raise CheckpointError(f"--lora {path} holds the training checkpoints {', '.join(d for _, d in steps[-3:])} "
+                                  f"but no final {LORA_WEIGHTS}; pass one of them, e.g. "
+                                  f"--lora {os.path.join(path, steps[-1][1])}")
         what = f"several .safetensors files ({', '.join(found[:4])})" if found else "no .safetensors file"
         raise CheckpointError(f"--lora {path} holds {what}; pass the adapter file itself "
                               f"(e.g. {os.path.join(path, LORA_WEIGHTS)})")
     if not os.path.isfile(path):
         raise CheckpointError(f"--lora {path} does not exist; pass the folder or the {LORA_WEIGHTS} that "
                               "pipe.save_lora_weights (diffusers' LoRA training scripts) writes")
-    return path
+    if os.path.basename(path) == PEFT_WEIGHTS and os.path.isfile(os.path.join(os.path.dirname(path), PEFT_CONFIG)):
+        return path, "peft"
+    return path, "diffusers"
 
 
 def _digest(tensors: Dict[str, torch.Tensor]) -> str:
@@ -221,47 +276,189 @@ def _digest(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+_LIBRARY_LOGGERS = ("diffusers", "peft", "transformers")
+
+
+@contextlib.contextmanager
+def _library_messages():
+    """Hold what diffusers, peft and transformers log or warn (WARNING and up) while a model part loads, instead of
+    printing it: yields the list their messages are kept in, for the caller to check. A refusal is then one line,
+    with none of their output before it."""
+    import logging
+    import warnings
+
+    kept: List[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate, lg.level))
+        lg.handlers, lg.propagate = [_Keep(logging.WARNING)], False
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield kept
+        kept.extend(str(w.message) for w in caught)
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+
+
+def _why(e: Exception) -> str:
+    """A loader's error as a short clause, never cut mid-word: a shape mismatch names the layer and both shapes."""
+    import re
+
+    text = " ".join(str(e).split())
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[\d, ]*\])\) from "
+                  r"checkpoint, the shape in current model is torch.Size\((\[[\d, ]*\])\)", text)
+    if m:
+        name = m.group(1).replace(".default.", ".")
+        return f"{name} is {m.group(2)} in the adapter but {m.group(3)} in this model"
+    first = re.split(r"(?<=[.:;])\s", text, maxsplit=1)[0]
+    return first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."
+
+
+def _peft_state(file: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """A peft ``save_pretrained`` adapter as diffusers' UNet LoRA state (``unet.<module>.lora_A.weight``) and the
+    ``LoraConfig`` of its ``adapter_config.json`` (rank, alpha, patterns: as the adapter was trained), keyed
+    ``unet.<field>`` as diffusers keeps a LoRA's metadata."""
+    import dataclasses
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    with open(os.path.join(os.path.dirname(file), PEFT_CONFIG)) as f:
+        cfg = json.load(f)
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise CheckpointError(f"the peft adapter {file} is a {cfg.get('peft_type')} adapter; diffusion-trak loads LoRA "
+                              "adapters (peft_type LORA)")
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    meta = {f"unet.{k}": v for k, v in cfg.items() if k in fields and k not in ("peft_type", "task_type",
+                                                                                "base_model_name_or_path", "revision",
+                                                                                "inference_mode")}
+    state = load_file(file)
+    prefix = "base_model.model."
+    return {"unet." + (k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}, meta
+
+
+def _unprefixed_state(file: str) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[dict]]:
+    """``unet.save_lora_adapter``'s file (peft keys without the ``unet.`` prefix, its ``LoraConfig`` in the header)
+    as diffusers' UNet LoRA state and metadata; ``(None, None)`` for a file of another layout."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            keys, header = list(f.keys()), f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a safetensors file: diffusers' reader says what it is
+        return None, None
+    if not keys or any(k.startswith(("unet.", "text_encoder", "lora_unet_", "lora_te", "base_model.")) for k in keys) \
+            or not any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return None, None
+    from safetensors.torch import load_file
+
+    meta = json.loads(header["lora_adapter_metadata"]) if "lora_adapter_metadata" in header else None
+    return ({"unet." + k: v for k, v in load_file(file).items()},
+            None if meta is None else {f"unet.{k}": v for k, v in meta.items()})
+
+
 def load_lora(unet, path) -> dict:
-    """Load a LoRA adapter as diffusers' LoRA training scripts save it (``pipe.save_lora_weights(DIR, ...)``: a
-    folder with ``pytorch_lora_weights.safetensors``, or that file) into ``unet`` as peft layers, which
-    :class:`~diffusion_trak.config.FeaturizeArgs` ``params="lora"`` selects (an adapter with text-encoder layers
-    too is refused in one line: they would change the model but are not loaded). Returns (and keeps on ``unet``,
-    see :func:`adapter_of`) the base model's and the adapter's fingerprints, which feature stores record and check."""
+    """Load a LoRA adapter into ``unet`` as peft layers, which :class:`~diffusion_trak.config.FeaturizeArgs`
+    ``params="auto"`` (the default) and ``"lora"`` select. Read as diffusers and peft write them: ``pipe.save_lora_weights``
+    (what diffusers' LoRA training scripts write, in their output folder and its ``checkpoint-N/`` folders),
+    ``unet.save_lora_adapter`` (keys without the ``unet.`` prefix), peft's ``save_pretrained``
+    (``adapter_model.safetensors`` + ``adapter_config.json``) and kohya-style files (``lora_unet_*`` keys). An adapter
+    with text-encoder layers too is refused in one line (they would change the model but are not loaded), as is one
+    that does not fit the model, with nothing the libraries log printed before it. Returns (and keeps on ``unet``, see
+    :func:`adapter_of`) the base model's and the adapter's fingerprints, which feature stores record and check."""
+    try:
+        import peft  # noqa: F401 - diffusers loads adapters as peft layers
+    except ImportError:
+        raise CheckpointError('--lora (lora=) needs peft, which is not installed; install it with '
+                              'pip install "diffusion-trak[lora]"') from None
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 
     from .featurize.featurizer import model_fingerprint
 
-    file = _lora_file(path)
+    file, layout = _lora_file(path)
     if not hasattr(unet, "load_lora_adapter"):
         raise CheckpointError(f"--lora needs a UNet2DConditionModel (Stable-Diffusion-style); this model's unet is a "
                               f"{type(unet).__name__}, which diffusers' LoRA loader does not take")
     if adapter_of(unet) is not None or getattr(unet, "peft_config", None):
         raise CheckpointError("the model already has a LoRA adapter; give one --lora, to the base model")
     base = model_fingerprint(unet)
+    alphas, meta = None, None
     try:
-        state, alphas = Loader.lora_state_dict(os.path.dirname(file) or ".", weight_name=os.path.basename(file),
-                                               local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        msg = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"cannot read the LoRA adapter {file} ({msg}); save it with pipe.save_lora_weights") from None
+        with _library_messages():
+            if layout == "peft":
+                state, meta = _peft_state(file)
+            else:
+                state, meta = _unprefixed_state(file)
+                if state is None:
+                    state, alphas, meta = Loader.lora_state_dict(os.path.dirname(file) or ".", local_files_only=True,
+                                                                 weight_name=os.path.basename(file),
+                                                                 return_lora_metadata=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors and the format converters raise their own types
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise CheckpointError(f"cannot read the LoRA adapter {file} ({_why(e)}); save it with pipe.save_lora_weights, "
+                              "unet.save_lora_adapter or peft's save_pretrained") from None
+    if any(k.startswith("base_model.model.") for k in state):
+        raise CheckpointError(f"the LoRA adapter {file} is in peft's save_pretrained layout without its {PEFT_CONFIG}; "
+                              f"pass the folder that holds both {PEFT_WEIGHTS} and {PEFT_CONFIG}")
     unet_keys = [k for k in state if k.startswith("unet.")]
     if not unet_keys:
-        raise CheckpointError(f"the LoRA adapter {file} has no UNet layers (keys unet.*); save it with "
-                              "pipe.save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet))")
+        raise CheckpointError(f"the LoRA adapter {file} has no UNet LoRA layers (its keys start "
+                              f"{sorted({k.split('.')[0] for k in state})[:3]}); save it with "
+                              "pipe.save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet)), "
+                              "unet.save_lora_adapter(DIR) or peft's save_pretrained")
     if any(not k.startswith("unet.") for k in state):  # e.g. text_encoder.*: not loaded, so refused, never ignored
         other = sorted({k.split(".")[0] for k in state if not k.startswith("unet.")})
         raise CheckpointError(f"the LoRA adapter {file} also has {', '.join(other)} layers, which diffusion-trak does not "
                               "load (it attributes the UNet's adapter); save the UNet's layers alone: "
                               "save_lora_weights(DIR, unet_lora_layers=get_peft_model_state_dict(unet))")
     try:
-        Loader.load_lora_into_unet(state, alphas, unet, adapter_name="default")
-    except (ValueError, RuntimeError, KeyError) as e:
-        msg = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"the LoRA adapter {file} does not fit this model ({msg}); pass the base model it was "
-                              "trained on") from None
+        with _library_messages() as said:
+            Loader.load_lora_into_unet(state, alphas or None, unet, adapter_name="default",
+                                       metadata=meta or None)
+    except Exception as e:  # noqa: BLE001 - diffusers and peft raise ValueError, RuntimeError, TypeError, ...
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        _unload(unet)
+        raise CheckpointError(f"the LoRA adapter {file} does not fit this model ({_why(e)}); pass the base model it "
+                              "was trained on") from None
+    unfit = [m for m in said if "unexpected keys" in m or "missing keys" in m]
+    if unfit:  # layers the model lacks: loading the rest would attribute another adapter
+        _unload(unet)
+        layers = sorted({k.split(".lora_")[0] for k in unfit[0].split(":", 1)[-1].replace(",", " ").split()
+                         if ".lora_" in k})
+        raise CheckpointError(f"the LoRA adapter {file} does not fit this model ({len(layers)} of its layers, e.g. "
+                              f"{layers[0] if layers else '?'}, are not in it); pass the base model it was trained on")
     info = {"base": base, "adapter": _digest(state)}
     unet.diffusion_trak_lora = info
     return info
+
+
+def _unload(unet) -> None:
+    """Take a partly loaded adapter out of ``unet`` again: every peft layer replaced by the layer it wraps, so that
+    after a refusal the model is as it was (its parameters, their names and its fingerprint)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(n, m) for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        unet._hf_peft_config_loaded = False
 
 
 def adapter_of(unet) -> Optional[dict]:

@@ -238,3 +238,175 @@ def test_settings_never_change_which_parameters_are_attributed(workdir, tmp_path
     assert main(cli + ["--run", str(tmp_path / "all")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the loaders' progress bars)
     assert "made with other settings" in err and "--params all (FeaturizeArgs(params='all')) to resume it" in err
+
+
+def _kohya(state, alpha):
+    """A peft UNet LoRA state (``<module>.lora_A.weight``) with kohya's keys (``lora_unet_<module_>.lora_down.weight``,
+    ``lora_up``, and an ``alpha`` per module), as kohya's sd-scripts write SD 1.x LoRAs."""
+    out = {}
+    for k, v in state.items():
+        module, part = k.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = v.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+@pytest.fixture(scope="module")
+def formats(workdir, tmp_path_factory):
+    """One adapter (rank 2, alpha 4: its scale is not 1, so a lost alpha shows) saved in every layout diffusers and
+    peft write, and the UNet that carries it (the reference)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    root, _ = workdir
+    out = tmp_path_factory.mktemp("formats")
+    cfg = dict(r=2, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    ref = UNet2DConditionModel.from_pretrained(str(root / "my-sd-base" / "unet"))
+    ref.add_adapter(peft.LoraConfig(init_lora_weights="gaussian", **cfg))
+    with torch.no_grad():  # both factors away from zero, so every layer changes the output
+        g = torch.Generator().manual_seed(3)
+        for n, p in ref.named_parameters():
+            if ".lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    state = get_peft_model_state_dict(ref)
+    ref.save_lora_adapter(str(out / "save_lora_adapter"))  # keys without unet.
+    wrapped = peft.get_peft_model(UNet2DConditionModel.from_pretrained(str(root / "my-sd-base" / "unet")),
+                                  peft.LoraConfig(**cfg))
+    assert not set_peft_model_state_dict(wrapped, {"base_model.model." + k: v for k, v in state.items()}).unexpected_keys
+    wrapped.save_pretrained(str(out / "peft"))  # adapter_model.safetensors + adapter_config.json
+    train = out / "train_text_to_image_lora"  # the script's output folder: the final save and checkpoint-N/ folders
+    meta = ref.peft_config["default"].to_dict()
+    for d in (train, train / "checkpoint-2", train / "checkpoint-4"):
+        StableDiffusionPipeline.save_lora_weights(str(d), unet_lora_layers=state, unet_lora_adapter_metadata=meta)
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):  # accelerate's save_state beside it
+        (train / "checkpoint-4" / name).write_bytes(b"\0")
+    save_file(_kohya(state, 4), str(out / "kohya.safetensors"))
+    paths = {"save_lora_weights": str(train), "checkpoint-N": str(train / "checkpoint-4"),
+             "save_lora_adapter": str(out / "save_lora_adapter"), "peft save_pretrained": str(out / "peft"),
+             "peft adapter file": str(out / "peft" / "adapter_model.safetensors"), "kohya": str(out / "kohya.safetensors")}
+    assert sorted(os.listdir(out / "peft"))[:2] == ["README.md", "adapter_config.json"]
+    return paths, ref, out
+
+
+def test_every_lora_layout_loads_as_the_same_adapter_and_attributes(workdir, formats, tmp_path):
+    from diffusion_trak import Attributor
+    from diffusion_trak.config import FeaturizeArgs, ScoreArgs
+    from diffusion_trak.models import load_lora
+
+    root, _ = workdir
+    paths, ref, _ = formats
+    adapter = sum(p.numel() for n, p in ref.named_parameters() if ".lora_" in n)
+    x, t, emb = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=emb).sample
+        ref.disable_adapters()
+        base = ref(x, t, encoder_hidden_states=emb).sample
+        ref.enable_adapters()
+    assert (want - base).abs().max() > 1e-3  # the adapter changes the model
+    features = {}
+    for name, path in paths.items():
+        attr = Attributor.from_pretrained(str(root / "my-sd-base"), train_data=str(root / "my_images"), lora=path,
+                                          out=str(tmp_path / name.replace(" ", "-")), progress=False,
+                                          featurize_args=FeaturizeArgs(num_timesteps=2, kernel_draws=2, proj_dim=16),
+                                          score_args=ScoreArgs(num_noises=1, destination_draws=2))
+        with torch.no_grad():  # the same model as the reference: every layer loaded, with its alpha
+            torch.testing.assert_close(attr.unet(x, t, encoder_hidden_states=emb).sample, want, msg=name)
+        fs = attr.featurize()
+        assert fs.store.settings["num_params"] == adapter and fs.store.settings["featurize"]["params"] == "lora", name
+        features[name] = np.asarray(fs.arrays[0])
+        sc = attr.attribute(attr.dataset.images[:1], image_timesteps=[10], prompts=["a photo of a digit1"], save=False)
+        assert sc.values.shape == (1, 1, 12) and np.isfinite(sc.values).all(), name
+    first = next(iter(features.values()))
+    for name, f in features.items():  # the same adapter, whatever the layout: the same features
+        np.testing.assert_allclose(f, first, rtol=1e-4, atol=1e-6, err_msg=name)
+    # a training run's folder before its final save: refused, naming its latest checkpoint
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_trak.errors import CheckpointError
+
+    unet = UNet2DConditionModel.from_pretrained(str(root / "my-sd-base" / "unet"))
+    os.remove(os.path.join(paths["save_lora_weights"], "pytorch_lora_weights.safetensors"))
+    with pytest.raises(CheckpointError, match=r"training checkpoints checkpoint-2, checkpoint-4 but no final .* "
+                                              r"--lora .*checkpoint-4$"):
+        load_lora(unet, paths["save_lora_weights"])
+
+
+def _one_line_refusal(argv, capfd):
+    """Run the CLI; what it printed (stdout and stderr, at the file-descriptor level: library log handlers
+    included), which must be exactly one line, the refusal."""
+    capfd.readouterr()
+    assert main(argv) == 2
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_an_adapter_that_does_not_fit_is_one_line_with_no_library_output(workdir, formats, tmp_path, capfd):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    root, _ = workdir
+    paths, _, out = formats
+    # the peft layout whose adapter_config.json says another rank than its tensors have
+    shutil.copytree(paths["peft save_pretrained"], tmp_path / "rank4")
+    cfg = json.load(open(tmp_path / "rank4" / "adapter_config.json"))
+    json.dump({**cfg, "r": 4}, open(tmp_path / "rank4" / "adapter_config.json", "w"))
+    # and an adapter of another base model (another text width: its to_k/to_v layers have another shape)
+    from tiny_models import tiny_cond_unet
+
+    other = tiny_cond_unet(8)
+    other.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    other.save_lora_adapter(str(tmp_path / "other-base"))
+    data = ["--data", "folder", "--data-path", str(root / "my_images"), "-T", "2", "-k", "16"]
+    for adapter, shown in ((tmp_path / "rank4", "[4, 16] in this model"), (tmp_path / "other-base", "in this model")):
+        line = _one_line_refusal(["featurize", "--pipeline", str(root / "my-sd-base"), "--lora", str(adapter),
+                                  "--run", str(tmp_path / "run")] + data, capfd)
+        assert line.startswith("diffusion-trak featurize: error: the LoRA adapter") and "does not fit this model" in line
+        assert shown in line and line.endswith("pass the base model it was trained on"), line
+    assert not os.path.exists(tmp_path / "run")
+    # in Python: the same one line, and the model given is left without a half-loaded adapter
+    from diffusion_trak.errors import CheckpointError
+    from diffusion_trak.models import load_lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(root / "my-sd-base" / "unet"))
+    before = {n: p.clone() for n, p in unet.named_parameters()}
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_lora(unet, str(tmp_path / "rank4"))
+    assert capfd.readouterr() == ("", "")
+    assert {n for n, _ in unet.named_parameters()} == set(before) and not lora_parameter_names(unet)
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+
+
+def test_a_missing_optional_package_or_captions_is_one_line_naming_the_fix(workdir, tmp_path, monkeypatch, capfd):
+    import shutil
+    import sys
+
+    root, _ = workdir
+    data = ["--data", "folder", "--data-path", str(root / "my_images"), "-T", "2", "-k", "16"]
+    run = ["--run", str(tmp_path / "run")]
+    with monkeypatch.context() as m:  # peft not installed: `import peft` fails
+        m.setitem(sys.modules, "peft", None)
+        line = _one_line_refusal(["featurize", "--pipeline", str(root / "my-sd-base"), "--lora", str(root / "my-lora")]
+                                 + run + data, capfd)
+        assert line == ('diffusion-trak featurize: error: --lora (lora=) needs peft, which is not installed; install it '
+                        'with pip install "diffusion-trak[lora]"')
+    with monkeypatch.context() as m:  # transformers not installed: the pipeline's CLIP text encoder cannot load
+        for name in [n for n in sys.modules if n == "transformers" or n.startswith("transformers.")]:
+            m.setitem(sys.modules, name, None)
+        line = _one_line_refusal(["featurize", "--pipeline", str(root / "my-sd-base")] + run + data, capfd)
+        assert line.startswith("diffusion-trak featurize: error: this pipeline's text encoder and tokenizer are "
+                               "transformers'") and line.endswith('pip install "diffusion-trak[text]"')
+    # a text model's training images without captions: the CLI's message names --captions
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((root / "my_images").rglob("*.png"))[:4]:
+        shutil.copy(f, flat / f.name)
+    line = _one_line_refusal(["featurize", "--pipeline", str(root / "my-sd-base"), "--data", "folder", "--data-path",
+                              str(flat), "-T", "2", "-k", "16"] + run, capfd)
+    assert "have no captions; pass --captions FILE" in line
+    assert not os.path.exists(tmp_path / "run" / "features")

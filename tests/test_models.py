@@ -98,5 +98,5 @@ def test_captions_of_the_training_set(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"5": "x", "7": "y", "9": "z"}))
     assert dataset_captions(data, str(path)).of(9) == ["z"]
-    with pytest.raises(LatentError, match="have no captions; pass captions="):
+    with pytest.raises(LatentError, match="have no captions; pass --captions FILE .*captions= in Python"):
         Conditioning(text=object())._captions(data)
