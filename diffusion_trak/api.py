@@ -377,6 +377,26 @@ class TopK:
     def __len__(self) -> int:
         return 4
 
+    def __repr__(self) -> str:
+        shape = np.shape(self.indices)
+        lead, k = shape[:-1], shape[-1]
+        first = (0,) * len(lead)
+
+        def row(idx, val, src):
+            shown = []
+            for j in range(min(3, k)):
+                name = f" {src[first + (j,)]}" if src is not None else ""
+                shown.append(f"#{int(np.asarray(idx)[first + (j,)])}{name} ({float(np.asarray(val)[first + (j,)]):+.3g})")
+            return ", ".join(shown) + (f", ... ({k})" if k > 3 else "")
+
+        where = f"{' × '.join(str(d) for d in lead)} rows" if lead else "one row"
+        at = f" [{', '.join('0' for _ in lead)}]" if lead else ""
+        return (f"TopK(k={k} for each of {where}; row{at}:\n"
+                f"  highest: {row(self.indices, self.scores, self.sources)}\n"
+                f"  lowest:  {row(self.bottom_indices, self.bottom_scores, self.bottom_sources)}\n"
+                "  proponents are the highest with a score > 0, opponents the lowest with a score < 0; arrays: .indices, "
+                ".scores, .sources, .captions, .bottom_*)")
+
     @property
     def opponents(self) -> np.ndarray:
         """``bottom_indices`` where the score is negative, -1 elsewhere (a positive low score opposes nothing)."""
@@ -430,6 +450,23 @@ class Scores:
     destination: Optional[np.ndarray] = None
     #: the training set (pixels) the scores are of, when known: names each image in :meth:`top` and ``scores.json``
     dataset: Optional[object] = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        S, B, n = np.shape(self.values)
+        best = self.top(1)
+        steps = ", ".join(f"step {s}: #{int(best.indices[j, 0, 0])}"
+                          + (f" {best.sources[j, 0, 0]}" if best.sources is not None else "")
+                          + f" ({float(best.scores[j, 0, 0]):+.3g})" for j, s in enumerate(self.steps[:4]))
+        more = ", ..." if S > 4 else ""
+        dest = self.top_destination(1)
+        final = "no destination row" if dest is None else (
+            f"destination (final image): #{int(dest.indices[0, 0])}"
+            + (f" {dest.sources[0, 0]}" if dest.sources is not None else "") + f" ({float(dest.scores[0, 0]):+.3g})")
+        return (f"Scores({S} steps × {B} targets × {n} training images; steps {list(self.steps)[:8]}"
+                f"{' ...' if S > 8 else ''}, timesteps {list(self.timesteps)[:8]}{' ...' if S > 8 else ''}\n"
+                f"  highest-scored training image of target 0: {steps}{more}\n"
+                f"  {final}\n"
+                "  .values (steps × targets × training images), .destination, .top(k), .top_destination(k), .save(dir))")
 
     def top(self, k: int = 8) -> TopK:
         """The k highest and k lowest scores per (step, target) as a :class:`TopK` of stable dataset indices, each
@@ -639,19 +676,71 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
     return Scores(values, steps, timesteps, np.asarray(train_indices), meta, destination, named)
 
 
+@dataclass
+class SelfAttribution:
+    """What :func:`self_attribution_rate` found: ``rate``, the share of the ``positions`` (training images scored
+    as targets at ``timestep``, each with its own label or caption) whose own index ranks first among all
+    ``num_train`` training images; ``chance`` = 1 / ``num_train``. Unpacks as the 2-tuple ``(rate, positions)``."""
+
+    rate: float
+    positions: np.ndarray
+    num_train: int
+    timestep: int
+
+    def __iter__(self):
+        return iter((self.rate, self.positions))
+
+    def __getitem__(self, i):
+        return tuple(self)[i]
+
+    def __len__(self) -> int:
+        return 2
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / max(1, self.num_train)
+
+    @property
+    def near_chance(self) -> bool:
+        """At most twice chance, or under a quarter: the features hardly tell the training images apart."""
+        return self.rate <= max(2 * self.chance, 0.25)
+
+    def __str__(self) -> str:
+        hits = int(round(self.rate * len(self.positions)))
+        return (f"{hits} of {len(self.positions)} training images ({self.rate:.0%}) rank themselves first among all "
+                f"{self.num_train} at timestep {self.timestep} (chance: {self.chance:.0%})")
+
+    def __repr__(self) -> str:
+        return f"SelfAttribution({self})"
+
+
+#: training images scored together by :func:`self_attribution_rate` (one step of its progress bar)
+SELF_ATTRIBUTION_CHUNK = 8
+
+
 def self_attribution_rate(features: FeatureSet, checkpoints: Sequence, dataset, num: int = 50, timestep: int = 10,
                           args: ScoreArgs = ScoreArgs(), device="cpu", seed: int = 0,
-                          conditioning: Optional[Conditioning] = None) -> Tuple[float, np.ndarray]:
+                          conditioning: Optional[Conditioning] = None, progress: bool = False) -> SelfAttribution:
     """Score ``num`` training images as targets at a low-noise ``timestep``, each with its own conditioning
     (label, or first caption); return how often each image's own index ranks first among all training
-    examples, and the positions used. ``dataset`` is in the unet's space (latents for a latent model)."""
+    examples, and the positions used, as a :class:`SelfAttribution` (unpacks as ``(rate, positions)``).
+    ``dataset`` is in the unet's space (latents for a latent model). The images are scored
+    :data:`SELF_ATTRIBUTION_CHUNK` at a time (each chunk draws its target noises as one scoring call does), with a
+    progress bar when ``progress``."""
+    from tqdm.auto import tqdm
+
     g = np.random.default_rng(seed)
     pos = np.sort(g.choice(len(dataset), size=min(num, len(dataset)), replace=False))
     checkpoints = as_checkpoints(checkpoints, device)
     cond = (conditioning or Conditioning()).examples(checkpoints[0][0], dataset, pos)
-    from dataclasses import replace
-
-    sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0), images=dataset.read(pos),
-               image_timesteps=[timestep], device=device, progress=False, cond=cond, dataset=dataset)
-    best = sc.values[0].argmax(axis=1)
-    return float((best == pos).mean()), pos
+    best = []
+    with tqdm(total=len(pos), desc="self-attribution", unit="img", disable=not progress) as bar:
+        for a in range(0, len(pos), SELF_ATTRIBUTION_CHUNK):
+            part = pos[a:a + SELF_ATTRIBUTION_CHUNK]
+            sc = score(features, checkpoints, dataset.indices.numpy(), replace(args, destination_draws=0),
+                       images=dataset.read(part), image_timesteps=[timestep], device=device, progress=False,
+                       cond={k: v[a:a + SELF_ATTRIBUTION_CHUNK] for k, v in (cond or {}).items()} or None,
+                       dataset=dataset)
+            best.append(sc.values[0].argmax(axis=1))
+            bar.update(len(part))
+    return SelfAttribution(float((np.concatenate(best) == pos).mean()), pos, len(dataset), int(timestep))

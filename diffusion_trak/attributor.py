@@ -213,10 +213,11 @@ class Attributor:
         return self._inputs
 
     # ------------------------------------------------------------------ featurize
-    def featurize(self, rows: Optional[Sequence[int]] = None) -> api.FeatureSet:
+    def featurize(self, rows: Optional[Sequence[int]] = None, self_check: bool = True) -> api.FeatureSet:
         """TRAK features of every training image for every checkpoint (:func:`diffusion_trak.api.featurize`);
         a rerun resumes, other settings refuse unless ``overwrite``. Under ``accelerate launch`` each process
-        computes its share."""
+        computes its share. Then (with ``progress``, in one process) a quick self-check is printed: a few training
+        images scored against themselves, with a warning line when near chance (``self_check=False``: none)."""
         api.check_params(self.checkpoints, self.featurize_args)  # before latents/ is written
         self.featurize_args = api.resolve_params(self.checkpoints, self.featurize_args)
         inputs = self.inputs  # checks the data against the model (captions, sizes) before the line below
@@ -231,6 +232,11 @@ class Attributor:
         fs = api.featurize(self.checkpoints, inputs, self.featurize_args, self.features_dir, overwrite=self.overwrite,
                            device=self.device, progress=self.progress, conditioning=self.conditioning, rows=rows)
         self._features = fs
+        if self_check and self.progress and rows is None and len(inputs) > 1:
+            from . import distributed
+
+            if distributed.state().num_processes == 1:
+                self._self_check()
         return fs
 
     def estimate(self):
@@ -462,11 +468,34 @@ class Attributor:
         """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""
         return os.path.join(self.out, "scores", name)
 
-    def self_attribution(self, num: int = 50, timestep: int = 10, seed: int = 0):
-        """``(rate, positions)``: how often a training image, scored as a target at a low-noise ``timestep`` with
-        its own label or caption, ranks its own index first (:func:`diffusion_trak.api.self_attribution_rate`)."""
+    def self_attribution(self, num: int = 50, timestep: int = 10, seed: int = 0) -> api.SelfAttribution:
+        """How often a training image, scored as a target at a low-noise ``timestep`` with its own label or caption,
+        ranks its own index first (:func:`diffusion_trak.api.self_attribution_rate`), with a progress bar: a
+        :class:`~diffusion_trak.api.SelfAttribution` (``rate``, ``positions``, ``chance``, ``near_chance``; prints as
+        a sentence), which unpacks as ``(rate, positions)``."""
         return api.self_attribution_rate(self.features, self.checkpoints, self.inputs, num, timestep, self.score_args,
-                                         self.device, seed, conditioning=self.conditioning)
+                                         self.device, seed, conditioning=self.conditioning, progress=self.progress)
+
+    #: training images of the self-check after :meth:`featurize` (and the noises per image it scores them with)
+    SELF_CHECK_IMAGES, SELF_CHECK_NOISES = 8, 4
+
+    def _self_check(self) -> Optional[api.SelfAttribution]:
+        """The quick self-check printed after :meth:`featurize`: a few training images scored against themselves
+        (:meth:`self_attribution` with :attr:`SELF_CHECK_IMAGES` images, :attr:`SELF_CHECK_NOISES` noises each), as
+        the demo prints its own, and a warning line when the rate is near chance."""
+        import dataclasses
+
+        res = api.self_attribution_rate(self.features, self.checkpoints, self.inputs, self.SELF_CHECK_IMAGES, 10,
+                                        dataclasses.replace(self.score_args, num_noises=min(
+                                            self.score_args.num_noises, self.SELF_CHECK_NOISES)),
+                                        self.device, 0, conditioning=self.conditioning)
+        print(f"self-check: {res}", flush=True)
+        if res.near_chance:
+            print(f"warning: the self-check is near chance ({res.rate:.0%}, chance {res.chance:.0%}): these features "
+                  "hardly tell the training images apart, so attributions may mean little; check that the model (or "
+                  "adapter) was trained on these images with these captions, or use more -T/--num-timesteps and a "
+                  "larger -k/--proj-dim", flush=True)
+        return res
 
     # ------------------------------------------------------------------ report
     def report(self, scores: api.Scores, trajectory=None, name: str = "attribution", target: int = 0, k: int = 6,

@@ -338,9 +338,13 @@ def cmd_score(ns):
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,
                                         image_size=dataset.resolution, channels=dataset.num_channels))
         prompts = [ns.prompt] * len(targets) if ns.prompt is not None else None
-        sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, out=out,
-                            value_range=(-1, 1))  # load_dataset read them by the rule already
+        labels = [ns.class_label] * len(targets) if ns.class_label is not None else None
+        sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, class_labels=labels,
+                            out=out, value_range=(-1, 1))  # load_dataset read them by the rule already
     else:
+        if ns.class_label is not None or ns.prompt is not None:
+            raise UserError("--class-label and --prompt go with --images; a trajectory carries its generation's own "
+                            "label and prompt (drop them, or give --images)")
         if not os.path.isfile(tpath):
             raise UserError(f"no trajectory at {tpath}; run `diffusion-trak generate --run {ns.run}` or pass --trajectory")
         sc = attr.attribute(_load_trajectory(tpath), steps=ns.steps, out=out)
@@ -498,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoints", nargs="+", default=None)
     _add_pipeline(sp, captions=True)
     sp.add_argument("--prompt", default=None, help="with --images on a text-conditional model: their prompt")
+    sp.add_argument("--class-label", type=_int(0), default=None,
+                    help="with --images on a class-conditional model: their class label (class_labels= in Python)")
     sp.add_argument("--features", default=None, help="feature store (default RUN/features)")
     sp.add_argument("--trajectory", default=None, help="trajectory file (default RUN/trajectories/seed-0.safetensors)")
     sp.add_argument("--steps", type=_int(0), nargs="+", default=None, help="steps to score (default: all recorded)")

@@ -101,7 +101,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
     else:
         cfg = demo_settings(quick)
         attr, sample = _pixel_model(cfg, out, device, overwrite, say)
-    attr.featurize()
+    attr.featurize(self_check=False)  # the demo prints its own self-attribution below
     fa = cfg.featurize
     kernel = f"GGN kernel of {fa.kernel_draws} draws" if fa.kernel == "ggn" else "kernel ΦᵀΦ"
     say(f"featurized {len(attr.dataset)} examples × {len(attr.checkpoints)} checkpoints (T={fa.num_timesteps}, "

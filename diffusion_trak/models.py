@@ -48,6 +48,11 @@ def check_checkpoint(path: str, unet_classes: Sequence[str] = UNET_CLASSES) -> s
     ``unet_classes``, with weights) and ``scheduler/``, as diffusers' ``save_pretrained`` writes them.
     Reads configs only; returns the unet's class name."""
     fix = "pass checkpoint folders holding unet/ and scheduler/ (e.g. RUN/model/ckpt-0100, or a diffusers pipeline folder)"
+    if os.path.isfile(path) and path.endswith((".safetensors", ".ckpt", ".pt", ".pth")):
+        raise CheckpointError(f"{path} is a single-file checkpoint (as A1111 and ComfyUI share them); convert it once to "
+                              "a diffusers pipeline folder: python -c \"from diffusers import StableDiffusionPipeline; "
+                              f"StableDiffusionPipeline.from_single_file('{path}').save_pretrained('my-model')\", "
+                              "then pass my-model/ (a LoRA file goes to --lora, lora=)")
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
         raise CheckpointError(f"checkpoint folder {path} {what}; {fix}")

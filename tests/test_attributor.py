@@ -301,3 +301,92 @@ def test_latents_need_a_latent_model(tmp_path, folders):
     attr = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "run"), **KW)
     with pytest.raises(InputError, match="no VAE"):
         attr.attribute(latents=torch.zeros(1, 3, 8, 8))
+
+
+def test_score_images_takes_class_label_as_python_takes_class_labels(tmp_path, folders):
+    """``score --images DIR --class-label C`` scores them as ``attribute(images, class_labels=[C] * B)`` does."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from diffusion_trak.cli import main
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=10)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(str(tmp_path / "cls"))
+    data = load_dataset(name="folder", path=folders["imgs"])
+    assert data.labels is not None
+    run = str(tmp_path / "run")
+    flags = ["--pipeline", str(tmp_path / "cls"), "--run", run]
+    assert main(["featurize", *flags, "--data", "folder", "--data-path", folders["imgs"], "-T", "2", "-k", "32",
+                 "--batch-size", "8"]) == 0
+    sub = tmp_path / "targets"
+    sub.mkdir()
+    first = sorted(os.path.join(d, f) for d, _, fs in os.walk(folders["imgs"]) for f in fs if f.endswith(".png"))[:2]
+    for f in first:
+        os.link(f, sub / os.path.basename(f))
+    assert main(["score", *flags, "--images", str(sub), "--class-label", "3", "--image-timesteps", "10", "-R", "2",
+                 "--destination-draws", "2", "--out", str(tmp_path / "s")]) == 0
+    cli = np.load(tmp_path / "s" / "scores.npy")
+    attr = Attributor.from_pretrained(str(tmp_path / "cls"), folders["imgs"], run, progress=False,
+                                      score_args=ScoreArgs(num_noises=2, destination_draws=2))
+    targets = load_dataset(name="folder", path=str(sub)).images
+    py = attr.attribute(targets, image_timesteps=[10], class_labels=[3, 3], save=False)
+    np.testing.assert_array_equal(cli, py.values)
+    other = attr.attribute(targets, image_timesteps=[10], class_labels=[4, 4], save=False)
+    assert not np.array_equal(cli, other.values)  # the label is used, not ignored
+    # --class-label goes with --images: with a trajectory it is refused, not ignored
+    assert main(["score", *flags, "--class-label", "3", "--out", str(tmp_path / "t")]) == 2
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_a_single_file_checkpoint_is_refused_with_the_conversion_hint(tmp_path, folders, capsys):
+    from diffusion_trak.cli import main
+    from diffusion_trak.errors import CheckpointError
+
+    ckpt = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    ckpt.write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"single-file checkpoint .*StableDiffusionPipeline\.from_single_file\("
+                                              r".*\)\.save_pretrained\('my-model'\)"):
+        Attributor.from_pretrained(str(ckpt), folders["imgs"], str(tmp_path / "run"))
+    capsys.readouterr()
+    assert main(["featurize", "--pipeline", str(ckpt), "--data", "folder", "--data-path", folders["imgs"],
+                 "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "from_single_file" in err[0] and not os.path.exists(tmp_path / "run")
+
+
+def test_readable_reprs_a_named_self_attribution_and_the_self_check(tmp_path, folders, capsys, monkeypatch):
+    attr = Attributor.from_pretrained(folders["ddpm"], folders["imgs"], str(tmp_path / "run"), **KW)
+    attr.featurize()
+    data = _train_set(folders)
+    scores = attr.attribute(data.images[:2], image_timesteps=[10, 100], save=False)
+    for text in (repr(scores.top(8)), repr(scores), repr(scores.top_destination(8))):
+        lines = text.splitlines()
+        assert 3 <= len(lines) <= 6 and "array(" not in text and max(map(len, lines)) < 400, text
+    top = repr(scores.top(8))
+    assert "highest:" in top and "lowest:" in top and f"#{scores.top(8).indices[0, 0, 0]} " \
+        f"{scores.top(8).sources[0, 0, 0]} (" in top
+    assert "2 steps × 2 targets × 12 training images" in repr(scores)
+    # self_attribution: a named result that still unpacks as (rate, positions), with a progress bar
+    attr.progress = True
+    capsys.readouterr()
+    res = attr.self_attribution(num=6, timestep=10)
+    assert "self-attribution" in capsys.readouterr().err
+    rate, pos = res
+    assert isinstance(res, api.SelfAttribution) and rate == res.rate and len(pos) == 6 and res.chance == 1 / 12
+    assert "of 6 training images" in str(res) and "chance: 8%" in str(res)
+    assert (rate, list(pos)) == (res[0], list(res[1]))
+    # the self-check printed after featurizing (progress on), and its warning line when near chance
+    attr.featurize()
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("self-check: ")]
+    low = api.SelfAttribution(1 / 8, np.arange(8), 12, 10)
+    assert low.near_chance and not api.SelfAttribution(7 / 8, np.arange(8), 12, 10).near_chance
+    monkeypatch.setattr(api, "self_attribution_rate", lambda *a, **k: low)
+    attr.featurize()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("self-check: 1 of 8 training images (12%)") and lines[-1].startswith(
+        "warning: the self-check is near chance (12%, chance 8%)")
+    attr.featurize(self_check=False)
+    assert "self-check" not in capsys.readouterr().out
