@@ -34,8 +34,8 @@ import torch
 from . import api
 from .config import FeaturizeArgs, ScoreArgs
 from .errors import InputError
-from .models import (Conditioning, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder, load_checkpoint,
-                     load_lora, load_pipeline, training_scheduler, unet_conditioning)
+from .models import (Conditioning, adapter_of, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder,
+                     load_checkpoint, load_lora, load_pipeline, training_scheduler, unet_conditioning)
 
 __all__ = ["Attributor"]
 
@@ -284,7 +284,21 @@ class Attributor:
                                             text_encoder=text.text_encoder if text else None,
                                             tokenizer=text.tokenizer if text else None)
         kwargs.setdefault("show_progress", self.progress)
-        return pipe(*args, **kwargs)
+        out = pipe(*args, **kwargs)
+        self._mark_generator(out)
+        return out
+
+    def _mark_generator(self, out) -> None:
+        """Record in the trajectory of a :meth:`pipeline` output the model that generated it (its weights' fingerprint,
+        base and adapter): :meth:`attribute` refuses it with checkpoints that do not include that model."""
+        from diffusion_trak.pipelines import Trajectory
+
+        from .featurize.featurizer import model_fingerprint
+
+        parts = out if isinstance(out, tuple) else (getattr(out, "trajectory", None),)
+        for traj in parts:
+            if isinstance(traj, Trajectory):
+                traj.generator = {"model": model_fingerprint(self.unet), "adapter": adapter_of(self.unet)}
 
     def _check_sampling(self, prompt, kwargs) -> None:
         """The one-line refusals of :meth:`pipeline` (and so of ``diffusion-trak generate``), before any sampling."""

@@ -205,7 +205,16 @@ def _remember_data(ns, dargs) -> None:
 def cmd_train(ns):
     from .train import check_training, train_ddpm
 
+    from .errors import UserError
+    from .store import claim
+
     _check_out(ns.run, "--run")
+    claim(ns.run, "run", "--run")  # a folder with files not ours (a home folder): refused, --overwrite or not
+    if ns.num_checkpoints is None:  # the default: 3, or one per epoch when there are fewer
+        ns.num_checkpoints = min(TrainArgs().num_checkpoints, ns.epochs)
+    elif ns.num_checkpoints > ns.epochs:
+        raise UserError(f"--num-checkpoints {ns.num_checkpoints} is more than --epochs {ns.epochs} (at most one "
+                        f"checkpoint per epoch); pass --num-checkpoints {ns.epochs} or fewer, or more --epochs")
     dataset, dargs = _load_run_data(ns)
     targs = TrainArgs(block_out_channels=tuple(ns.channels_per_level), epochs=ns.epochs, batch_size=ns.batch_size,
                       learning_rate=ns.lr, num_checkpoints=ns.num_checkpoints, seed=ns.seed,
@@ -251,8 +260,11 @@ def _attributor(ns, dataset, **kwargs):
 
 
 def cmd_featurize(ns):
+    from .store import claim
+
     out = ns.out or os.path.join(ns.run, "features")
     _check_out(out, "--out")
+    claim(ns.run, "run", "--run")  # run.json is written there
     args = _featurize_args(ns)
     dataset, dargs = _load_run_data(ns)
     if ns.dry_run:  # the plan only: nothing computed but one forward of one example, nothing written
@@ -272,10 +284,15 @@ def cmd_generate(ns):
     from diffusers import DDIMScheduler
 
     from .attributor import Attributor
-    from .store import make_dirs
+    from .errors import UserError
+    from .store import claim, make_dirs
 
     path = ns.out or os.path.join(ns.run, "trajectories", f"seed-{ns.seed}.safetensors")
     _check_out(path, "--out", folder=False)
+    flag = "--out" if ns.out else "--run"
+    exists = claim(path, "trajectory", flag)  # a file that is not a trajectory of ours: refused before anything
+    if not ns.out:
+        claim(ns.run, "run", "--run")
     ckpt = ns.checkpoint or (ns.pipeline[-1] if ns.pipeline else _checkpoints(ns)[-1])
     attr = Attributor.from_pretrained(ckpt, None, ns.run, lora=ns.lora, device=_device(ns))
     sched = attr.sampler
@@ -285,12 +302,46 @@ def cmd_generate(ns):
     record = ns.record_steps
     if record is None and ns.num_record:
         record = sorted({int(round(i * (ns.steps - 1) / max(1, ns.num_record - 1))) for i in range(ns.num_record)})
+    if exists and not ns.overwrite:  # another trajectory there is refused before sampling; the same one is kept
+        attr._check_sampling(ns.prompt, dict(num_inference_steps=ns.steps, record_steps=record,
+                                             class_labels=ns.class_label))  # the settings' own refusals first
+        same = _same_generation(_load_trajectory(path), attr, ns, record)
+        if same is True:
+            _say(f"trajectory: {path} is already there with these settings; nothing to do (--overwrite samples it again)")
+            return path
+        raise UserError(f"{path} already holds another trajectory ({same}; scores of it would no longer match); "
+                        f"nothing was changed: rerun with --overwrite to replace it, or choose another {flag}")
     out = attr.pipeline(batch_size=ns.num_images, seed=ns.seed, num_inference_steps=ns.steps, record_steps=record,
                         class_labels=ns.class_label, **text)  # checks prompt, class label and steps first
     make_dirs(os.path.dirname(os.path.abspath(path)))
-    out.trajectory.save(path)
+    out.trajectory.save(path, overwrite=ns.overwrite)
     _say(f"trajectory: {path} (steps recorded: {out.trajectory.step_indices.tolist()})")
     return path
+
+
+def _same_generation(old, attr, ns, record):
+    """True when the trajectory ``old`` was generated with the settings of this ``generate`` command (``ns``, the
+    model of ``attr``, the recorded steps ``record``); else what differs (for the one-line refusal)."""
+    import torch
+
+    from .featurize.featurizer import model_fingerprint
+
+    labels = None if ns.class_label is None else [ns.class_label] * ns.num_images
+    prompts = getattr(old, "prompts_given", None) or getattr(old, "prompts", None)  # as given (before any cut)
+    checks = [("seed", old.seed, ns.seed), ("--steps", old.num_inference_steps, ns.steps),
+              ("recorded steps", old.recorded_steps, list(record) if record is not None else list(range(ns.steps))),
+              ("--num-images", old.batch_size, ns.num_images),
+              ("--class-label", None if old.class_labels is None else torch.as_tensor(old.class_labels).tolist(), labels),
+              ("--prompt", prompts, None if ns.prompt is None else [ns.prompt] * ns.num_images),
+              ("model", (old.generator or {}).get("model"), model_fingerprint(attr.unet))]
+    from .attributor import _RECORDING_SAMPLERS
+
+    sampler = type(attr.sampler).__name__  # what Attributor.pipeline samples with
+    checks.append(("--scheduler", old.scheduler_class, sampler if sampler in _RECORDING_SAMPLERS else "DDIMScheduler"))
+    if ns.prompt is not None:
+        checks.append(("--guidance-scale", float(getattr(old, "guidance_scale", 1.0)), float(ns.guidance_scale)))
+    diff = [f"{name} {a!r} there, {b!r} now" for name, a, b in checks if a != b]
+    return True if not diff else "; ".join(diff[:3])
 
 
 def _score_args(ns) -> ScoreArgs:
@@ -320,13 +371,18 @@ def _load_trajectory(path: str):
 def cmd_score(ns):
     from . import api
     from .errors import UserError
+    from .store import claim
 
     args = _score_args(ns)
     tpath = ns.trajectory or os.path.join(ns.run, "trajectories", "seed-0.safetensors")
     name = "images" if ns.images else os.path.splitext(os.path.basename(tpath))[0]
     out = ns.out or os.path.join(ns.run, "scores", name)
     _check_out(out, "--out")
-    dataset, _ = _load_run_data(ns)
+    claim(out, "scores", "--out" if ns.out else "--run")  # not a scores folder of ours: refused, overwrite or not
+    if not ns.out:
+        claim(ns.run, "run", "--run")
+    images_range, ns.value_range = (ns.value_range, None) if ns.images else (None, ns.value_range)
+    dataset, _ = _load_run_data(ns)  # with --images, --value-range is the images' (the training set's is in run.json)
     features = api.FeatureSet.open(ns.features or os.path.join(ns.run, "features"))
     root = features.store.root
     attr = _attributor(ns, dataset, score_args=args, features_dir=root,
@@ -336,7 +392,8 @@ def cmd_score(ns):
         from .data import DataArgs, load_dataset
 
         targets = load_dataset(DataArgs(name="npz" if ns.images.endswith(".npz") else "folder", path=ns.images,
-                                        image_size=dataset.resolution, channels=dataset.num_channels))
+                                        image_size=dataset.resolution, channels=dataset.num_channels,
+                                        value_range=images_range))
         prompts = [ns.prompt] * len(targets) if ns.prompt is not None else None
         labels = [ns.class_label] * len(targets) if ns.class_label is not None else None
         sc = attr.attribute(targets.images, image_timesteps=ns.image_timesteps, prompts=prompts, class_labels=labels,
@@ -353,18 +410,53 @@ def cmd_score(ns):
     return out
 
 
+def _report_prefix(out, default_dir: str, name: str) -> str:
+    """The path (without extension) of a report: ``--out`` as given, less a ``.png``/``.html`` it ends with; an
+    ``--out`` that names a folder (an existing one, or one ending in /) holds ``NAME.png``/``NAME.html``."""
+    if out is None:
+        return os.path.join(default_dir, name)
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, name)
+    root, ext = os.path.splitext(out)
+    return root if ext.lower() in (".png", ".html") else out
+
+
+def _trajectory_of(sc, folder: str, sdir: str) -> str:
+    """The trajectory in ``folder`` whose final images are the target of the scores ``sc`` (scores named otherwise
+    than their trajectory, e.g. an ensemble's); one line naming ``--trajectory`` if there is none."""
+    import glob
+
+    import torch
+
+    from .errors import UserError
+    from .targets import digest
+
+    want = sc.meta.get("target")
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            traj = _load_trajectory(path)
+        except UserError:
+            continue
+        if want is not None and digest(torch.as_tensor(traj.final).float()) == want:
+            return path
+    raise UserError(f"no trajectory in {folder} is the one the scores in {sdir} were computed on; pass "
+                    "--trajectory FILE (the trajectory you scored)")
+
+
 def cmd_plot(ns):
     from . import api
     from .errors import UserError
     from .report import plot_from_scores
     from .report.evidence import evaluation_run, load_evidence
-    from .store import make_dirs
+    from .store import claim, make_dirs
 
     sdir = ns.scores or (evaluation_run(ns.evaluation)["scores"] if ns.evaluation else os.path.join(ns.run, "scores", "seed-0"))
-    name = os.path.basename(sdir.rstrip("/"))
+    name = os.path.basename(os.path.normpath(sdir))
     run = ns.evaluation or ns.run
-    prefix = ns.out or os.path.join(run, "report", name)
+    prefix = _report_prefix(ns.out, os.path.join(run, "report"), name)
     _check_out(os.path.dirname(os.path.abspath(prefix)), "--out")
+    for ext in (".png", ".html"):  # files there that are not reports of ours: refused before anything
+        claim(prefix + ext, "report", "--out" if ns.out else "--run")
     if ns.evaluation:  # an evaluation run: its generated targets, with the counterfactual evidence
         from .data import load_dataset
         ev = evaluation_run(ns.evaluation)
@@ -381,6 +473,8 @@ def cmd_plot(ns):
     traj = None
     if ns.trajectory and not os.path.isfile(tpath):
         raise UserError(f"no trajectory at {tpath}; pass the --trajectory the scores were computed for")
+    if not ns.trajectory and not ns.evaluation and not os.path.isfile(tpath):  # e.g. an ensemble's scores
+        tpath = _trajectory_of(sc, os.path.join(ns.run, "trajectories"), sdir)
     if os.path.isfile(tpath):
         traj = _load_trajectory(tpath)
         if not ns.evaluation:
@@ -431,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=_positive_float, default=d.learning_rate)
     sp.add_argument("--channels-per-level", type=_int(1), nargs="+", default=list(d.block_out_channels),
                     help="UNet block_out_channels")
-    sp.add_argument("--num-checkpoints", type=_int(1), default=d.num_checkpoints, help="at most --epochs")
+    sp.add_argument("--num-checkpoints", type=_int(1), default=None,
+                    help=f"at most --epochs (default {d.num_checkpoints}, or --epochs when fewer)")
     sp.add_argument("--class-conditional", action="store_true")
     sp.add_argument("--seed", type=_int(0, SEED_MAX), default=d.seed)
     sp.set_defaults(func=cmd_train)
@@ -507,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--features", default=None, help="feature store (default RUN/features)")
     sp.add_argument("--trajectory", default=None, help="trajectory file (default RUN/trajectories/seed-0.safetensors)")
     sp.add_argument("--steps", type=_int(0), nargs="+", default=None, help="steps to score (default: all recorded)")
-    sp.add_argument("--images", default=None, help="score real images instead (.npz or folder)")
+    sp.add_argument("--images", default=None, help="score real images instead (.npz or folder; --value-range LO HI "
+                    "then states the range of their values, not the training set's)")
     sp.add_argument("--image-timesteps", type=_int(0), nargs="+", default=[10, 100, 500])
     sp.add_argument("--preset", default="default", choices=PRESETS,
                     help="named estimator: default (ridge 0.1) or paper (ridge 0.01); the flags below change single settings")

@@ -945,7 +945,14 @@ def _hf_dataset(ds, args: DataArgs, where: str, image_column: Optional[str] = No
     text = text_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
     captions = None
     if text is not None:
-        captions = {i: [t] if isinstance(t, str) else list(t) for i, t in enumerate(ds[text])}
+        captions = {}
+        for i, t in enumerate(ds[text]):
+            c = [t] if isinstance(t, str) else t
+            if not isinstance(c, (list, tuple)) or not c or not all(isinstance(x, str) for x in c):
+                raise DataError(f"row {i} of the {text!r} column of {where} holds {t!r}, not a caption (a string or "
+                                "a list of strings); fill in or drop the rows without captions, or name another "
+                                "column with text_column=")
+            captions[i] = list(c)
     keep = _select(labels, len(ds), args, where)
     return _disk_dataset(_HFSource(ds, column, where), labels, keep, class_names, captions, args, where)
 

@@ -93,6 +93,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
 
     Prints where the per-step PNG, the journey page and the scores are, and the self-attribution rate; returns
     them in a dict. ``latent``: the latent, text-conditional model (``prompt``: what to generate)."""
+    from .store import claim
+
+    claim(out, "run")  # a folder with files not ours: refused before anything is written
     t0 = time.time()
     say = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True)
     if latent:
@@ -112,7 +115,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "cpu", o
                         show_progress=False)
     tpath = os.path.join(out, "trajectories", "seed-0.safetensors")
     os.makedirs(os.path.dirname(tpath), exist_ok=True)
-    gen.trajectory.save(tpath)
+    gen.trajectory.save(tpath, overwrite=overwrite)
     what = f'"{sample["prompt"]}" (guidance {cfg.guidance_scale:g})' if latent else f"{cfg.num_images} images"
     say(f"generated {what} with {cfg.sampling_steps} DDPM steps; trajectory: {tpath}")
 

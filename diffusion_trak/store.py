@@ -29,6 +29,12 @@ These rules keep what is stored safe:
   is not a store's, is refused (with or without ``overwrite``) naming what it holds.
 - **Checksums.** Every done row carries its crc32; :meth:`StoredArray.read` checks them all, and a writer
   that resumes a store recomputes the rows whose checksum does not match.
+
+The same rule holds for every other file a command or the Python API writes (:func:`claim`): a trajectory, a
+scores folder, a report page or picture, a run folder. A path that diffusion-trak did not write (no manifest or
+marker of ours: a trajectory's header, ``scores.json``'s checksums, the report's generator mark, ``run.json``) is
+refused in one line before anything is written, with or without ``overwrite``; ``overwrite`` replaces only files of
+ours; a result already there (a trajectory, scores) is never replaced by another one without ``overwrite``.
 """
 from __future__ import annotations
 
@@ -446,6 +452,110 @@ def clear_own(root: str, own: str, what: str, delete: bool = True) -> None:
             shutil.rmtree(path)
         else:
             os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------- the one rule
+#: the mark a report's page (``<meta name="generator">``) and picture (PNG ``Software``) carry
+GENERATOR = "diffusion-trak"
+#: the entries of a run folder (``--run``), as the CLI lays it out
+RUN_ENTRIES = ("run.json", "model", "features", "latents", "trajectories", "scores", "report")
+#: the entries of a scores folder: the score store and the saved result
+SCORES_ENTRIES = ("store", "scores.npy", "destination.npy", "scores.json")
+
+
+def _is_trajectory(path: str) -> bool:
+    """Whether ``path`` is a trajectory file diffusion-trak wrote (a safetensors header with our metadata)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return "diffusion_trak.trajectory" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def _is_report(path: str) -> bool:
+    """Whether ``path`` is a report page or picture diffusion-trak wrote (its generator mark)."""
+    if path.endswith(".html"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            return False
+        return f'<meta name="generator" content="{GENERATOR}">'.encode() in head or b'id="journey-data"' in head
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith(GENERATOR)
+    except Exception:
+        return False
+
+
+def _is_scores_json(path: str) -> bool:
+    """Whether ``path`` is a ``scores.json`` that :meth:`~diffusion_trak.api.Scores.save` wrote (it checksums itself)."""
+    try:
+        with open(path) as f:
+            s = json.load(f)
+        return isinstance(s, dict) and isinstance(s.get("checksums"), dict) and "scores.json" in s["checksums"]
+    except (OSError, ValueError):
+        return False
+
+
+def _foreign_in_scores(root: str) -> list:
+    """The entries of the scores folder ``root`` that are not ours."""
+    names = os.listdir(root)
+    foreign = [n for n in names if n not in SCORES_ENTRIES and not is_staged(n, SCORES_ENTRIES)]
+    if foreign:
+        return foreign
+    if "store" in names:
+        try:
+            _read_manifest(os.path.join(root, "store"))
+        except StoreError:
+            return ["store/"]
+    if "scores.json" in names and not _is_scores_json(os.path.join(root, "scores.json")):
+        return [n for n in names if n != "store"]
+    if "store" not in names and "scores.json" not in names:  # arrays with neither our store nor our summary
+        return [n for n in names if n.endswith(".npy")]
+    return []
+
+
+def claim(path: str, kind: str, flag: str = "--out") -> bool:
+    """The one rule for a file or folder a command is about to write (outside a store, which checks its own):
+    refuse, in one line naming ``flag``, a ``path`` that exists and is not diffusion-trak's ``kind``; return whether
+    it exists (and is ours). Call it before anything is written. ``kind``:
+
+    - ``"trajectory"``: a ``.safetensors`` trajectory file (ours: the header metadata of a trajectory);
+    - ``"report"``: a report's ``.png`` or ``.html`` (ours: the generator mark they carry);
+    - ``"scores"``: a scores folder (ours: only :data:`SCORES_ENTRIES`, a score store's manifest, a ``scores.json``
+      that checksums itself);
+    - ``"run"``: a run folder (ours: empty, a ``run.json``, or only :data:`RUN_ENTRIES`).
+
+    Whether an existing result of ours may be replaced is the caller's question (never without ``overwrite``,
+    unless it holds the same result)."""
+    if not os.path.lexists(path):
+        return False
+    folder = kind in ("scores", "run")
+    if folder != os.path.isdir(path):
+        raise StoreError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}; "
+                         f"choose another {flag}")
+    if kind == "trajectory":
+        ours, what = _is_trajectory(path), "a trajectory diffusion-trak wrote"
+    elif kind == "report":
+        ours, what = _is_report(path), "a report diffusion-trak wrote"
+    elif kind == "scores":
+        foreign = _foreign_in_scores(path)
+        ours, what = not foreign, f"a diffusion-trak scores folder (it holds {_describe(path, foreign)})"
+    elif kind == "run":
+        names = os.listdir(path)
+        ours = "run.json" in names or all(n in RUN_ENTRIES for n in names)
+        what = f"a diffusion-trak run folder (it holds {_describe(path, [n for n in names if n not in RUN_ENTRIES])})"
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    if not ours:
+        raise StoreError(f"{flag} {path} is not {what}; nothing was changed (not even with --overwrite): move it "
+                         f"away or choose another {flag}")
+    return True
 
 
 def _remove_leftovers(root: str, manifest: dict) -> None:

@@ -34,6 +34,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import logging
+
 import numpy as np
 import torch
 
@@ -76,6 +78,9 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Te
 # --------------------------------------------------------------------------------------------
 
 
+_LOG = logging.getLogger("diffusion_trak")
+
+
 @dataclass(eq=False)
 class LatentTrajectory(Trajectory):
     """A :class:`~pipelines.trajectory.Trajectory` in latent space plus what latent diffusion needs.
@@ -83,7 +88,9 @@ class LatentTrajectory(Trajectory):
     ``x_t``, ``x0_pred``, ``noises``, ``initial_noise`` and ``final`` are latents. Extra attributes:
 
     Attributes:
-        prompts: the ``B`` prompts, or ``None`` (unconditional / class-conditional).
+        prompts: the ``B`` prompts as the text encoder saw them (a prompt longer than the tokenizer's
+            ``model_max_length`` is cut there, with a one-line warning), or ``None`` (unconditional / class-conditional).
+        prompts_given: the prompts as given when one of them was cut, else ``None``.
         negative_prompts: the ``B`` unconditional prompts used for guidance (``""`` by default), or
             ``None`` without guidance.
         guidance_scale: classifier-free guidance scale (``1`` = no guidance).
@@ -100,6 +107,7 @@ class LatentTrajectory(Trajectory):
     negative_prompts: Optional[List[str]] = None
     guidance_scale: float = 1.0
     prompt_embeds: Optional[torch.Tensor] = None
+    prompts_given: Optional[List[str]] = None
     negative_prompt_embeds: Optional[torch.Tensor] = None
     x0_decoded: Optional[torch.Tensor] = None
     final_decoded: Optional[torch.Tensor] = None
@@ -138,6 +146,8 @@ class LatentTrajectory(Trajectory):
         meta = super()._metadata()
         meta["latent"] = {"prompts": self.prompts, "negative_prompts": self.negative_prompts,
                           "guidance_scale": float(self.guidance_scale)}
+        if self.prompts_given is not None:
+            meta["latent"]["prompts_given"] = self.prompts_given
         return meta
 
     @classmethod
@@ -147,6 +157,7 @@ class LatentTrajectory(Trajectory):
         traj.prompts = latent.get("prompts")
         traj.negative_prompts = latent.get("negative_prompts")
         traj.guidance_scale = float(latent.get("guidance_scale", 1.0))
+        traj.prompts_given = latent.get("prompts_given")
         for name in cls._EXTRA_TENSORS:
             setattr(traj, name, tensors.get(name))
         return traj
@@ -222,6 +233,25 @@ class LatentTrajectoryPipeline(TrajectoryPipeline):
         mask = enc.attention_mask.to(tdev) if getattr(cfg, "use_attention_mask", False) else None
         emb = self.text_encoder(enc.input_ids.to(tdev), attention_mask=mask)[0]
         return emb.to(dtype=self.text_encoder.dtype, device=device)
+
+    def seen_prompts(self, prompts: Sequence[str]) -> List[str]:
+        """``prompts`` as the text encoder sees them: one longer than the tokenizer's ``model_max_length`` tokens is
+        cut there (as :meth:`encode_prompt` cuts it), replaced by the text of the tokens kept, with a one-line warning."""
+        tok = self.tokenizer
+        if tok is None:
+            return list(prompts)
+        limit, out = int(tok.model_max_length), []
+        for p in prompts:
+            ids = tok(p, truncation=False).input_ids
+            if len(ids) <= limit:
+                out.append(p)
+                continue
+            seen = tok.decode(tok(p, truncation=True, max_length=limit).input_ids, skip_special_tokens=True).strip()
+            _LOG.warning(f"warning: the prompt is {len(ids)} tokens, the text encoder takes {limit}: the model sees only "
+                         f"{seen[:60]!r}{'...' if len(seen) > 60 else ''} (recorded as the trajectory's prompt); "
+                         "shorten the prompt to use all of it")
+            out.append(seen)
+        return out
 
     def _uses_guidance(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None
@@ -345,7 +375,9 @@ class LatentTrajectoryPipeline(TrajectoryPipeline):
                 return_dict=False)
         finally:
             self._text = None
-        extra = dict(prompts=prompts, negative_prompts=negatives,
+        seen = None if prompts is None or prompt_embeds is not None else self.seen_prompts(prompts)
+        extra = dict(prompts=seen if seen is not None else prompts, negative_prompts=negatives,
+                     prompts_given=prompts if seen is not None and seen != prompts else None,
                      guidance_scale=float(guidance_scale) if guided else 1.0,
                      prompt_embeds=None if text is None else text["embeds"].detach().float().cpu(),
                      negative_prompt_embeds=None if text is None or text["negative"] is None

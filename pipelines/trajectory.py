@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,6 +121,9 @@ class Trajectory:
         class_labels: ``(B,)`` int64 class labels passed to the unet, or ``None``.
         start_step: the step the sampling started at (0, or the restart step for a
             counterfactual trajectory produced by ``pipe(start_from=..., start_step=...)``).
+        generator: the model that generated it, ``{"model": fingerprint of the unet's weights (base and
+            adapter), "adapter": {"base", "adapter"} fingerprints of a LoRA adapter or None}``, or ``None``
+            (not recorded); scoring it with checkpoints that do not include that model is refused.
 
     Saved format (:meth:`save`): one ``.safetensors`` file.  Its tensors are ``timesteps``,
     ``step_indices``, ``x_t``, ``x0_pred``, ``noises``, ``initial_noise``, ``final`` and, if
@@ -141,6 +145,7 @@ class Trajectory:
     eta: float = 0.0
     class_labels: Optional[torch.Tensor] = None
     start_step: int = 0
+    generator: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.step_indices = torch.as_tensor(self.step_indices, dtype=torch.long).reshape(-1)
@@ -217,6 +222,7 @@ class Trajectory:
             "eta": float(self.eta),
             "start_step": int(self.start_step),
             "has_class_labels": self.class_labels is not None,
+            "generator": _json_safe(self.generator) if self.generator is not None else None,
         }
 
     def _tensors(self) -> Dict[str, torch.Tensor]:
@@ -234,14 +240,41 @@ class Trajectory:
             tensors["class_labels"] = torch.as_tensor(self.class_labels)
         return tensors
 
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write the trajectory to a single ``.safetensors`` file (see the class docstring)."""
+    def same_as(self, other: "Trajectory") -> bool:
+        """Whether ``other`` is the same generation: the same model, seed, schedule, recorded steps and images."""
+        mine, theirs = self._tensors(), other._tensors()
+        return (self._metadata() == other._metadata() and mine.keys() == theirs.keys()
+                and all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine))
+
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> Path:
+        """Write the trajectory to a single ``.safetensors`` file (see the class docstring), whole or not at all.
+
+        A file there that is not a trajectory is refused (``overwrite`` or not: it is not ours); another
+        trajectory there (one that may have been scored) is replaced only with ``overwrite``; the same
+        trajectory is left as it is (:func:`diffusion_trak.store.claim`, one line each)."""
         from safetensors.torch import save_file
 
+        from diffusion_trak.store import StoreError, claim, staged
+
         path = Path(path)
+        if claim(str(path), "trajectory") and not overwrite:
+            old = type(self).load(path)
+            if self.same_as(old):
+                return path
+            raise StoreError(f"{path} already holds another trajectory (seed {old.seed}, {old.num_inference_steps} "
+                             f"steps, recorded {old.recorded_steps}; its scores would no longer match it); nothing was "
+                             "changed: rerun with --overwrite (overwrite=True) to replace it, or choose another --out")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors().items()}
-        save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(self._metadata())})
+        meta = {_METADATA_KEY: json.dumps(self._metadata())}
+        tmp = staged(str(path), lambda f: None)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return path
 
     @classmethod
@@ -285,6 +318,7 @@ class Trajectory:
             eta=float(meta.get("eta", 0.0)),
             class_labels=tensors.get("class_labels"),
             start_step=int(meta.get("start_step", 0)),
+            generator=meta.get("generator"),
         )
 
 

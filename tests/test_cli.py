@@ -78,12 +78,20 @@ def test_ensemble_of_independent_runs(tmp_path, capsys):
     cks = [os.path.join(r, "model", "ckpt-0002") for r in runs]
     a = ["--run", runs[0], "--device", "cpu"]
     assert main(["generate", *a, "--steps", "6", "--num-record", "3"]) == 0
+    # run1's model alone did not generate it, so it is refused that trajectory (issue 34); the mean is checked on a
+    # copy that does not record its model (a trajectory made by hand is not checked)
+    from diffusion_trak.pipelines import Trajectory
+
+    traj = Trajectory.load(os.path.join(runs[0], "trajectories", "seed-0.safetensors"))
+    traj.generator = None
+    anon = str(traj.save(tmp_path / "anonymous.safetensors"))
     outs = []
     for name, ck in (("ens", cks), ("m0", cks[:1]), ("m1", cks[1:])):
         feats = str(tmp_path / f"features-{name}")
         assert main(["featurize", *a, "-T", "2", "-k", "32", "--checkpoints", *ck, "--out", feats]) == 0
         out = str(tmp_path / f"scores-{name}")
-        assert main(["score", *a, "-R", "2", "--features", feats, "--checkpoints", *ck, "--out", out]) == 0
+        assert main(["score", *a, "-R", "2", "--features", feats, "--checkpoints", *ck, "--out", out,
+                     "--trajectory", anon]) == 0
         outs.append(np.load(os.path.join(out, "scores.npy")))
     ens, m0, m1 = outs
     assert ens.shape == (3, 1, 40)

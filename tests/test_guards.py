@@ -365,7 +365,7 @@ CLI_CASES = [
     ("classes_negative", None, ["score", "--run", R, "--data", "digits", "--classes", "-1"], r"argument --classes: must be an integer >= 0"),
     ("seed_negative", None, ["featurize", "--run", R, "--seed", "-1"], r"argument --seed: must be an integer between 0 and"),
     ("lr_zero", None, ["train", "--run", R, "--lr", "0"], r"argument --lr: must be a finite number > 0"),
-    ("num_checkpoints_past_epochs", None, ["train", "--run", R, *TRAIN[:-1], "3"], r"num_checkpoints must be an integer between 1 and 1, got 3"),
+    ("num_checkpoints_past_epochs", None, ["train", "--run", R, *TRAIN[:-1], "3"], r"--num-checkpoints 3 is more than --epochs 1.*pass --num-checkpoints 1 or fewer"),
     ("epochs_not_a_number", None, ["train", "--run", R, "--epochs", "many"], r"argument --epochs: must be an integer >= 1, got 'many'"),
     ("record_steps_past_end", None, ["generate", "--run", R, "--steps", "4", "--record-steps", "9"],
      r"--record-steps \[9\] are past the last step 3"),

@@ -44,7 +44,12 @@ def plot_from_scores(scores, dataset, trajectory=None, out_prefix: str = "report
     The query image of each PNG row is x̂0 at that step (from ``trajectory``) or ``query_images[s]``.
     Without a trajectory the page shows target ``target`` only, with ``query_images`` as its x̂0_t.
     ``captions`` (one per target) default to the trajectory's prompts or class labels; ``evidence``
-    is an evaluation run's ``{"lds": ..., "audit": ...}`` (:mod:`~diffusion_trak.report.evidence`)."""
+    is an evaluation run's ``{"lds": ..., "audit": ...}`` (:mod:`~diffusion_trak.report.evidence`).
+    A ``.png`` or ``.html`` already there that diffusion-trak did not write is refused before anything is written."""
+    from ..store import claim
+
+    for ext in (".png", ".html"):
+        claim(out_prefix + ext, "report")
     ti, tv, bi, bv = scores.top(k)
     if trajectory is not None:
         x0, xt, finals = trajectory_images(trajectory, scores.steps)

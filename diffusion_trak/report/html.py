@@ -417,6 +417,7 @@ def write_page(out_html, data: dict) -> str:
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="generator" content="diffusion-trak">',  # marks the page as ours (diffusion_trak.store.claim)
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         # no network: a page that asks for anything outside itself is refused by the browser
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "

@@ -93,6 +93,10 @@ def _figure(size, dpi) -> Figure:
     return fig
 
 
+#: the PNG text chunk that marks a picture as ours (:func:`diffusion_trak.store.claim`: a rerun may replace it)
+PNG_METADATA = {"Software": "diffusion-trak"}
+
+
 def _prepare_dir(path: Union[str, os.PathLike]) -> str:
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
@@ -255,7 +259,7 @@ def plot_attribution(
         fig.text(0.5, (height - 0.1) / height, title, ha="center", va="top", fontsize=fs + 3)
 
     out_png = _prepare_dir(out_png)
-    fig.savefig(out_png, dpi=dpi, facecolor="white")
+    fig.savefig(out_png, dpi=dpi, facecolor="white", metadata=PNG_METADATA)
     return out_png
 
 
@@ -335,7 +339,7 @@ def image_grid_png(
     if title:
         fig.text(0.5, (height - 0.08) / height, title, ha="center", va="top", fontsize=10)
     out_png = _prepare_dir(out_png)
-    fig.savefig(out_png, dpi=dpi, facecolor="white")
+    fig.savefig(out_png, dpi=dpi, facecolor="white", metadata=PNG_METADATA)
     return out_png
 
 
@@ -385,5 +389,5 @@ def plot_lines(
         ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     out_png = _prepare_dir(out_png)
-    fig.savefig(out_png, dpi=dpi, facecolor="white")
+    fig.savefig(out_png, dpi=dpi, facecolor="white", metadata=PNG_METADATA)
     return out_png
