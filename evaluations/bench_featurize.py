@@ -473,6 +473,127 @@ def print_throughput(title, r):
         print(f"   default features (fast) / reference throughput: {r['fast_over_reference']:.2f}×")
 
 
+# --------------------------------------------------------------------------------------------- real size
+#: Stable Diffusion 1.5's UNet2DConditionModel (random weights, no download), and a narrow model with the same layer
+#: structure (the CI test's)
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_NARROW = dict(block_out_channels=(8, 16, 32, 32), cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def sd_unet(config=SD15, size=16, lora_rank=0):
+    """UNet2DConditionModel with SD 1.5's layer structure (``config``: :data:`SD15` or :data:`SD15_NARROW`), 4 latent
+    channels at ``size``×``size``; with ``lora_rank`` a peft LoRA adapter on to_q/to_k/to_v/to_out.0 (the base frozen,
+    as diffusers' LoRA training leaves it)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=size, in_channels=4, out_channels=4, layers_per_block=2, **config).eval()
+    if lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    return unet
+
+
+def bench_sd(config=SD15, size=16, B=8, T=2, kernel_draws=2, k=2048, repeats=2, lora_rank=0, ops=True) -> dict:
+    """One configuration of the real-size benchmark, on CPU in this process: peak memory (the process's, ``VmHWM``
+    reset before each path; the model and inputs are resident in both) and seconds per (example, timestep) pair of
+    plain forward + backward of the B × T rows (gradients of every parameter, or of the adapter's with ``lora_rank``),
+    of the default featurize's features (all parameters or ``params=lora``; T draws per example) and of its GGN
+    kernel rows (``kernel_draws`` single-draw rows per example); the featurizer's planned peak; ops per pass."""
+    from diffusers import DDPMScheduler
+
+    from diffusion_trak.featurize.featurizer import kernel_args
+
+    _trim()
+    rss0 = _status("VmRSS")
+    unet = sd_unet(config, size, lora_rank)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    shape = (4, size, size)
+    cross = config["cross_attention_dim"]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, *shape, generator=g)
+    ts = torch.randint(0, 1000, (B, T), generator=g)
+    ns = torch.randn(B, T, *shape, generator=g)
+    ehs = torch.randn(B, 77, cross, generator=g)
+    kts = torch.randint(0, 1000, (B, kernel_draws), generator=g)
+    kns = torch.randn(B, kernel_draws, 2 * shape[0], size, size, generator=g)
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    res = {"p_model": sum(p.numel() for p in unet.parameters()), "p": sum(p.numel() for p in trained), "B": B, "T": T,
+           "kernel_draws": kernel_draws, "k": k, "size": size, "lora_rank": lora_rank,
+           "model_mb": sum(p.numel() * p.element_size() for p in unet.parameters()) / 2 ** 20}
+    xs = x0.unsqueeze(1).expand(B, T, *shape).reshape(B * T, *shape)
+    cond = {"encoder_hidden_states": ehs.repeat_interleave(T, 0)}
+
+    def plain():
+        unet.zero_grad(set_to_none=True)
+        (output_value(unet, sched, xs, ts.reshape(-1), ns.reshape(B * T, *shape), "loss", cond).sum() / T).backward()
+
+    def measured(fn, rows, name):
+        """``repeats`` timed calls (after the caller's warm-up), each with the process's peak memory since its start."""
+        times, peaks, above = [], [], []
+        for _ in range(repeats):
+            mem = PeakMemory("cpu").start()
+            times.append(timed(fn, "cpu"))
+            peaks.append(_status("VmHWM") - rss0)  # the model, its inputs and the path's own
+            above.append(mem.peak())
+        res[f"{name}_s_per_pair"] = statistics.median(times) / rows
+        res[f"{name}_peak_mb"] = max(peaks) / 2 ** 20
+        res[f"{name}_peak_above_resident_mb"] = max(above) / 2 ** 20
+
+    plain()  # warm-up
+    measured(plain, B * T, "plain")
+    unet.zero_grad(set_to_none=True)
+    _trim()
+
+    args = FeaturizeArgs(num_timesteps=T, proj_dim=k, batch_size=B, kernel_draws=kernel_draws,
+                         params="lora" if lora_rank else "all")
+    setup = PeakMemory("cpu").start()
+    fz = Featurizer(unet, sched, args, "cpu")
+    assert fz.fast is not None and fz.model is unet, "the default featurizer must be the fast path, on the caller's model"
+    feats = lambda: fz.features(x0, ts, ns, {"encoder_hidden_states": ehs})  # noqa: E731
+    feats()  # warm-up: the one-time probe row and self-check
+    res["featurize_setup_peak_mb"] = (_status("VmHWM") - rss0) / 2 ** 20
+    res["featurize_setup_above_resident_mb"] = setup.peak() / 2 ** 20
+    res["planned_peak_mb"] = fz.fast.plan(B, T)[2] / 2 ** 20
+    res["state_mb"] = fz.fast.state_bytes / 2 ** 20
+    res["largest_layer"] = fz.fast.layer_params
+    res["rows_per_pass"] = int(fz.fast.plan(B, T)[0] * fz.fast.plan(B, T)[1])
+    measured(feats, B * T, "features")
+    if ops:  # one more call, counted (not timed)
+        res["ops_per_call"] = count_ops(feats)
+        res["passes_per_call"] = -(-B // fz.fast.plan(B, T)[0]) * -(-T // fz.fast.plan(B, T)[1])
+    kf = fz.with_args(kernel_args(args))
+    krow = lambda: kf.kernel_block(x0, kts, kns, {"encoder_hidden_states": ehs})  # noqa: E731
+    krow()
+    measured(krow, B * kernel_draws, "kernel")
+    res["planned_kernel_peak_mb"] = fz.fast.plan(B * kernel_draws, 1)[2] / 2 ** 20
+    for name in ("features", "kernel"):
+        res[f"{name}_time_over_plain"] = res[f"{name}_s_per_pair"] / res["plain_s_per_pair"]
+    res["peak_over_plain"] = max(res["features_peak_mb"], res["kernel_peak_mb"], res["featurize_setup_peak_mb"]) / res["plain_peak_mb"]
+    del fz, kf, unet
+    _trim()
+    return res
+
+
+def print_sd(title, r):
+    what = f"LoRA rank {r['lora_rank']} ({r['p']:,} parameters)" if r["lora_rank"] else f"all {r['p']:,} parameters"
+    print(f"\n== {title}: {what}; model {r['model_mb']:.0f} MB; {r['size']}×{r['size']} latents, 77 text states; "
+          f"B = {r['B']} × T = {r['T']} pairs, {r['kernel_draws']} kernel draws per example, k = {r['k']}")
+    print(f"   peak memory (process, model and inputs included): plain fwd+bwd {r['plain_peak_mb']:.0f} MB; featurize: "
+          f"first call (probe + self-check) {r['featurize_setup_peak_mb']:.0f} MB, features {r['features_peak_mb']:.0f} MB, "
+          f"kernel rows {r['kernel_peak_mb']:.0f} MB: {r['peak_over_plain']:.2f}× plain")
+    print(f"   planned peak {r['planned_peak_mb']:.0f} MB features, {r['planned_kernel_peak_mb']:.0f} MB kernel rows "
+          f"(featurizer state {r['state_mb']:.0f} MB, {r['rows_per_pass']} rows per pass)")
+    print(f"   time per pair: plain {r['plain_s_per_pair']:.3f} s; features {r['features_s_per_pair']:.3f} s "
+          f"({r['features_time_over_plain']:.2f}×); kernel rows {r['kernel_s_per_pair']:.3f} s "
+          f"({r['kernel_time_over_plain']:.2f}×)" + (f"; ops per features call {r['ops_per_call']:,} in "
+                                                     f"{r['passes_per_call']} pass(es)" if "ops_per_call" in r else ""))
+
+
 # --------------------------------------------------------------------------------------------- fidelity
 def _spearman_rows(a, b):
     from scipy.stats import rankdata
@@ -730,6 +851,11 @@ def main(argv=None):
     ap.add_argument("--lds", default=None, metavar="RUN",
                     help="a finished `python -m diffusion_trak.evaluations.run` folder: LDS of exact / dense JL / fast TRAK on it")
     ap.add_argument("--lds-seeds", type=int, default=3, help="projection seeds for --lds")
+    ap.add_argument("--sd15", action="store_true",
+                    help="only the real-size benchmark: Stable Diffusion 1.5's UNet (random weights) at 16×16 latents, "
+                         "all parameters and a rank-4 LoRA, against plain forward + backward (CPU, ~7-12 GB)")
+    ap.add_argument("--sd-narrow", action="store_true", help="--sd15 on a narrow model of the same layer structure")
+    ap.add_argument("--sd-batch", type=int, default=8, help="examples for --sd15 (T = 2 and 2 kernel draws each)")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args(argv)
     if a.threads:
@@ -738,6 +864,15 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.1f} (other jobs on the machine make figures noisy)")
     results = {"device": a.device, "threads": torch.get_num_threads()}
     only = a.only_fidelity or (a.lds and not (a.fidelity or a.cifar))
+    if a.sd15 or a.sd_narrow:
+        config, title = (SD15_NARROW, "narrow SD-1.5-structure UNet") if a.sd_narrow else (SD15, "SD 1.5 UNet")
+        for rank in (0, 4):
+            r = bench_sd(config, B=a.sd_batch, k=a.k, repeats=max(1, min(a.repeats, 2)), lora_rank=rank)
+            if a.json:  # each configuration as soon as it is measured
+                save_results(a.json, results | {f"sd_{'lora' if rank else 'all'}": r})
+            print_sd(title, r)
+            results[f"sd_{'lora' if rank else 'all'}"] = r
+        only = True
     if a.ops:
         for name, title, make, shape in (("small", "~1M UNet 16×16", small_unet, (1, 16, 16)),
                                          ("cifar", "DDPM CIFAR-10 UNet 32×32", cifar_unet, (3, 32, 32))):

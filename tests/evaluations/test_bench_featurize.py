@@ -41,3 +41,25 @@ def test_op_counts_per_call(tiny_unet):
     r = bench_ops(tiny_unet, (1, 8, 8), "cpu", cases=((1, 4, 2),), k=16)
     (case,) = r["cases"]
     assert case["B"] == [1, 4] and min(case["ops"]) > 100 and case["growth"] <= 1.25
+
+
+def test_sd_structure_benchmark_and_the_memory_rule():
+    """bench_featurize --sd15's code on a narrow model of Stable Diffusion 1.5's layer structure: every figure is
+    there, the default featurizer runs on the caller's model (no copy) and its state is the sketch's bounded cache and
+    one layer's buckets, not a table per parameter: the same bound at 546k parameters as at 860M."""
+    import pytest
+
+    from diffusion_trak.evaluations import bench_featurize as bf
+    from diffusion_trak.featurize.sketch import CACHE_BYTES
+
+    r = bf.bench_sd(bf.SD15_NARROW, size=8, B=2, repeats=1)
+    assert r["p"] == r["p_model"] > 500_000
+    assert r["state_mb"] * 2 ** 20 <= CACHE_BYTES + 8 * r["largest_layer"]
+    for name in ("plain", "features", "kernel"):
+        assert r[f"{name}_s_per_pair"] > 0 and r[f"{name}_peak_mb"] > 0
+    assert r["ops_per_call"] > 1000 and r["passes_per_call"] == 1 and r["rows_per_pass"] == 4
+    assert r["planned_peak_mb"] > r["state_mb"]
+    bf.print_sd("narrow", r)
+    pytest.importorskip("peft")
+    lora = bf.bench_sd(bf.SD15_NARROW, size=8, B=2, repeats=1, lora_rank=4, ops=False)
+    assert 0 < lora["p"] < r["p"] // 10 and lora["p_model"] > r["p_model"]
