@@ -299,12 +299,12 @@ def attributed_parameters(ckpts, args: FeaturizeArgs) -> Tuple[str, int, int]:
     return params, total, total
 
 
-def describe_parameters(params: str, count: int, total: int) -> str:
-    """Which parameters are attributed, in words: "the LoRA adapter's 5,504 parameters (of 208,708)"."""
+def describe_parameters(params: str, count: int, total: Optional[int] = None) -> str:
+    """Which parameters are attributed, in words: "the LoRA adapter's 5,504 parameters (of 208,708 ...)"."""
     if params == "lora":
-        return f"the LoRA adapter's {count:,} parameters (of {total:,} in the UNet with it)"
+        return f"the LoRA adapter's {count:,} parameters" + (f" (of {total:,} in the UNet with it)" if total else "")
     if params == "trainable":
-        return f"the UNet's {count:,} trainable parameters (of {total:,})"
+        return f"the UNet's {count:,} trainable parameters" + (f" (of {total:,})" if total else "")
     return f"all {count:,} UNet parameters"
 
 

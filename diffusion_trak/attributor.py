@@ -94,6 +94,8 @@ class Attributor:
         self.train_data, self._dataset = train_data, None
         #: what messages call the model :meth:`pipeline` samples from (its folder, with :meth:`from_pretrained`)
         self.name = "the model"
+        #: the LoRA adapter given to :meth:`from_pretrained` (``lora=``), named in the report's header
+        self.lora_path = None
         self._inputs, self._features, self._last = None, None, None
 
     # ------------------------------------------------------------------ constructors
@@ -137,6 +139,7 @@ class Attributor:
                 kwargs["sampler"] = first["scheduler"]
         attr = cls(ckpts, train_data, out, **kwargs)
         attr.name = os.fspath(paths[-1])
+        attr.lora_path = None if lora is None else os.fspath(lora)
         return attr
 
     @classmethod
@@ -535,4 +538,5 @@ class Attributor:
         if title is None and getattr(trajectory, "prompts", None):
             title = f'prompt: "{trajectory.prompts[target]}" — per-step attribution'
         return plot_from_scores(scores, self.dataset, trajectory, os.path.join(self.out, "report", name), target=target,
-                                k=k, query_images=query, title=title)
+                                k=k, query_images=query, title=title,
+                                model=None if self.name == "the model" else self.name, adapter=self.lora_path)

@@ -68,7 +68,11 @@ img { image-rendering: pixelated; image-rendering: crisp-edges; }
 figure { margin: 0; text-align: center; font-size: .8em; }
 .cells { display: flex; gap: 4px; flex-wrap: wrap; }
 .cell { text-align: center; font-size: .7em; cursor: pointer; padding: 2px; border: 1px solid transparent;
-        width: 64px; overflow-wrap: anywhere; }
+        min-width: 64px; max-width: 150px; overflow-wrap: normal; word-break: keep-all; }
+.cell .src { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.nowrap { white-space: nowrap; }
+#about { margin: 0 0 .6em 0; } #about p { margin: .15em 0; }
+.question { font-size: 1.15em; font-weight: 600; }
 .cell img, .gallery img { margin: 0 auto; }
 .cell:hover, .cell.on { border-color: #0969da; }
 .idx { font-family: ui-monospace, Menlo, Consolas, monospace; }
@@ -159,7 +163,7 @@ _SCRIPT = r"""
       head.textContent = (high ? "highest " + k + " scores: none is positive, no training image supports this"
                                : "lowest " + k + " scores: none is negative, no training image opposes this");
       head.className = "muted";
-      entries.forEach(function (e) { box.appendChild(cell(e, e[1] >= 0 ? "pos" : "neg")); });
+      entries.forEach(function (e) { box.appendChild(cell(e, e[1] > 0 ? "pos" : e[1] < 0 ? "neg" : "muted")); });
     }
   }
 
@@ -187,13 +191,19 @@ _SCRIPT = r"""
     var close = el("button", null, "close"); close.type = "button";
     close.addEventListener("click", function () { state.inspect = null; render(); });
     box.appendChild(close);
-    box.appendChild(el("h3", null, "training image #" + i + (tr.name ? " \u00b7 " + tr.name : "") +
-                       (tr.label !== null ? " \u00b7 " + D.shareKind + " " + tr.label : "")));
+    var h = el("h3", null, "training image #" + i);
+    if (tr.name) { h.appendChild(document.createTextNode(" \u00b7 ")); h.appendChild(el("span", "src nowrap", tr.name)); }
+    if (tr.label !== null && tr.label !== tr.caption)  // a cluster's name says "cluster" itself
+      h.appendChild(document.createTextNode(" \u00b7 " + (String(tr.label).indexOf(D.shareKind) === 0 ? tr.label
+                                                          : D.shareKind + " " + tr.label)));
+    box.appendChild(h);
     if (tr.caption) box.appendChild(el("div", "cap", tr.caption));
     box.appendChild(img(tr.src, "huge", "training image #" + i));
-    box.appendChild(el("div", null, "among the top-" + D.k + " proponents at steps: " + stepList(inTop)));
+    // the sign rule: the lists hold only the steps where its score has the sign (see journey_data)
+    box.appendChild(el("div", null, "a proponent (among the top-" + D.k + ", score > 0) at steps: " + stepList(inTop)));
     box.appendChild(stepBoxes(inTop, "in"));
-    box.appendChild(el("div", null, "among the top-" + D.k + " opponents at steps: " + stepList(inBottom)));
+    box.appendChild(el("div", null, "an opponent (among the lowest " + D.k + ", score < 0) at steps: " +
+                       stepList(inBottom)));
     box.appendChild(stepBoxes(inBottom, "out"));
   }
 
@@ -245,7 +255,7 @@ _SCRIPT = r"""
   function shareChart(T) {
     var W = 340, H = 170, L = 34, R = 8, Tp = 8, B = 34, n = D.steps.length, bw = (W - L - R) / n;
     var box = el("div", "chart");
-    box.appendChild(el("h3", null, "share of each " + D.shareKind + " among the top-" + D.k + " proponents"));
+    box.appendChild(el("h3", null, "share of each " + D.shareKind + " among the " + D.k + " highest scores"));
     var g = svg("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H });
     var used = [];
     T.share.forEach(function (row, s) {
@@ -254,7 +264,7 @@ _SCRIPT = r"""
         if (v <= 0) return;
         if (used.indexOf(c) < 0) used.push(c);
         var r = svg("rect", { x: L + s * bw + 1, width: bw - 2, y: Tp + (1 - acc - v) * (H - Tp - B),
-                              height: v * (H - Tp - B), fill: color(c) });
+                              height: v * (H - Tp - B), fill: D.shareColors[c] });
         r.appendChild(svg("title", {}, D.shareNames[c] + ": " + Math.round(v * 100) + "%"));
         g.appendChild(r);
         acc += v;
@@ -271,7 +281,7 @@ _SCRIPT = r"""
     used.sort(function (a, b) { return a - b; });
     var lg = el("div", "legend");
     used.forEach(function (c) {
-      var it = el("span"), sw = el("i"); sw.style.background = color(c);
+      var it = el("span"), sw = el("i"); sw.style.background = D.shareColors[c];
       it.appendChild(sw); it.appendChild(document.createTextNode(D.shareNames[c])); lg.appendChild(it);
     });
     box.appendChild(lg);
@@ -281,7 +291,7 @@ _SCRIPT = r"""
   function nearestChart(T) {
     var box = el("div", "chart");
     box.appendChild(el("h3", null, "when the final image's " + T.nearest.length +
-                       " nearest training images (pixel L2) enter the top-" + D.k));
+                       " nearest training images (pixel L2) become proponents (top-" + D.k + ", score > 0)"));
     var tb = el("table", "nearest");
     T.nearest.forEach(function (nb) {
       var tr = el("tr"), td = el("td"), i = nb.index;
@@ -291,7 +301,8 @@ _SCRIPT = r"""
       td.appendChild(t); tr.appendChild(td);
       tr.appendChild(el("td", "idx", "#" + i));
       var steps = el("td"); steps.appendChild(stepBoxes(T.inTop[String(i)] || [], "in")); tr.appendChild(steps);
-      tr.appendChild(el("td", null, nb.entry === null ? "never in the top-" + D.k : "enters at step " + D.steps[nb.entry]));
+      tr.appendChild(el("td", null, nb.entry === null ? "never a proponent" : "a proponent from step " +
+                        D.steps[nb.entry]));
       tb.appendChild(tr);
     });
     box.appendChild(tb);
@@ -408,6 +419,19 @@ _SCRIPT = r"""
 """
 
 
+def _about(about: dict) -> str:
+    """The page's plain-words header: the question it answers, the model (base + adapter), the parameters
+    attributed and the number of training images; "" without a question."""
+    esc = _html.escape
+    if not about.get("question"):
+        return ""
+    facts = [(key, label, about[key]) for key, label in (("model", "model"), ("params", "attributed"),
+                                                         ("n", "training images")) if about.get(key)]
+    line = " \u00b7 ".join(f'<span id="about-{key}">{esc(label)}: {esc(str(v))}</span>' for key, label, v in facts)
+    return (f'<header id="about"><p id="question" class="question">{esc(about["question"])}</p>'
+            + (f'<p class="muted">{line}</p>' if line else "") + "</header>")
+
+
 def write_page(out_html, data: dict) -> str:
     """Write the journey page of ``data`` (:func:`~diffusion_trak.report.journey.journey_data`) to
     ``out_html``; returns its path."""
@@ -426,9 +450,18 @@ def write_page(out_html, data: dict) -> str:
         f"<style>{_CSS}</style>",
         "</head><body>",
         f'<h1 id="title">{esc(title)}</h1>',
+        _about(data.get("about") or {}),
         f'<details><summary class="muted">settings</summary><table class="meta">{meta}</table></details>' if meta else "",
         '<h2>Targets <span class="muted">(final images; choose one)</span></h2><div id="targets" class="gallery"></div>',
         '<h2 id="journey-title"></h2>',
+        # the answer most readers want first: the final image's, then the journey that led there
+        '<section id="destination" hidden><h2>Destination: the training images that most made the final image '
+        '<span class="muted">(its target averaged over the whole range of timesteps)</span></h2><div class="row">'
+        '<figure id="dest-fig"></figure>'
+        '<div><div id="dest-meaning" class="meaning"></div><h3 id="dest-pro-head"></h3><div id="dest-pro" class="cells"></div>'
+        '<h3 id="dest-opp-head"></h3><div id="dest-opp" class="cells"></div></div></div></section>',
+        '<h2 id="journey-head">Journey: when during sampling <span class="muted">(each recorded step: the training '
+        'images that most made what the model predicted then)</span></h2>',
         '<div class="controls"><label for="step">sampling step</label>'
         '<input type="range" id="step" min="0" value="0" step="1"><span id="step-label"></span></div>',
         '<div id="strip" class="strip"></div>',
@@ -442,11 +475,6 @@ def write_page(out_html, data: dict) -> str:
         '<h3 id="pro-head"></h3><div id="pro" class="cells"></div>',
         '<h3 id="opp-head"></h3><div id="opp" class="cells"></div></div>',
         '<aside id="inspector" hidden></aside></div>',
-        '<section id="destination" hidden><h2>Destination <span class="muted">(the final image, its target '
-        'averaged over the whole range of timesteps)</span></h2><div class="row">'
-        '<figure id="dest-fig"></figure>'
-        '<div><div id="dest-meaning" class="meaning"></div><h3 id="dest-pro-head"></h3><div id="dest-pro" class="cells"></div>'
-        '<h3 id="dest-opp-head"></h3><div id="dest-opp" class="cells"></div></div></div></section>',
         '<h2>How the attribution moves</h2><div id="charts" class="charts"></div>',
         '<section id="evidence" hidden></section>',
         f'<script type="application/json" id="journey-data">{script_json(data)}</script>',

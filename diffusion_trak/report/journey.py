@@ -82,6 +82,42 @@ def _label_names(dataset, needed: Sequence[int]):
     return kind, names, {int(idx[p]): int(labels[p]) for p in pos}
 
 
+#: colour words a caption may name, and the colour the caption chart then draws it in
+_COLOUR_WORDS = {"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4", "yellow": "#e6c700", "orange": "#ff7f0e",
+                 "purple": "#9467bd", "pink": "#e377c2", "brown": "#8c564b", "gray": "#7f7f7f", "grey": "#7f7f7f",
+                 "black": "#222222", "white": "#dddddd", "cyan": "#17becf", "magenta": "#c2185b", "violet": "#8a2be2"}
+#: the other categories' colours: none of them close to a colour word's
+_PALETTE = ["#76b7b2", "#b07aa1", "#9c755f", "#bab0ac", "#4e79a7", "#86bcb6", "#d4a6c8", "#a0cbe8", "#79706e",
+            "#d7b5a6"]
+
+
+def share_colours(names: Sequence[str]) -> List[str]:
+    """A colour per chart category, the same everywhere on the page: a category whose name holds exactly one colour
+    word ("a red circle") is drawn in that colour (when no other category claims it), the others in palette colours
+    that are none of those words' (so "a red circle" is never drawn green)."""
+    import re
+
+    words = [[w for w in re.findall(r"[a-z]+", str(n).lower()) if w in _COLOUR_WORDS] for n in names]
+    claimed = {}
+    for j, ws in enumerate(words):
+        if len(set(ws)) == 1:
+            claimed.setdefault(_COLOUR_WORDS[ws[0]], []).append(j)
+    out, palette = [None] * len(names), iter(_PALETTE)
+    for colour, js in claimed.items():
+        if len(js) == 1:
+            out[js[0]] = colour
+    for j in range(len(names)):
+        if out[j] is None:
+            out[j] = next(palette, None) or f"hsl({(j * 47) % 360},25%,60%)"
+    return out
+
+
+def _signed(idx, val, positive: bool):
+    """``idx`` where the score has the sign of a proponent (> 0) or of an opponent (< 0), -1 elsewhere."""
+    val = np.asarray(val)
+    return np.where(val > 0 if positive else val < 0, np.asarray(idx), -1)
+
+
 def _named(dataset, p: int) -> dict:
     """``{"name", "caption"}`` of the training image at position ``p``: its source (file path relative to the
     image folder, dataset row, or ``name #index``) and caption or class name (None without one)."""
@@ -112,7 +148,7 @@ def score_meaning(values, k: int, what: str = "this step's prediction") -> dict:
 
 def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Sequence[int]] = None, k: int = 6,
                  title: str = "", captions: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None,
-                 evidence: Optional[dict] = None) -> dict:
+                 evidence: Optional[dict] = None, about: Optional[Dict[str, Any]] = None) -> dict:
     """Everything the journey page shows, as a JSON-ready dict.
 
     Args:
@@ -125,7 +161,10 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
         k: proponents and opponents per step.
         title, captions (one per shown target), meta: text shown as is (escaped by the page).
         evidence: ``{"lds": lds_series(...), "audit": audit_rows(...)}`` of an evaluation run, or ``None``.
-    """
+        about: the page's plain-words header: ``{"question", "model", "params", "n"}`` (text, shown as is).
+    ``inTop`` / ``inBottom`` (what the image inspector lists) hold the steps where an image is among the top-k with a
+    positive score (a proponent) / among the lowest k with a negative score (an opponent): never a non-negative
+    score called an opponent."""
     S, B = scores.values.shape[:2]
     targets = list(range(B)) if targets is None else [int(b) for b in targets]
     x0 = np.asarray(x0)
@@ -149,6 +188,8 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
     shown = []
     for j, b in enumerate(targets):
         pro, opp = ti[:, b], bi[:, b]
+        # the sign rule: a proponent has a score > 0, an opponent a score < 0, whatever its rank
+        pro_signed, opp_signed = _signed(pro, tv[:, b], True), _signed(opp, bv[:, b], False)
         shown.append({
             "id": b, "caption": captions[j], "final": _uri(finals[j]),
             "x0": [_uri(x0[s, j]) for s in range(S)],
@@ -163,14 +204,16 @@ def journey_data(scores, dataset, x0, xt=None, finals=None, targets: Optional[Se
                 "meaning": score_meaning(scores.destination[b], k, "the final image")},
             "overlap": stats.topk_overlap(pro).tolist(),
             "share": stats.label_shares(pro, label_of, len(names)).tolist(),
-            "nearest": [{"index": int(i), "entry": e} for i, e in zip(nearest[b], stats.first_entry_steps(pro, nearest[b]))],
-            "inTop": {str(i): s for i, s in stats.steps_in_topk(pro).items()},
-            "inBottom": {str(i): s for i, s in stats.steps_in_topk(opp).items()},
+            "nearest": [{"index": int(i), "entry": e}
+                        for i, e in zip(nearest[b], stats.first_entry_steps(pro_signed, nearest[b]))],
+            "inTop": {str(i): s for i, s in stats.steps_in_topk(pro_signed).items() if i >= 0},
+            "inBottom": {str(i): s for i, s in stats.steps_in_topk(opp_signed).items() if i >= 0},
             "audit": [{**{x: e[x] for x in ("mode", "step", "timestep", "k", "top_l2", "random_l2", "random_draws")},
                        **{x: _uri(e[x]) for x in ("original", "without_top", "without_random")}}
                       for e in audit.get(b, [])],
         })
     return {"title": str(title), "meta": [[str(a), str(v)] for a, v in (meta or {}).items() if v is not None],
             "k": int(k), "steps": [int(s) for s in scores.steps], "timesteps": [int(t) for t in scores.timesteps],
-            "shareKind": kind, "shareNames": names, "train": train, "targets": shown,
-            "lds": (evidence or {}).get("lds")}
+            "shareKind": kind, "shareNames": names, "shareColors": share_colours(names), "train": train,
+            "targets": shown, "lds": (evidence or {}).get("lds"),
+            "about": {str(a): str(v) for a, v in (about or {}).items() if v is not None}}

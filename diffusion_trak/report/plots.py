@@ -223,7 +223,8 @@ def plot_attribution(
         ax = add_ax(x_q, s)
         _show(ax, d["query"][s])
         _frame(ax, _QUERY_COLOR, 2.0)
-        ax.set_title(f"{query_caption}\n{d['labels'][s]}", fontsize=fs, color=_QUERY_COLOR, pad=3)
+        ax.set_title(f"{query_caption}\n{d['labels'][s]}" if query_caption else d["labels"][s], fontsize=fs,
+                     color=_QUERY_COLOR, pad=3)
         for k in range(K):
             ax = add_ax(x_top + k * (cell + hgap), s)
             _show(ax, d["top"][s, k])

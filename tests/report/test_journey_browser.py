@@ -39,6 +39,44 @@ def _images_decoded(browser):
     return browser.js("Array.from(document.images).map(function(i){ return i.complete && i.naturalWidth > 0; })")
 
 
+def _sign_rule_broken(browser):
+    """The headings of the shown lists that say "opponent" above a score >= 0 or "proponent" above a score <= 0."""
+    return browser.js("""(function(){
+      var bad = [];
+      [["pro-head", "pro"], ["opp-head", "opp"], ["dest-pro-head", "dest-pro"], ["dest-opp-head", "dest-opp"]]
+        .forEach(function (p) {
+          var h = document.getElementById(p[0]);
+          if (!h || h.offsetParent === null) return;  // not shown (no destination)
+          var v = Array.from(document.querySelectorAll('#' + p[1] + ' .cell')).map(function (c) { return +c.dataset.score; });
+          if (/opponent/i.test(h.textContent) && v.some(function (x) { return !(x < 0); })) bad.push(h.textContent);
+          if (/proponent/i.test(h.textContent) && v.some(function (x) { return !(x > 0); })) bad.push(h.textContent);
+        });
+      return bad;
+    })()""")
+
+
+def _broken_names(browser):
+    """Training-file names shown on more than one line (a name's text laid out in several line boxes)."""
+    return browser.js("""(function(){
+      return Array.from(document.querySelectorAll('.src')).filter(function (e) { return e.offsetParent !== null; })
+        .map(function (e) { var r = document.createRange(); r.selectNodeContents(e);
+                            return [e.textContent, r.getClientRects().length]; })
+        .filter(function (x) { return x[1] > 1; });
+    })()""")
+
+
+def _inspector_steps(browser, selector):
+    """Click the first cell of ``selector`` and read the inspector: ``(index, proponent steps, opponent steps)``."""
+    i = browser.js(f"+document.querySelector('{selector} .cell').dataset.index")
+    browser.js(f"document.querySelector('{selector} .cell').click()")
+    lines = browser.js("Array.from(document.querySelectorAll('#inspector > div')).map(function (d) { return d.textContent; })")
+
+    def steps(start):
+        listed = [line for line in lines if line.startswith(start)][0].split(" at steps: ", 1)[1]
+        return [] if listed == "none" else [int(x) for x in listed.split(", ")]
+    return i, steps("a proponent (among the top-"), steps("an opponent (among the lowest ")
+
+
 def check_journey(browser, html, scores_dir, traj, max_seconds=2.0):
     """Open ``html`` and walk every target and step, checking against ``scores_dir/scores.json`` and
     the trajectory. Returns the load time in seconds."""
@@ -53,6 +91,15 @@ def check_journey(browser, html, scores_dir, traj, max_seconds=2.0):
     assert decoded and all(decoded)
     B = len(sj["top"][0])
     assert browser.js("document.querySelectorAll('#targets button').length") == B
+    # the question in plain words first, with the number of training images; the destination before the steps
+    n = json.loads(browser.js("document.getElementById('journey-data').textContent"))["about"]["n"]
+    assert int(n) == len(np.load(os.path.join(scores_dir, "scores.npy"), mmap_mode="r")[0, 0])
+    assert browser.js("document.getElementById('question').textContent") == \
+        f"Which of your {n} training images most made this image, and when during sampling?"
+    assert browser.js("!!(document.getElementById('about').compareDocumentPosition(document.getElementById('targets'))"
+                      " & Node.DOCUMENT_POSITION_FOLLOWING)")
+    assert browser.js("!!(document.getElementById('destination').compareDocumentPosition(document.getElementById('step'))"
+                      " & Node.DOCUMENT_POSITION_FOLLOWING)")
     for b in range(B):
         browser.js(f"document.querySelectorAll('#targets button')[{b}].click()")
         for s in [len(sj["steps"]) - 1, 0] + list(range(1, len(sj["steps"]) - 1)):
@@ -67,6 +114,18 @@ def check_journey(browser, html, scores_dir, traj, max_seconds=2.0):
             high, low = top["proponents"][:K], top["lowest"][:K]
             assert shown["pro"] == ([e["index"] for e in high if e["score"] > 0] or [e["index"] for e in high])
             assert shown["opp"] == ([e["index"] for e in low if e["score"] < 0] or [e["index"] for e in low])
+            assert _sign_rule_broken(browser) == [] and _broken_names(browser) == []
+            # the inspector follows the sign rule too: "an opponent" only at steps where the score is < 0
+            for sel in ("#pro", "#opp"):
+                i, pro_steps, opp_steps = _inspector_steps(browser, sel)
+                for t, at in enumerate(sj["steps"]):
+                    mine = sj["top"][t][b]
+                    pro = [e["score"] for e in mine["proponents"][:K] if e["index"] == i]
+                    low = [e["score"] for e in mine["lowest"][:K] if e["index"] == i]
+                    assert (at in pro_steps) == bool(pro and pro[0] > 0), (i, at, pro)
+                    assert (at in opp_steps) == bool(low and low[0] < 0), (i, at, low)
+                assert _broken_names(browser) == []
+            browser.js("document.querySelector('#inspector button').click()")
         assert shown["title"].startswith(f"Target {b}")
         assert all(_images_decoded(browser))
         # the destination row (final image, whole range of timesteps) when the scores have one
@@ -123,7 +182,9 @@ def test_inspector_lists_the_steps_of_a_training_image(browser, demo_run):
     text = browser.js("document.getElementById('inspector').hidden ? null : document.getElementById('inspector').textContent")
     steps = [sj["steps"][s] for s in range(len(sj["steps"]))
              if i in [e["index"] for e in sj["top"][s][0]["proponents"][:K]]]
-    assert f"#{i}" in text and "proponents at steps: " + ", ".join(map(str, steps)) in text
+    steps = [s for s in steps if [e["score"] for e in sj["top"][sj["steps"].index(s)][0]["proponents"][:K]
+                                  if e["index"] == i][0] > 0]  # the sign rule: a proponent has a score > 0
+    assert f"#{i}" in text and ", score > 0) at steps: " + (", ".join(map(str, steps)) or "none") in text
     assert browser.js("document.querySelector('#inspector img').naturalWidth") > 0
     assert browser.errors() == []
 

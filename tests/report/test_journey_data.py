@@ -54,10 +54,16 @@ def test_chart_numbers_match_a_direct_computation(run):
         dist = [float(((ds.images[p].numpy() - final) ** 2).sum()) for p in range(len(ds))]
         nearest = [int(idx[p]) for p in sorted(range(len(ds)), key=lambda p: dist[p])[:K]]
         assert [n["index"] for n in T["nearest"]] == nearest
-        assert [n["entry"] for n in T["nearest"]] == [next((s for s in range(S) if i in top[s]), None) for i in nearest]
-        # steps at which a training image is among the top-k
-        for i, steps in T["inTop"].items():
-            assert steps == [s for s in range(S) if int(i) in top[s]]
+        # the sign rule: a proponent is among the top-k with a score > 0, an opponent among the lowest k with one < 0
+        value = {int(i): p for p, i in enumerate(idx)}
+        proponents = [[i for i in top[s] if values[s, b, value[i]] > 0] for s in range(S)]
+        lowest = [[int(idx[p]) for p in np.argsort(values[s, b], kind="stable")[:K]] for s in range(S)]
+        opponents = [[i for i in lowest[s] if values[s, b, value[i]] < 0] for s in range(S)]
+        assert [n["entry"] for n in T["nearest"]] == [next((s for s in range(S) if i in proponents[s]), None)
+                                                      for i in nearest]
+        # steps at which a training image is a proponent / an opponent (what the inspector lists)
+        assert T["inTop"] == {str(i): [s for s in range(S) if i in proponents[s]] for i in set(sum(proponents, []))}
+        assert T["inBottom"] == {str(i): [s for s in range(S) if i in opponents[s]] for i in set(sum(opponents, []))}
     assert data["shareNames"] == HOSTILE + ["three"] and data["shareKind"] == "label"
 
 
@@ -117,3 +123,40 @@ def test_page_without_trajectory_shows_the_given_target(run, tmp_path):
     assert [T["id"] for T in data["targets"]] == [2] and data["targets"][0]["xt"] is None
     with pytest.raises(ValueError):
         plot_from_scores(sc, ds, None, str(tmp_path / "x"))
+
+
+def test_header_destination_row_in_the_png_top_k_shown_and_caption_colours(run, tmp_path):
+    """The page's plain-words header (question, model + adapter, parameters, N), the settings' top-k is the one
+    shown, the PNG's first row is the destination's, and a caption naming a colour is drawn in that colour."""
+    from diffusion_trak.api import Scores
+    from diffusion_trak.report.journey import share_colours
+
+    ds, traj, sc, _ = run
+    feats = {"featurize": {"params": "lora", "num_timesteps": 2}, "num_params": 5504, "checkpoints": ["abc"],
+             "lora": [{"base": "b0", "adapter": "a1"}]}
+    plain = Scores(sc.values, sc.steps, sc.timesteps, sc.train_indices, {"score": {"top_k": 8}, "features": feats})
+    dest = Scores(sc.values, sc.steps, sc.timesteps, sc.train_indices, plain.meta,
+                  np.asarray(sc.values[-1]) * 0.5)
+    heights = {}
+    for name, scores in (("plain", plain), ("dest", dest)):
+        png, html = plot_from_scores(scores, ds, traj, str(tmp_path / name), k=K, model="my-sd-base/",
+                                     adapter="my-lora/")
+        with Image.open(png) as im:
+            heights[name] = im.size[1]
+        page = open(html, encoding="utf-8").read()
+        data = json.loads(re.search(r'id="journey-data">(.*?)</script>', page, re.S).group(1))
+        assert data["about"] == {"question": f"Which of your {len(ds)} training images most made this image, and "
+                                             "when during sampling?", "model": "my-sd-base/ + LoRA adapter my-lora/",
+                                 "params": "the LoRA adapter's 5,504 parameters", "n": str(len(ds))}
+        assert 'id="question"' in page and "the LoRA adapter&#x27;s 5,504 parameters" in page
+        meta = dict(data["meta"])
+        assert meta["top-k shown"] == str(K) and "top_k" not in meta
+    rows = len(sc.steps)
+    assert heights["dest"] > heights["plain"] and abs(heights["dest"] / heights["plain"] - 1 - 1 / rows) < 0.1
+    # the adapter unnamed: its fingerprint; no adapter: the model alone
+    from diffusion_trak.report.attribution import about
+
+    assert about(plain)["model"] == "the model (fingerprint abc) + LoRA adapter (fingerprint a1)"
+    assert share_colours(["a red circle", "a green square", "a photo", "red or blue"])[:2] == ["#d62728", "#2ca02c"]
+    other = share_colours(["a red circle", "a photo", "a dog"])
+    assert other[0] == "#d62728" and "#2ca02c" not in other and len(set(other)) == 3
