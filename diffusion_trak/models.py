@@ -586,8 +586,9 @@ class Conditioning:
     def _captions(self, dataset):
         caps = dataset_captions(dataset, self.captions)
         if caps is None:
-            raise LatentError("this unet reads text but the training images have no captions; pass captions= "
-                              "(a CaptionSet, a .json/.csv file or one caption per image) or a folder with metadata.jsonl")
+            raise LatentError("this unet reads text but the training images have no captions; pass --captions FILE "
+                              "(a .json {index: [caption, ...]} or .csv index,caption file; captions= in Python, which "
+                              "also takes a CaptionSet or one caption per image) or a folder with metadata.jsonl")
         caps.check_covers(dataset.indices.tolist())
         return caps
 
