@@ -9,7 +9,9 @@ Every command works on a *run folder* (``--run``, default ``runs/digits``)::
     scores/<name>/              scores.npy (steps × targets × N), scores.json (top-k per step)
     report/<name>.png, .html
 
-Rerunning a command resumes it; other settings over existing results refuse unless ``--overwrite``.
+Rerunning a command resumes it; other settings over existing results refuse unless ``--overwrite``. A path that
+diffusion-trak did not write (a folder of your own files, a file that is not a trajectory or a report of ours) is
+refused even with ``--overwrite`` (:func:`diffusion_trak.store.claim`, the one rule).
 """
 from __future__ import annotations
 
