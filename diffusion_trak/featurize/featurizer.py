@@ -173,7 +173,13 @@ class Featurizer:
         bs = self.args.batch_size
         for i in range(0, x0.shape[0], bs):
             c = {k: v[i:i + bs] for k, v in (cond or {}).items()}
-            g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
+            try:
+                g = self.gradients(x0[i:i + bs], timesteps[i:i + bs], noises[i:i + bs], c, output, cond_per_timestep)
+            except (torch.OutOfMemoryError, MemoryError):
+                from .fast import FastPathError
+                raise FastPathError(f"out of memory in method={self.args.method} (per-example gradients of {bs} examples "
+                                    "at once); lower --batch-size, or use --method fast, whose passes follow "
+                                    "--max-memory") from None
             if not torch.isfinite(g).all():
                 raise NonFiniteError("NaN/Inf in per-example gradients; check the checkpoint for NaN weights "
                                      "(retrain with a lower learning rate) and the inputs for NaN")

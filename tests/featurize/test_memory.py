@@ -108,6 +108,10 @@ def test_out_of_memory_is_one_line_naming_max_memory(scheduler, monkeypatch):
     with pytest.raises(FastPathError, match="out of memory featurizing .*lower --max-memory") as e:
         f.features(x0, ts, ns, cond=cond)
     assert "\n" not in str(e.value)
+    vm = Featurizer(model, scheduler, FeaturizeArgs(num_timesteps=2, proj_dim=8, method="vmap", projector="countsketch"))
+    monkeypatch.setattr(vm, "gradients", lambda *a, **kw: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(FastPathError, match="lower --batch-size"):
+        vm.features(x0, ts, ns, cond)
 
 
 def test_estimate_is_what_the_run_computes_and_a_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -143,7 +147,9 @@ def test_estimate_is_what_the_run_computes_and_a_dry_run_writes_nothing(tmp_path
     attr.progress = True
     attr.featurize()
     assert sum(rows) == est.pairs + est.kernel_rows, rows
-    assert str(est).split(" rows per pass")[0] in capsys.readouterr().out  # the run states the same plan first
+    said = capsys.readouterr()
+    assert str(est).split(" rows per pass")[0] in said.out  # the run states the same plan first
+    assert "run ETA" in said.err and "(50/50 rows)" in said.err  # the progress bars' whole-run ETA
     # the CLI: --dry-run prints the plan and writes nothing
     before = snapshot(str(tmp_path))
     assert main(["featurize", "--pipeline", ddpm, "--data", "folder", "--data-path", imgs, "--run", str(tmp_path / "r2"),
@@ -194,3 +200,13 @@ def test_planned_peak_is_within_a_quarter_of_the_measured_one():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.75 <= r["measured"] / r["planned"] <= 1.25, r
+
+
+def test_the_budget_is_not_a_setting_of_the_store():
+    """--max-memory changes how a run is done, not what it computes: never saved, so a store resumes under another."""
+    from diffusion_trak.config import asdict
+    from diffusion_trak.errors import InputError
+
+    assert asdict(FeaturizeArgs(max_memory=2 ** 30)) == asdict(FeaturizeArgs())
+    with pytest.raises(InputError, match="max_memory"):
+        FeaturizeArgs(max_memory=0)
