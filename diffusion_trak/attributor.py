@@ -108,7 +108,9 @@ class Attributor:
         first pipeline folder unless given as keyword arguments.
 
         ``lora``: a LoRA adapter as diffusers' LoRA training scripts save it (the folder, or its
-        ``pytorch_lora_weights.safetensors``), loaded onto every checkpoint (:func:`~diffusion_trak.models.load_lora`);
+        ``pytorch_lora_weights.safetensors``; also their ``checkpoint-N/`` folders, ``unet.save_lora_adapter``'s and
+        peft's ``save_pretrained`` folders and kohya-style files), loaded onto every checkpoint
+        (:func:`~diffusion_trak.models.load_lora`);
         the features then cover the adapter's parameters only (``FeaturizeArgs.params="auto"``, the default, whatever
         other settings ``featurize_args`` changes) unless it says ``params="all"``, and the feature store records the
         base model's and the adapter's fingerprints."""

@@ -123,8 +123,9 @@ def _add_pipeline(p, captions: bool = False):
                    help="a diffusers pipeline folder (model_index.json: DDPM/DDIM, LDM, Stable Diffusion) or checkpoint "
                         "folders, instead of --checkpoints; a VAE and text encoder in it are used")
     p.add_argument("--lora", default=None, metavar="PATH",
-                   help="a LoRA adapter as diffusers' LoRA training scripts save it (the folder or its "
-                        "pytorch_lora_weights.safetensors), loaded onto the model; features then cover the adapter only")
+                   help="a LoRA adapter, loaded onto the model: a folder or file as diffusers' LoRA training scripts "
+                        "(and their checkpoint-N/ folders), unet.save_lora_adapter or peft's save_pretrained write "
+                        "it, or a kohya-style .safetensors; features then cover the adapter only (--params auto)")
     if captions:
         p.add_argument("--captions", default=None, help="training captions of a text-conditional model (.json "
                        "{index: [caption, ...]} or .csv index,caption; default: the class names)")
