@@ -380,6 +380,18 @@ def test_an_adapter_that_does_not_fit_is_one_line_with_no_library_output(workdir
     assert capfd.readouterr() == ("", "")
     assert {n for n, _ in unet.named_parameters()} == set(before) and not lora_parameter_names(unet)
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+    # layers the model lacks (diffusers only warns and loads the rest): refused, not loaded in part
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(paths["checkpoint-N"], "pytorch_lora_weights.safetensors"))
+    a = next(k for k in state if ".to_q.lora_A." in k)
+    for part in ("lora_A", "lora_B"):
+        state[a.replace("to_q", "to_zz").replace("lora_A", part)] = state[a.replace("lora_A", part)].clone()
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(1 of its layers, e.g. .*to_zz, are not in it\)"):
+        load_lora(unet, str(tmp_path / "extra.safetensors"))
+    assert capfd.readouterr() == ("", "") and not lora_parameter_names(unet)
 
 
 def test_a_missing_optional_package_or_captions_is_one_line_naming_the_fix(workdir, tmp_path, monkeypatch, capfd):
