@@ -386,7 +386,8 @@ class TopK:
             shown = []
             for j in range(min(3, k)):
                 name = f" {src[first + (j,)]}" if src is not None else ""
-                shown.append(f"#{int(np.asarray(idx)[first + (j,)])}{name} ({float(np.asarray(val)[first + (j,)]):+.3g})")
+                at = first + (j,)
+                shown.append(f"#{int(np.asarray(idx)[at])}{name} ({float(np.asarray(val)[at]):+.3g})")
             return ", ".join(shown) + (f", ... ({k})" if k > 3 else "")
 
         where = f"{' × '.join(str(d) for d in lead)} rows" if lead else "one row"
@@ -394,8 +395,8 @@ class TopK:
         return (f"TopK(k={k} for each of {where}; row{at}:\n"
                 f"  highest: {row(self.indices, self.scores, self.sources)}\n"
                 f"  lowest:  {row(self.bottom_indices, self.bottom_scores, self.bottom_sources)}\n"
-                "  proponents are the highest with a score > 0, opponents the lowest with a score < 0; arrays: .indices, "
-                ".scores, .sources, .captions, .bottom_*)")
+                "  proponents are the highest with a score > 0, opponents the lowest with a score < 0; "
+                "arrays: .indices, .scores, .sources, .captions, .bottom_*)")
 
     @property
     def opponents(self) -> np.ndarray:
@@ -473,7 +474,8 @@ class Scores:
                 f"{' ...' if S > 8 else ''}, timesteps {list(self.timesteps)[:8]}{' ...' if S > 8 else ''}\n"
                 f"  highest-scored training image of target 0: {steps}{more}\n"
                 f"  {final}\n"
-                "  .values (steps × targets × training images), .destination, .top(k), .top_destination(k), .save(dir))")
+                "  .values (steps × targets × training images), .destination, .top(k), .top_destination(k), "
+                ".save(dir))")
 
     def top(self, k: int = 8) -> TopK:
         """The k highest and k lowest scores per (step, target) as a :class:`TopK` of stable dataset indices, each
