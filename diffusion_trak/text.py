@@ -202,6 +202,13 @@ class WordTokenizer:
     def encode(self, text: str) -> List[int]:
         return [self.bos_token_id] + [self.vocab.get(w, self.unk_token_id) for w in self.split(text)] + [self.eos_token_id]
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The words of ``ids`` joined by spaces (special tokens left out with ``skip_special_tokens``)."""
+        words = sorted(self.vocab, key=self.vocab.get)
+        special = {self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id}
+        return " ".join(words[int(i)] for i in ids if not (skip_special_tokens and int(i) in special)
+                        and 0 <= int(i) < len(words))
+
     def __call__(self, text: Union[str, Sequence[str]], padding: Union[bool, str] = "max_length",
                  max_length: Optional[int] = None, truncation: bool = True, return_tensors: Optional[str] = "pt"):
         texts = [text] if isinstance(text, str) else list(text)
@@ -289,6 +296,31 @@ def _tokenizer_fingerprint(tokenizer) -> str:
                                       type(tokenizer).__name__]).encode()).hexdigest()[:16]
 
 
+def seen_prompts(tokenizer, prompts: Sequence[str], max_length: Optional[int] = None, what: str = "prompt",
+                 note: str = ""):
+    """``(seen, cut)``: ``prompts`` as a text encoder sees them through ``tokenizer`` cut at ``max_length`` tokens
+    (default its ``model_max_length``): a longer one is replaced by the text of the tokens kept (decoded), and
+    ``cut`` counts them. The first one cut is reported in one warning line (``what``: what the texts are; ``note``:
+    a clause after what the model sees)."""
+    import logging
+
+    limit, seen, cut = int(max_length or tokenizer.model_max_length), [], 0
+    for p in prompts:
+        n = len(tokenizer([p], padding=False, truncation=False, return_tensors=None).input_ids[0])
+        if n <= limit:
+            seen.append(p)
+            continue
+        kept = tokenizer([p], padding=False, truncation=True, max_length=limit, return_tensors=None).input_ids[0]
+        text = tokenizer.decode(list(kept), skip_special_tokens=True).strip()
+        if not cut:
+            logging.getLogger("diffusion_trak").warning(
+                f"warning: the {what} is {n} tokens, the text encoder takes {limit}: the model sees only "
+                f"{text[:60]!r}{'...' if len(text) > 60 else ''}{note}; shorten it to use all of it")
+        seen.append(text)
+        cut += 1
+    return seen, cut
+
+
 class TextConditioner:
     """Prompts → ``encoder_hidden_states`` with any tokenizer + text encoder pair called the diffusers way.
 
@@ -301,12 +333,15 @@ class TextConditioner:
         cfg = getattr(text_encoder, "config", None)
         self.use_attention_mask = bool(getattr(cfg, "use_attention_mask", False))
         self._cache: Dict[str, torch.Tensor] = {}
+        self._warned = False
 
     @torch.no_grad()
     def encode(self, prompts: Union[str, Sequence[str]]) -> torch.Tensor:
         """``(B, L, D)`` float32 on the CPU (``L`` = the tokenizer's ``model_max_length``)."""
         prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
         todo = sorted({p for p in prompts if p not in self._cache})
+        if todo and not self._warned:  # a text longer than the encoder takes: one line, once
+            self._warned = seen_prompts(self.tokenizer, todo, self.max_length, "prompt or caption")[1] > 0
         if todo:
             enc = self.tokenizer(todo, padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt")

@@ -34,8 +34,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import logging
-
 import numpy as np
 import torch
 
@@ -76,9 +74,6 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Te
 # --------------------------------------------------------------------------------------------
 # Trajectory
 # --------------------------------------------------------------------------------------------
-
-
-_LOG = logging.getLogger("diffusion_trak")
 
 
 @dataclass(eq=False)
@@ -236,22 +231,13 @@ class LatentTrajectoryPipeline(TrajectoryPipeline):
 
     def seen_prompts(self, prompts: Sequence[str]) -> List[str]:
         """``prompts`` as the text encoder sees them: one longer than the tokenizer's ``model_max_length`` tokens is
-        cut there (as :meth:`encode_prompt` cuts it), replaced by the text of the tokens kept, with a one-line warning."""
-        tok = self.tokenizer
-        if tok is None:
+        cut there (as :meth:`encode_prompt` cuts it), replaced by the text of the tokens kept, with a one-line warning
+        (:func:`diffusion_trak.text.seen_prompts`)."""
+        if self.tokenizer is None:
             return list(prompts)
-        limit, out = int(tok.model_max_length), []
-        for p in prompts:
-            ids = tok(p, truncation=False).input_ids
-            if len(ids) <= limit:
-                out.append(p)
-                continue
-            seen = tok.decode(tok(p, truncation=True, max_length=limit).input_ids, skip_special_tokens=True).strip()
-            _LOG.warning(f"warning: the prompt is {len(ids)} tokens, the text encoder takes {limit}: the model sees only "
-                         f"{seen[:60]!r}{'...' if len(seen) > 60 else ''} (recorded as the trajectory's prompt); "
-                         "shorten the prompt to use all of it")
-            out.append(seen)
-        return out
+        from diffusion_trak.text import seen_prompts
+
+        return seen_prompts(self.tokenizer, prompts, note=" (recorded as the trajectory's prompt)")[0]
 
     def _uses_guidance(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and getattr(self.unet.config, "time_cond_proj_dim", None) is None

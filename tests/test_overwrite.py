@@ -488,3 +488,19 @@ def test_api_attribute_resumes_and_overwrite_replaces_only_ours(base, tmp_path):
     a.score_args = ScoreArgs(num_noises=3)
     a.attribute(_load(os.path.join(run, "trajectories", "seed-0.safetensors")), out=out)
     assert json.load(open(os.path.join(out, "scores.json")))["meta"]["score"]["num_noises"] == 3
+
+
+def test_a_text_longer_than_the_encoder_takes_is_one_warning_line(caplog):
+    """Targets' prompts and training captions are cut as generation prompts are: one warning line, once."""
+    from diffusion_trak.text import TextConditioner, default_text_model, seen_prompts
+
+    tok, enc = default_text_model(["a photo of a cat"], max_length=8)
+    long = "a photo of a cat " * 50
+    seen, cut = seen_prompts(tok, ["a cat", long])
+    assert cut == 1 and seen[0] == "a cat" and seen[1] == "a photo of a cat a"  # 6 words + BOS/EOS = 8
+    caplog.clear()
+    cond = TextConditioner(tok, enc)
+    cond.encode([long, "a cat"])
+    cond.encode([long + " cat", "a cat"])
+    warned = [r.getMessage() for r in caplog.records if "the text encoder takes 8" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "prompt or caption is 252 tokens" in warned[0]
