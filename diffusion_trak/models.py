@@ -372,6 +372,24 @@ def _unprefixed_state(file: str) -> Tuple[Optional[Dict[str, torch.Tensor]], Opt
             None if meta is None else {f"unet.{k}": v for k, v in meta.items()})
 
 
+def _check_holds_lora(file: str) -> None:
+    """One line when a ``.safetensors`` file given as ``--lora`` holds no LoRA layer at all (e.g. a whole model's
+    single-file checkpoint, which goes to ``--pipeline`` once converted). Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: the reader below says what it is
+        return
+    if keys and not any("lora" in k.lower() or k.endswith(".alpha") for k in keys):
+        whole = any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys)
+        raise CheckpointError(f"--lora {file} holds no LoRA layers (keys like {keys[0]!r})" + (
+            "; it is a whole model's single-file checkpoint: convert it once with StableDiffusionPipeline."
+            f"from_single_file('{file}').save_pretrained('my-model') and pass --pipeline my-model/" if whole else
+            "; pass a LoRA adapter (pytorch_lora_weights.safetensors, adapter_model.safetensors or a kohya file)"))
+
+
 def load_lora(unet, path) -> dict:
     """Load a LoRA adapter into ``unet`` as peft layers, which :class:`~diffusion_trak.config.FeaturizeArgs`
     ``params="auto"`` (the default) and ``"lora"`` select. Read as diffusers and peft write them: ``pipe.save_lora_weights``
@@ -397,6 +415,7 @@ def load_lora(unet, path) -> dict:
     if adapter_of(unet) is not None or getattr(unet, "peft_config", None):
         raise CheckpointError("the model already has a LoRA adapter; give one --lora, to the base model")
     base = model_fingerprint(unet)
+    _check_holds_lora(file)
     alphas, meta = None, None
     try:
         with _library_messages():

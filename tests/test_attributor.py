@@ -354,6 +354,14 @@ def test_a_single_file_checkpoint_is_refused_with_the_conversion_hint(tmp_path, 
                  "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "from_single_file" in err[0] and not os.path.exists(tmp_path / "run")
+    # given as --lora: a whole model is no adapter, and the line says how to use it
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, str(ckpt))
+    with pytest.raises(CheckpointError, match=r"holds no LoRA layers .*whole model's single-file checkpoint: .*"
+                                              r"from_single_file\(.*--pipeline my-model/"):
+        Attributor.from_pretrained(folders["sd"], folders["imgs"], str(tmp_path / "run"), lora=str(ckpt))
 
 
 def test_readable_reprs_a_named_self_attribution_and_the_self_check(tmp_path, folders, capsys, monkeypatch):
