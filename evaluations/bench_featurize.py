@@ -532,20 +532,16 @@ def bench_sd(config=SD15, size=16, B=8, T=2, kernel_draws=2, k=2048, repeats=2, 
         unet.zero_grad(set_to_none=True)
         (output_value(unet, sched, xs, ts.reshape(-1), ns.reshape(B * T, *shape), "loss", cond).sum() / T).backward()
 
-    def measured(fn, rows, name):
-        """``repeats`` timed calls (after the caller's warm-up), each with the process's peak memory since its start."""
-        times, peaks, above = [], [], []
-        for _ in range(repeats):
-            mem = PeakMemory("cpu").start()
-            times.append(timed(fn, "cpu"))
-            peaks.append(_status("VmHWM") - rss0)  # the model, its inputs and the path's own
-            above.append(mem.peak())
-        res[f"{name}_s_per_pair"] = statistics.median(times) / rows
-        res[f"{name}_peak_mb"] = max(peaks) / 2 ** 20
-        res[f"{name}_peak_above_resident_mb"] = max(above) / 2 ** 20
+    peaks, times = {}, {}
+
+    def once(fn, name):
+        """One timed call with the process's peak memory since its start."""
+        mem = PeakMemory("cpu").start()
+        times.setdefault(name, []).append(timed(fn, "cpu"))
+        peaks.setdefault(name, []).append((_status("VmHWM") - rss0, mem.peak()))  # from before the model; above resident
 
     plain()  # warm-up
-    measured(plain, B * T, "plain")
+    once(plain, "plain")
     unet.zero_grad(set_to_none=True)
     _trim()
 
@@ -562,14 +558,28 @@ def bench_sd(config=SD15, size=16, B=8, T=2, kernel_draws=2, k=2048, repeats=2, 
     res["state_mb"] = fz.fast.state_bytes / 2 ** 20
     res["largest_layer"] = fz.fast.layer_params
     res["rows_per_pass"] = int(fz.fast.plan(B, T)[0] * fz.fast.plan(B, T)[1])
-    measured(feats, B * T, "features")
+    once(feats, "features")
+    kf = fz.with_args(kernel_args(args))
+    krow = lambda: kf.kernel_block(x0, kts, kns, {"encoder_hidden_states": ehs})  # noqa: E731
+    krow()  # warm-up
+    once(krow, "kernel")
+    # the timed calls alternate between the paths, so load from other jobs falls on all of them alike
+    for _ in range(repeats - 1):
+        unet.zero_grad(set_to_none=True)
+        _trim()
+        once(plain, "plain")
+        unet.zero_grad(set_to_none=True)
+        _trim()
+        once(feats, "features")
+        once(krow, "kernel")
+    unet.zero_grad(set_to_none=True)
+    for name, rows in (("plain", B * T), ("features", B * T), ("kernel", B * kernel_draws)):
+        res[f"{name}_s_per_pair"] = statistics.median(times[name]) / rows
+        res[f"{name}_peak_mb"] = max(p for p, _ in peaks[name]) / 2 ** 20
+        res[f"{name}_peak_above_resident_mb"] = max(a for _, a in peaks[name]) / 2 ** 20
     if ops:  # one more call, counted (not timed)
         res["ops_per_call"] = count_ops(feats)
         res["passes_per_call"] = -(-B // fz.fast.plan(B, T)[0]) * -(-T // fz.fast.plan(B, T)[1])
-    kf = fz.with_args(kernel_args(args))
-    krow = lambda: kf.kernel_block(x0, kts, kns, {"encoder_hidden_states": ehs})  # noqa: E731
-    krow()
-    measured(krow, B * kernel_draws, "kernel")
     res["planned_kernel_peak_mb"] = fz.fast.plan(B * kernel_draws, 1)[2] / 2 ** 20
     for name in ("features", "kernel"):
         res[f"{name}_time_over_plain"] = res[f"{name}_s_per_pair"] / res["plain_s_per_pair"]
