@@ -216,7 +216,7 @@ def _state_plan(featurizers, dataset, cond_fn, per_timestep, args, arrays, mine,
         est = estimate_run(featurizers, dataset, cond_fn, per_timestep, todo, pairs, kernel,
                            args.kernel_draws if karrays else 0)
         print(str(est), flush=True)
-    return RunClock(pairs + kernel)
+    return RunClock(pairs, kernel)
 
 
 def estimate(checkpoints: Sequence, dataset, args: FeaturizeArgs = FeaturizeArgs(), device="cpu",

@@ -252,7 +252,7 @@ class Featurizer:
                                   cond_per_timestep=cond_per_timestep, out=K)
                 bar.update(1)
                 if clock is not None:
-                    clock.done((min(start + bs, hi) - start) * self.args.num_timesteps, bar)
+                    clock.done((min(start + bs, hi) - start) * self.args.num_timesteps, bar, "kernel")
             stored.write([s], K.numpy()[None])
         bar.close()
         return stored
@@ -357,16 +357,35 @@ def estimate_run(featurizers, probe, cond_fn, cond_per_timestep: bool, examples:
 
 
 class RunClock:
-    """The whole run's ETA on the progress bars, from the rows computed so far (after the first pass)."""
+    """The whole run's ETA on the progress bars, after the first pass: the feature pairs and the kernel rows still to
+    do, each at its own measured seconds per row (a kernel row, one example of its own, costs more than a feature
+    pair; until one is measured it counts :data:`KERNEL_ROW_COST` feature pairs)."""
 
-    def __init__(self, total_rows: int):
-        self.total, self.rows, self.start = max(int(total_rows), 1), 0, time.perf_counter()
+    def __init__(self, pairs: int, kernel_rows: int = 0):
+        self.left = {"pairs": int(pairs), "kernel": int(kernel_rows)}
+        self.rate = {}
+        self.last = time.perf_counter()
 
-    def done(self, rows: int, bar) -> None:
-        self.rows += int(rows)
-        spent = time.perf_counter() - self.start
-        left = spent * max(self.total - self.rows, 0) / max(self.rows, 1)
-        bar.set_postfix_str(f"run ETA {_clock(left)} ({self.rows:,}/{self.total:,} rows)", refresh=False)
+    def done(self, rows: int, bar, kind: str = "pairs") -> None:
+        now = time.perf_counter()
+        spent, self.last = now - self.last, now
+        rows = int(rows)
+        seconds, n = self.rate.get(kind, (0.0, 0))
+        self.rate[kind] = (seconds + spent, n + rows)
+        self.left[kind] = max(self.left[kind] - rows, 0)
+        per = {k: s / max(n, 1) for k, (s, n) in self.rate.items()}
+        if "kernel" not in per:
+            per["kernel"] = per.get("pairs", 0.0) * KERNEL_ROW_COST
+        if "pairs" not in per:
+            per["pairs"] = per["kernel"] / KERNEL_ROW_COST
+        eta = sum(self.left[k] * per[k] for k in self.left)
+        done = sum(n for _, n in self.rate.values())
+        bar.set_postfix_str(f"run ETA {_clock(eta)} ({done:,}/{done + sum(self.left.values()):,} rows)", refresh=False)
+
+
+#: seconds of a GGN kernel row over those of a feature pair, before the run has measured its own (CPU, SD 1.5's
+#: UNet at 16×16: about 1.7; docs/speed.md)
+KERNEL_ROW_COST = 1.7
 
 
 def _clock(seconds: float) -> str:

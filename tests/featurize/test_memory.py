@@ -210,3 +210,22 @@ def test_the_budget_is_not_a_setting_of_the_store():
     assert asdict(FeaturizeArgs(max_memory=2 ** 30)) == asdict(FeaturizeArgs())
     with pytest.raises(InputError, match="max_memory"):
         FeaturizeArgs(max_memory=0)
+
+
+def test_run_eta_weighs_kernel_rows_by_their_own_cost(monkeypatch):
+    """After the first pass the ETA is the pairs and kernel rows left, each at its measured seconds per row (kernel
+    rows at KERNEL_ROW_COST pairs until one is measured)."""
+    from diffusion_trak.featurize import featurizer as fm
+
+    clock_times = iter([0.0, 10.0, 30.0])  # construction, after 10 pairs, after 10 kernel rows
+    monkeypatch.setattr(fm.time, "perf_counter", lambda: next(clock_times))
+    said = []
+
+    class Bar:
+        def set_postfix_str(self, text, refresh=False):
+            said.append(text)
+    clock = fm.RunClock(20, 20)
+    clock.done(10, Bar())  # 1 s per pair: 10 pairs and 20 kernel rows at 1.7 s left
+    assert said[-1] == f"run ETA {fm._clock(10 + 20 * fm.KERNEL_ROW_COST)} (10/40 rows)"
+    clock.done(10, Bar(), "kernel")  # 2 s per kernel row measured
+    assert said[-1] == f"run ETA {fm._clock(10 * 1 + 10 * 2)} (20/40 rows)"
