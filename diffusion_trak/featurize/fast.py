@@ -9,8 +9,9 @@ This path never forms the ``p``-dimensional gradient:
    computes only gradients with respect to activations; since the pairs do not interact (GroupNorm and
    attention act within a sample; the model is in ``eval`` mode), the gradient reaching a layer's output
    at row ``(i, j)`` is the gradient of pair ``(i, j)``'s own term. When B × T exceeds the rows per pass
-   (``max_rows``, by default :func:`rows_per_pass`: a share of the device's memory over the bytes of
-   activations one row saves, measured on the first call), the rows go through in passes of whole
+   (``max_rows``, by default :meth:`FastGradientSketch.plan`: the speed rule :func:`rows_per_pass` of the bytes of
+   activations one row saves, measured on the first call, within the memory budget ``max_memory``), the rows go
+   through in passes of whole
    examples, or of chunks of one example's timesteps, each scaled by the full ``1/T``; the sketch is
    linear, so the passes add up to the same features and memory stays bounded whatever B and T are.
 2. A forward hook on every parameterised module keeps the module's input; a hook on its output receives
@@ -28,7 +29,7 @@ This path never forms the ``p``-dimensional gradient:
    accumulator that the pass turns into the ``B × k`` features at its end, by a sparse JL projection
    (:class:`~diffusion_trak.featurize.sketch.CountSketchProjector`) over the coordinates the layer occupies in
    the flattened parameter vector (``model.named_parameters()`` order, as in the reference), and freed. Extra
-   memory: one layer's ``B × p_layer`` block at a time, plus the sketch tables (13 bytes per parameter); no
+   memory: one layer's ``B × p_layer`` block at a time, plus the sketch's bounded block cache (no table per parameter); no
    ``B × p`` buffer and no ``p × k`` matrix.
 
 So the features are ``S · g_i`` with ``g_i`` exactly the reference gradient and ``S`` a CountSketch:
