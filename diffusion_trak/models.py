@@ -586,7 +586,7 @@ class Conditioning:
         if self.vae is None or getattr(dataset, "vae_fingerprint", None) is not None:
             return dataset
         from . import distributed
-        from .latent import encode_dataset, encode_in_memory
+        from .vae import encode_dataset, encode_in_memory
 
         if cache_dir is None:
             return encode_in_memory(dataset, self.vae, self.latent_mode, self.latent_seed)
@@ -598,7 +598,7 @@ class Conditioning:
         """Target images ``(B, C, H, W)`` in ``[-1, 1]`` in the unet's space (latents with a VAE)."""
         if self.vae is None:
             return images
-        from .latent import encode_images
+        from .vae import encode_images
 
         return encode_images(self.vae, images, self.latent_mode, self.latent_seed)
 
