@@ -421,11 +421,7 @@ class Attributor:
         if z.ndim != 4 or z.shape[0] == 0 or z.shape[1] != cfg.in_channels or (size and tuple(z.shape[2:]) != (size, size)):
             raise InputError(f"latents must be a non-empty (B, {cfg.in_channels}, {size}, {size}) batch, what the UNet "
                              f"takes, got shape {tuple(latents.shape)}")
-        kind = unet_conditioning(self.unet)
-        if prompts is not None and kind != "text":
-            raise InputError("this model takes no text; drop prompts=")
-        if class_labels is not None and kind != "class":
-            raise InputError("this model is not class-conditional; drop class_labels=")
+        self._check_conditioning(prompts, class_labels)
         ts = [int(t) for t in (image_timesteps if timesteps is None else
                                ([timesteps] if np.ndim(timesteps) == 0 else timesteps))]
         if out is None and save:
@@ -476,12 +472,16 @@ class Attributor:
         if size and tuple(x.shape[2:]) != (size, size):
             raise InputError(f"the model takes {size}×{size} images but these are {x.shape[2]}×{x.shape[3]}; resize "
                              f"them to {size}×{size}")
+        self._check_conditioning(prompts, class_labels)
+        return torch.from_numpy(to_unit_range(x, value_range, "the images given to attribute()", floats=(-1.0, 1.0)))
+
+    def _check_conditioning(self, prompts, class_labels) -> None:
+        """``prompts`` only for a text model, ``class_labels`` only for a class-conditional one (one line each)."""
         kind = unet_conditioning(self.unet)
         if prompts is not None and kind != "text":
             raise InputError("this model takes no text; drop prompts=")
         if class_labels is not None and kind != "class":
             raise InputError("this model is not class-conditional; drop class_labels=")
-        return torch.from_numpy(to_unit_range(x, value_range, "the images given to attribute()", floats=(-1.0, 1.0)))
 
     def scores_dir(self, name: str) -> str:
         """``out/scores/<name>``, where the CLI keeps the scores of trajectory ``<name>``."""
