@@ -51,20 +51,36 @@ _CACHE: "OrderedDict" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
+#: of the cache, the bytes kept for the most recently used blocks (the rest holds the first blocks drawn, for good)
+RECENT_BYTES = 4 * BLOCK * 8
+_RECENT: "OrderedDict" = OrderedDict()
+
+
 def _cached_block(key, draw):
-    """The block ``key`` from the shared bounded cache, drawn by ``draw()`` when missing. A full cache keeps what it
-    holds and the new block is used once and freed: every pass visits the blocks in the same order, and for such
-    cyclic scans least-recently-used eviction would hit nothing once the blocks outnumber the cache, while keeping a
-    fixed set hits its share (16 of 36 blocks of a 36M-parameter UNet, every pass)."""
+    """The block ``key`` from the shared bounded cache, drawn by ``draw()`` when missing. The cache's first
+    ``CACHE_BYTES - RECENT_BYTES`` keep the first blocks drawn for good, the rest the most recently used ones: every
+    pass visits the blocks in the same order, a cyclic scan for which least-recently-used eviction alone hits
+    nothing once the blocks outnumber the cache, while a fixed set hits its share every pass; the recent ones serve
+    neighbouring layers that share a block (biases, norms: many small tensors in one block)."""
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
+        if hit is None:
+            hit = _RECENT.get(key)
+            if hit is not None:
+                _RECENT.move_to_end(key)
         if hit is not None:
             return hit
     block = draw()
+    size = block.numel() * block.element_size()
     with _CACHE_LOCK:
-        total = sum(t.numel() * t.element_size() for t in _CACHE.values())
-        if total + block.numel() * block.element_size() <= CACHE_BYTES:
+        if sum(t.numel() * t.element_size() for t in _CACHE.values()) + size <= CACHE_BYTES - RECENT_BYTES:
             _CACHE[key] = block
+        else:
+            _RECENT[key] = block
+            total = sum(t.numel() * t.element_size() for t in _RECENT.values())
+            while total > RECENT_BYTES and len(_RECENT) > 1:
+                _, old = _RECENT.popitem(last=False)
+                total -= old.numel() * old.element_size()
     return block
 
 
@@ -80,6 +96,7 @@ def clear_cache() -> None:
     """Drop every cached block (tests, and memory measurements)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _RECENT.clear()
 
 
 class CountSketchProjector(Projector):
