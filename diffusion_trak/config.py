@@ -209,10 +209,10 @@ class FeaturizeArgs:
             (:meth:`~diffusion_trak.featurize.featurizer.Featurizer.featurize_kernel`). ``features``: the paper's
             ``ΦᵀΦ`` of the training features themselves (with T draws averaged per example, that is the outer
             products of mean gradients, not the curvature of the loss). The choice was measured on the power
-            benchmarks (README, "Attribution quality").
+            benchmarks (docs/quality.md).
         kernel_draws: (timestep, noise, probe) draws per example for the ``ggn`` kernel (timesteps drawn by
             ``timestep_strategy`` over ``timestep_range``); each draw is a featurizer row of its own, so this costs
-            ``kernel_draws`` single-draw rows per example (README, "Speed").
+            ``kernel_draws`` single-draw rows per example (docs/speed.md).
     """
 
     num_timesteps: int = 100

@@ -1,4 +1,4 @@
-"""Every bad input of the README's table: a one-line error that names the fix, and the store unchanged."""
+"""Every bad input of the table in docs/errors.md: a one-line error that names the fix, and the store unchanged."""
 import errno
 import os
 import subprocess
@@ -188,7 +188,7 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The CLI, table-driven: every bad input of issue 17 (and the README table) ends with exit status 2 and one line
+# The CLI, table-driven: every bad input of issue 17 (and the table in docs/errors.md) ends with exit status 2 and one line
 # on stderr, and every file of the run folder is bit-identical afterwards (sha256), or, where the user asked for
 # --overwrite, the store is replaced by a complete one, equal to an uninterrupted run's.
 # ------------------------------------------------------------------------------------------------------------
