@@ -213,7 +213,8 @@ def _state_plan(featurizers, dataset, cond_fn, per_timestep, args, arrays, mine,
     krows = sum(ranges[s][1] - ranges[s][0] for a in karrays for s in a.pending(my_slots))
     pairs, kernel = todo * args.num_timesteps, krows * (args.kernel_draws if karrays else 0)
     if say and featurizers[0].fast is not None and pairs + kernel:
-        est = estimate_run(featurizers, dataset, cond_fn, per_timestep, todo, pairs, kernel,
+        examples = len(set().union(*(a.pending(mine).tolist() for a in arrays)))  # each once, however many checkpoints
+        est = estimate_run(featurizers, dataset, cond_fn, per_timestep, examples, pairs, kernel,
                            args.kernel_draws if karrays else 0)
         print(str(est), flush=True)
     return RunClock(pairs, kernel)

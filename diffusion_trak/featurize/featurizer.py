@@ -298,6 +298,7 @@ class Estimate:
     """What a featurize run computes and the memory it plans for (:func:`estimate_run`); ``str()`` is the statement
     that ``featurize`` prints before it starts and ``--dry-run`` prints instead of running.
 
+    ``examples``: training examples with rows to compute (each counted once, whatever the number of checkpoints);
     ``pairs``: (example, timestep) rows of the features; ``kernel_rows``: single-draw rows of the GGN kernel (both
     summed over checkpoints). Each row is one forward + backward of the model over one input, so
     ``pairs + kernel_rows`` is the run's cost in units of the model's own forward + backward of one input (the fast

@@ -229,3 +229,22 @@ def test_run_eta_weighs_kernel_rows_by_their_own_cost(monkeypatch):
     assert said[-1] == f"run ETA {fm._clock(10 + 20 * fm.KERNEL_ROW_COST)} (10/40 rows)"
     clock.done(10, Bar(), "kernel")  # 2 s per kernel row measured
     assert said[-1] == f"run ETA {fm._clock(10 * 1 + 10 * 2)} (20/40 rows)"
+
+
+def test_the_plan_counts_each_example_once_over_an_ensemble(tmp_path, capsys):
+    """Two checkpoints: the estimate and the run's own statement say the same (10 examples, 2 checkpoints, twice the
+    pairs), not the examples once per checkpoint."""
+    from tiny_models import save_ddpm_pipeline, save_image_folder
+
+    from diffusion_trak import Attributor
+
+    a, b = save_ddpm_pipeline(str(tmp_path / "a")), save_ddpm_pipeline(str(tmp_path / "b"), seed=1)
+    imgs = save_image_folder(str(tmp_path / "imgs"), n=10)
+    attr = Attributor.from_pretrained([a, b], train_data=imgs, out=str(tmp_path / "run"), progress=False,
+                                      featurize_args=FeaturizeArgs(num_timesteps=3, proj_dim=16, kernel_draws=2,
+                                                                   batch_size=4))
+    est = attr.estimate()
+    assert (est.examples, est.checkpoints, est.pairs, est.kernel_rows) == (10, 2, 60, 40)
+    attr.progress = True
+    attr.featurize()
+    assert str(est).split(" rows per pass")[0] in capsys.readouterr().out
