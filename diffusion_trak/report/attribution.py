@@ -35,7 +35,7 @@ def about(scores, model: Optional[str] = None, adapter: Optional[str] = None) ->
     feats = scores.meta.get("features", {}) or {}
     lora = feats.get("lora")
     ckpts = feats.get("checkpoints") or []
-    name = model or ("the model" + (f" (fingerprint {ckpts[-1]})" if ckpts else ""))
+    name = model or (f"fingerprint {ckpts[-1]}" if ckpts else "unnamed")
     if lora:
         name += " + LoRA adapter " + (adapter or f"(fingerprint {lora[-1].get('adapter')})")
     count = feats.get("num_params")

@@ -156,7 +156,7 @@ def test_header_destination_row_in_the_png_top_k_shown_and_caption_colours(run, 
     # the adapter unnamed: its fingerprint; no adapter: the model alone
     from diffusion_trak.report.attribution import about
 
-    assert about(plain)["model"] == "the model (fingerprint abc) + LoRA adapter (fingerprint a1)"
+    assert about(plain)["model"] == "fingerprint abc + LoRA adapter (fingerprint a1)"
     assert share_colours(["a red circle", "a green square", "a photo", "red or blue"])[:2] == ["#d62728", "#2ca02c"]
     other = share_colours(["a red circle", "a photo", "a dog"])
     assert other[0] == "#d62728" and "#2ca02c" not in other and len(set(other)) == 3
