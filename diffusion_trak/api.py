@@ -19,7 +19,7 @@ from .config import FeaturizeArgs, ScoreArgs, asdict, from_dict
 from .errors import InputError, NonFiniteError
 from .featurize.featurizer import Featurizer, held_slots, kernel_args, kernel_slots, model_fingerprint
 from .featurize.projectors import CACHE_ENV, MatrixTooLargeError
-from .models import Conditioning, adapter_of, as_checkpoints, check_compatible, unet_conditioning
+from .models import Conditioning, adapter_of, as_checkpoints, check_compatible, unet_conditioning, unet_sample_size
 from .score import TRAKScorer, top_k
 from .store import Store, StoreError, check_resources, make_dirs, write_json_atomic
 from .target_cache import target_features_of
@@ -665,7 +665,7 @@ def score(features: FeatureSet, checkpoints: Sequence, train_indices, args: Scor
         targets = TargetSet.from_trajectory(trajectory, steps)
     elif images is not None:
         cfg = ckpts[0][0].config  # images in the unet's space (pixels, or a latent model's latents)
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        size = unet_sample_size(ckpts[0][0])
         shape = tuple(getattr(images, "shape", ()))
         if not isinstance(images, torch.Tensor) or len(shape) != 4 or not shape[0] or shape[1] != cfg.in_channels \
                 or (size and shape[2:] != (size, size)):

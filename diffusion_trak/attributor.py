@@ -35,7 +35,7 @@ from . import api
 from .config import FeaturizeArgs, ScoreArgs
 from .errors import InputError
 from .models import (Conditioning, adapter_of, as_checkpoints, check_compatible, conditioning_of, is_pipeline_folder,
-                     load_checkpoint, load_lora, load_pipeline, training_scheduler, unet_conditioning)
+                     load_checkpoint, load_lora, load_pipeline, training_scheduler, unet_conditioning, unet_sample_size)
 
 __all__ = ["Attributor"]
 
@@ -335,7 +335,7 @@ class Attributor:
         from .store import check_resources
 
         cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        size = unet_sample_size(self.unet)
         steps = int(kwargs.get("num_inference_steps", 50))
         recorded = len(kwargs["record_steps"]) if kwargs.get("record_steps") is not None else steps
         batch = int(kwargs.get("batch_size", 1))
@@ -417,7 +417,7 @@ class Attributor:
             np.asarray(latents, dtype=np.float32))
         z = z[None] if z.ndim == 3 else z
         cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        size = unet_sample_size(self.unet)
         if z.ndim != 4 or z.shape[0] == 0 or z.shape[1] != cfg.in_channels or (size and tuple(z.shape[2:]) != (size, size)):
             raise InputError(f"latents must be a non-empty (B, {cfg.in_channels}, {size}, {size}) batch, what the UNet "
                              f"takes, got shape {tuple(latents.shape)}")
@@ -461,7 +461,7 @@ class Attributor:
             raise InputError(f"images must be a non-empty (B, C, H, W) batch or one (C, H, W) image, got shape "
                              f"{tuple(target.shape)}")
         cfg, vae = self.unet.config, self.conditioning.vae  # the pixels the model takes (before its VAE)
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+        size = unet_sample_size(self.unet)
         if vae is not None:
             size, channels = size and size * 2 ** (len(vae.config.block_out_channels) - 1), vae.config.in_channels
         else:

@@ -491,6 +491,13 @@ def adapter_of(unet) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- model kinds
+def unet_sample_size(unet) -> Optional[int]:
+    """The side of the square inputs the UNet takes (its config's ``sample_size``, an int or the first of a pair);
+    ``None`` when the config does not say."""
+    size = unet.config.sample_size
+    return size if isinstance(size, int) or size is None else size[0]
+
+
 def unet_conditioning(unet) -> str:
     """``text`` for a unet with cross-attention, ``class`` for one with a class embedding, else ``none``."""
     cfg = unet.config
@@ -505,7 +512,7 @@ def check_compatible(unet, dataset) -> None:
     """One-line errors for a unet that cannot take this dataset's images (or latents)."""
     cfg = unet.config
     C, H, W = dataset.image_shape
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) or cfg.sample_size is None else cfg.sample_size[0]
+    size = unet_sample_size(unet)
     pixels = getattr(dataset, "pixels", None)
     if getattr(dataset, "vae_fingerprint", None) is not None:  # latents of a VAE
         if cfg.in_channels != C:
