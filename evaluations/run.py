@@ -608,7 +608,7 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
         tfeats = functools.lru_cache(None)(lambda: _target_features(cfg, features, ckpts, heldout, traj, steps, device))
         lds_idx = [pos[s] for s in cfg.lds_steps]
         base = _baselines(cfg, folder, train, heldout, traj, steps, features, tfeats, encoder)
-        dest_scores = None
+        dest_scores, ek_dest = None, None
         if "ekfac" in cfg.methods:
             with timer.stage("EK-FAC influence"):
                 ek, ek_dest = _ekfac(cfg, folder, ckpts[ckpt_dirs.index(final)], train, heldout, traj, steps, device,
@@ -617,8 +617,9 @@ def run(cfg: EvalConfig, out: str, overwrite: bool = False, device: str = "cpu",
                 base[sname]["ekfac"] = ek[sname]
         if cfg.gt_destination_draws:
             dbase = _destination_baselines(cfg, folder, train, heldout, traj, features, tfeats, encoder)
-            for sname in SETS if "ekfac" in cfg.methods else ():
-                dbase[sname]["ekfac"] = ek_dest[sname]
+            if ek_dest is not None:
+                for sname in SETS:
+                    dbase[sname]["ekfac"] = ek_dest[sname]
             dest_scores = {sname: {m: (trak_dest[sname][None] if m == "trak" else dbase[sname][m]) for m in cfg.methods}
                            for sname in SETS}
     scores = {}
